@@ -1,0 +1,448 @@
+"""The backbone registry: how each model is built, its weights, and where its features are.
+
+Nothing else in featx checks model names. Each entry knows, for one torchvision model:
+
+* how to build it (with the same constructor arguments its ImageNet weights need);
+* ``forward_features``: the last spatial map, i.e. the tensor the model itself pools
+  globally (ResNet ``layer4``, VGG ``features``, DenseNet ``relu(features)``, ...);
+* ``forward_head(pre_logits=True)``: from that map to the penultimate vector, i.e. exactly
+  the input of the model's final classification ``Linear`` (in eval mode);
+* where that final ``Linear`` lives, so fine-tuning can replace it;
+* the ordered stages of its trunk, so fine-tuning can freeze "up to and including" one.
+
+Weights are resolved in named steps (:func:`resolve_weights`), then the model is built
+(:func:`build_backbone`) and wrapped (:class:`FeatureModel`) to return both outputs of one
+forward pass.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+__all__ = [
+    "BackboneSpec",
+    "FeatureModel",
+    "ResolvedWeights",
+    "UnknownModelError",
+    "WeightsError",
+    "build_backbone",
+    "describe_weights_availability",
+    "weights_transform_source",
+    "get_backbone",
+    "hub_checkpoint_path",
+    "import_weights",
+    "list_backbones",
+    "resolve_weights",
+]
+
+
+class UnknownModelError(ValueError):
+    """A model name that is not in the registry."""
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be found, loaded or matched to the model."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registry entry.
+
+    Attributes
+    ----------
+    name : str
+        The featx/torchvision name, e.g. ``"resnet50"``.
+    builder : callable
+        torchvision's constructor, e.g. ``torchvision.models.resnet50``.
+    weights_enum : type
+        The torchvision weights enum; its ``DEFAULT`` is featx's ``imagenet``.
+    penultimate_dim : int
+        Length of the penultimate vector (input of the final ``Linear``).
+    spatial_channels : int
+        Channels ``C`` of the last spatial map; ``pool{n}`` has ``C*n*n`` values.
+    classifier : str
+        Dotted path of the final ``Linear`` inside the torchvision model.
+    features : callable
+        ``features(model, x) -> (B, C, H, W)`` last spatial map.
+    head : callable
+        ``head(model, fmap) -> (B, penultimate_dim)``, eval-mode pre-logits.
+    stages : tuple of str
+        Trunk stages in forward order (dotted module paths), for partial freezing.
+    build_kwargs : dict
+        Constructor arguments that make the architecture match the ImageNet weights.
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    weights_enum: type
+    penultimate_dim: int
+    spatial_channels: int
+    classifier: str
+    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    stages: tuple[str, ...]
+    build_kwargs: dict = field(default_factory=dict)
+    # Keys present in torchvision's checkpoint that the built model does not use.
+    ignore_keys: tuple[str, ...] = ()
+
+    @property
+    def default_weights(self):
+        return self.weights_enum.DEFAULT
+
+    @property
+    def default_image_size(self) -> int:
+        return int(self.default_weights.transforms().crop_size[0])
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def _register(spec: BackboneSpec) -> BackboneSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+# --- how each family reaches its features -------------------------------------------------
+
+def _resnet_features(m, x):
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+
+def _resnet_head(m, f):
+    return torch.flatten(m.avgpool(f), 1)
+
+
+def _sequential_features(m, x):
+    return m.features(x)
+
+
+def _vgg_head(m, f):
+    # classifier[:-1] = Linear, ReLU, Dropout, Linear, ReLU, Dropout -> 4096
+    return m.classifier[:-1](torch.flatten(m.avgpool(f), 1))
+
+
+def _avgpool_classifier_head(m, f):
+    # MobileNetV3 / EfficientNet: avgpool, flatten, classifier[:-1]
+    return m.classifier[:-1](torch.flatten(m.avgpool(f), 1))
+
+
+def _mobilenet_v2_head(m, f):
+    return m.classifier[:-1](torch.flatten(F.adaptive_avg_pool2d(f, (1, 1)), 1))
+
+
+def _densenet_features(m, x):
+    # DenseNet applies a ReLU after `features` and pools that: it is the spatial map.
+    return F.relu(m.features(x))
+
+
+def _densenet_head(m, f):
+    return torch.flatten(F.adaptive_avg_pool2d(f, (1, 1)), 1)
+
+
+_GOOGLENET_TRUNK = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a",
+                    "inception3b", "maxpool3", "inception4a", "inception4b", "inception4c",
+                    "inception4d", "inception4e", "maxpool4", "inception5a", "inception5b")
+
+
+def _googlenet_features(m, x):
+    x = m._transform_input(x)
+    for name in _GOOGLENET_TRUNK:
+        x = getattr(m, name)(x)
+    return x
+
+
+def _googlenet_head(m, f):
+    return m.dropout(torch.flatten(m.avgpool(f), 1))
+
+
+_SHUFFLENET_TRUNK = ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
+
+
+def _shufflenet_features(m, x):
+    for name in _SHUFFLENET_TRUNK:
+        x = getattr(m, name)(x)
+    return x
+
+
+def _shufflenet_head(m, f):
+    return f.mean([2, 3])
+
+
+_RESNET_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+
+
+def _indexed(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{i}" for i in range(n))
+
+
+for _name, _builder, _enum, _dim in [
+    ("resnet18", models.resnet18, models.ResNet18_Weights, 512),
+    ("resnet34", models.resnet34, models.ResNet34_Weights, 512),
+    ("resnet50", models.resnet50, models.ResNet50_Weights, 2048),
+    ("resnet101", models.resnet101, models.ResNet101_Weights, 2048),
+]:
+    _register(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc",
+                           _resnet_features, _resnet_head, _RESNET_STAGES))
+
+_register(BackboneSpec("vgg16", models.vgg16, models.VGG16_Weights, 4096, 512, "classifier.6",
+                       _sequential_features, _vgg_head, _indexed("features", 31)))
+_register(BackboneSpec("vgg16_bn", models.vgg16_bn, models.VGG16_BN_Weights, 4096, 512,
+                       "classifier.6", _sequential_features, _vgg_head, _indexed("features", 44)))
+_register(BackboneSpec("googlenet", models.googlenet, models.GoogLeNet_Weights, 1024, 1024, "fc",
+                       _googlenet_features, _googlenet_head, _GOOGLENET_TRUNK,
+                       build_kwargs={"aux_logits": False, "transform_input": True,
+                                     "init_weights": True},
+                       ignore_keys=("aux1.", "aux2.")))
+for _name, _builder, _enum in [
+    ("shufflenet_v2_x1_0", models.shufflenet_v2_x1_0, models.ShuffleNet_V2_X1_0_Weights),
+    ("shufflenet_v2_x2_0", models.shufflenet_v2_x2_0, models.ShuffleNet_V2_X2_0_Weights),
+]:
+    _dim = 1024 if _name.endswith("1_0") else 2048
+    _register(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc", _shufflenet_features,
+                           _shufflenet_head, _SHUFFLENET_TRUNK))
+_register(BackboneSpec("mobilenet_v2", models.mobilenet_v2, models.MobileNet_V2_Weights, 1280,
+                       1280, "classifier.1", _sequential_features, _mobilenet_v2_head,
+                       _indexed("features", 19)))
+_register(BackboneSpec("mobilenet_v3_large", models.mobilenet_v3_large,
+                       models.MobileNet_V3_Large_Weights, 1280, 960, "classifier.3",
+                       _sequential_features, _avgpool_classifier_head, _indexed("features", 17)))
+_register(BackboneSpec("densenet121", models.densenet121, models.DenseNet121_Weights, 1024, 1024,
+                       "classifier", _densenet_features, _densenet_head,
+                       ("features.conv0", "features.norm0", "features.relu0", "features.pool0",
+                        "features.denseblock1", "features.transition1", "features.denseblock2",
+                        "features.transition2", "features.denseblock3", "features.transition3",
+                        "features.denseblock4", "features.norm5")))
+_register(BackboneSpec("efficientnet_b0", models.efficientnet_b0, models.EfficientNet_B0_Weights,
+                       1280, 1280, "classifier.1", _sequential_features, _avgpool_classifier_head,
+                       _indexed("features", 9)))
+
+
+# --- lookups ----------------------------------------------------------------------------------
+
+def list_backbones() -> list[str]:
+    """Names of every registered backbone, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """The registry entry for ``name``; an unknown name suggests close ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}.{hint} Run `featx models` to list the "
+            f"{len(_REGISTRY)} available ones.") from None
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Which weights a backbone gets, decided before anything is built.
+
+    ``kind`` is ``"imagenet"``, ``"none"`` or ``"file"``; ``path`` is the file that is loaded
+    (hub cache or user file), ``sha256`` its hash (or ``"none-seed{N}"`` for random init).
+    ``source`` says in words where they came from, for the user and the cache provenance.
+    """
+
+    kind: str
+    path: str | None
+    sha256: str
+    source: str
+    seed: int = 0
+    # torchvision weights entry whose transform applies (e.g. "MobileNet_V2_Weights.IMAGENET1K_V1")
+    version: str | None = None
+
+    @property
+    def tag(self) -> str:
+        """Short name used in cache file names."""
+        if self.kind == "file":
+            return "file-" + self.sha256[:8]
+        return self.kind
+
+
+def hub_checkpoint_path(name: str, weights=None) -> Path:
+    """Where torchvision keeps (or would download) ``name``'s ImageNet weights file.
+
+    ``weights`` is a torchvision weights entry; default: the model's ``DEFAULT``.
+    """
+    url = (weights or get_backbone(name).default_weights).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _available_imagenet(name: str):
+    """The best ImageNet weights entry whose file is in the hub cache (DEFAULT first)."""
+    spec = get_backbone(name)
+    entries = [spec.default_weights] + [w for w in spec.weights_enum
+                                        if w is not spec.default_weights]
+    for w in entries:
+        if hub_checkpoint_path(name, w).is_file():
+            return w
+    return None
+
+
+def describe_weights_availability(name: str) -> str | None:
+    """The ImageNet weights entry available offline for ``name`` (e.g. ``IMAGENET1K_V1``)."""
+    w = _available_imagenet(name)
+    return None if w is None else str(w).split(".")[-1]
+
+
+def weights_transform_source(name: str, weights: "ResolvedWeights"):
+    """The torchvision weights entry whose eval transform goes with ``weights``."""
+    spec = get_backbone(name)
+    if weights.version:
+        return spec.weights_enum[weights.version.split(".")[-1]]
+    return spec.default_weights
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _offline() -> bool:
+    return os.environ.get("FEATX_OFFLINE", "") not in ("", "0")
+
+
+def resolve_weights(name: str, weights: str = "imagenet", *, seed: int = 0) -> ResolvedWeights:
+    """Decide which weights ``name`` gets: ``"imagenet"``, ``"none"`` or a ``.pth`` path.
+
+    ImageNet weights come from torch's hub cache; when they are not there and the machine is
+    online (``FEATX_OFFLINE`` unset), torchvision downloads them. When that is impossible a
+    :class:`WeightsError` says which file is expected, where, and the alternatives.
+    """
+    spec = get_backbone(name)
+    if weights == "none":
+        return ResolvedWeights("none", None, f"none-seed{seed}", f"random init (seed {seed})", seed)
+    if weights == "imagenet":
+        entry = _available_imagenet(name)
+        if entry is None:
+            entry = spec.default_weights
+            _download(spec, hub_checkpoint_path(name))
+        target = hub_checkpoint_path(name, entry)
+        return ResolvedWeights("imagenet", str(target), _sha256(target),
+                               f"torchvision {entry} from {target}", version=str(entry))
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(
+            f"--weights {weights!r} is neither 'imagenet', 'none' nor an existing .pth file.")
+    return ResolvedWeights("file", str(path.resolve()), _sha256(path), f"state dict {path}")
+
+
+def _download(spec: BackboneSpec, target: Path) -> None:
+    message = (f"ImageNet weights for {spec.name} are not available offline: torchvision expects "
+               f"{target.name} in {target.parent} (set TORCH_HOME to move it). Put the file there "
+               f"(or `featx weights import FILE --model {spec.name}`), or use --weights none "
+               f"(random init) or --weights FILE.")
+    if _offline():
+        raise WeightsError(message)
+    try:
+        torch.hub.load_state_dict_from_url(spec.default_weights.url, progress=True,
+                                           check_hash=True)
+    except Exception as exc:  # network errors come in many types; all mean "not available"
+        raise WeightsError(f"{message} (download failed: {type(exc).__name__})") from None
+
+
+def _load_state_dict(spec: BackboneSpec, model: nn.Module, path: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read weights file {path}: {exc}".splitlines()[0]) from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a featx/torchvision-reference checkpoint
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__}).")
+    state = {k.removeprefix("module."): v for k, v in state.items()
+             if not k.startswith(spec.ignore_keys or ("\0",))}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: file "
+                         f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise WeightsError(f"{path} does not fit {spec.name}: " + "; ".join(parts) + ".")
+    model.load_state_dict(state)
+
+
+def build_backbone(name: str, weights: ResolvedWeights | str = "imagenet", *,
+                   seed: int = 0) -> nn.Module:
+    """Build torchvision's ``name`` with ``weights`` loaded, in eval mode, on the CPU.
+
+    The architecture is always the one the ImageNet weights need (e.g. GoogLeNet with
+    ``transform_input=True`` and no auxiliary heads), whatever the weights.
+    """
+    spec = get_backbone(name)
+    if isinstance(weights, str):
+        weights = resolve_weights(name, weights, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(weights.seed)
+        model = spec.builder(weights=None, **spec.build_kwargs)
+    if weights.path is not None:
+        _load_state_dict(spec, model, weights.path)
+    return model.eval()
+
+
+def import_weights(path: str | Path, name: str) -> Path:
+    """Check that ``path`` loads into ``name``, then copy it to where torchvision looks."""
+    spec = get_backbone(name)
+    model = spec.builder(weights=None, **spec.build_kwargs)
+    _load_state_dict(spec, model, str(path))
+    # keep torchvision's own file name when the file is one of its releases (e.g. V1 vs V2)
+    known = {os.path.basename(w.url): w for w in spec.weights_enum}
+    target = hub_checkpoint_path(name, known.get(Path(path).name))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".partial")
+    tmp.write_bytes(Path(path).read_bytes())
+    os.replace(tmp, target)
+    return target
+
+
+# --- the feature wrapper ----------------------------------------------------------------------
+
+class FeatureModel(nn.Module):
+    """A frozen backbone returning ``(spatial_map, penultimate)`` from one forward pass.
+
+    Input ``(B, 3, H, W)`` normalised images; outputs ``(B, C, h, w)`` and
+    ``(B, penultimate_dim)``.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.model = model
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spec.features(self.model, x)
+
+    def forward_head(self, fmap: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        z = self.spec.head(self.model, fmap)
+        if pre_logits:
+            return z
+        return self.model.get_submodule(self.spec.classifier)(z)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.forward_features(x)
+        return fmap, self.forward_head(fmap)

@@ -1,0 +1,253 @@
+"""The single frozen pass: images -> backbone -> penultimate + every pool{n} -> HDF5.
+
+Each batch goes through the model once; ``penultimate`` is the model's own pre-logits and
+``pool{n}`` is ``AdaptiveAvgPool2d(n)`` of the last spatial map, all from that one forward.
+Rows are streamed to the cache as the pass goes, so memory does not grow with the dataset,
+and a killed run resumes from the last committed batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import featx
+from featx.backbones import (FeatureModel, build_backbone, get_backbone, resolve_weights,
+                             weights_transform_source)
+from featx.cache import Cache, CacheWriter, StaleCacheError, cache_filename, diff_provenance
+from featx.data import DatasetSpec, ImageFiles, TransformSpec
+
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "resolve_device", "resolve_precision",
+           "autocast", "parse_pools"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that decides what one extraction does.
+
+    ``pools`` are the n of ``AdaptiveAvgPool2d(n)``; ``image_size`` overrides the weights'
+    crop (pixels); ``workers=None`` means one DataLoader worker per CPU core (at most 8).
+    """
+
+    model: str
+    weights: str = "imagenet"
+    pools: tuple[int, ...] = (1,)
+    image_size: int | None = None
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    store: str = "float32"
+    out_dir: Path = Path("cache")
+    overwrite: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract` did. ``status`` is ``written``, ``resumed`` or ``up-to-date``."""
+
+    path: Path
+    status: str
+    n_images: int = 0
+    n_skipped: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    weights_source: str = ""
+    skipped: list = field(default_factory=list)
+
+
+def parse_pools(text: str) -> tuple[int, ...]:
+    """``"1,2,4,8"`` -> ``(1, 2, 4, 8)``, sorted and unique; ``""`` -> ``()``."""
+    try:
+        pools = sorted({int(p) for p in text.split(",") if p.strip()})
+    except ValueError:
+        pools = [0]
+    if any(p < 1 or p > 64 for p in pools):
+        raise ValueError(f"--pool {text!r}: give pool sizes as integers 1..64 separated by "
+                         f"commas, e.g. 1,2,4,8")
+    return tuple(pools)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device {device!r}: use auto, cpu or cuda.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use cpu or auto.")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
+
+    CPU bf16 is opt-in: it is only faster on CPUs with native bf16 (AVX512-BF16/AMX) and it
+    changes features by ~1e-2 relative (see BENCHMARKS.md).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ValueError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU.")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for ``precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: TransformSpec,
+                precision: str, device: torch.device) -> dict:
+    spec = get_backbone(cfg.model)
+    features = ["penultimate"] + [f"pool{n}" for n in cfg.pools]
+    return {
+        "featx_version": featx.__version__,
+        "model": cfg.model,
+        "weights_kind": weights.kind,
+        "weights_source": weights.source,
+        "weights_sha256": weights.sha256,
+        "transform": transform.to_dict(),
+        "image_size": transform.crop,
+        "precision": precision,
+        "store_dtype": cfg.store,
+        "pools": list(cfg.pools),
+        "features": features,
+        "penultimate_dim": spec.penultimate_dim,
+        "spatial_channels": spec.spatial_channels,
+        "dataset_name": data.name,
+        "dataset_root": str(Path(data.root).resolve()),
+        "dataset_layout": data.layout,
+        "dataset_fingerprint": data.fingerprint(),
+        "classes": list(data.classes),
+        "split_seed": data.seed,
+        "split_fractions": list(data.fractions) if data.fractions else None,
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "host": socket.gethostname(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
+    """Run ``cfg.model`` frozen over every split of ``data`` and write one cache file.
+
+    Returns at once (status ``up-to-date``) when a complete cache with the same inputs
+    exists; raises :class:`~featx.cache.StaleCacheError` naming what differs when one with
+    other inputs exists and ``cfg.overwrite`` is false.
+    """
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size}: must be at least 1.")
+    if cfg.store not in ("float32", "float16"):
+        raise ValueError(f"--store {cfg.store!r}: use float32 or float16.")
+    spec = get_backbone(cfg.model)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    weights = resolve_weights(cfg.model, cfg.weights, seed=cfg.seed)
+    transform = TransformSpec.from_weights(weights_transform_source(cfg.model, weights),
+                                           cfg.image_size)
+    prov = _provenance(cfg, data, weights, transform, precision, device)
+    path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop)
+
+    if path.exists():
+        try:
+            existing = Cache(path).attrs
+        except Exception:
+            existing = None
+        if existing is not None and not diff_provenance(existing, prov):
+            return ExtractResult(path, "up-to-date", weights_source=weights.source)
+        if not cfg.overwrite:
+            diffs = diff_provenance(existing, prov) if existing else ["it is not a readable cache"]
+            raise StaleCacheError(f"{path} exists with other inputs ({'; '.join(diffs)}). "
+                                  f"Pass --overwrite to replace it, or --out another folder.")
+
+    model = build_backbone(cfg.model, weights).to(device)
+    fm = FeatureModel(spec, model).eval()
+    if device.type == "cuda" or cfg.model.startswith(("resnet", "vgg")):
+        # channels-last helps oneDNN/cuDNN convolutions; depthwise-heavy nets gain less on CPU
+        fm = fm.to(memory_format=torch.channels_last)
+    for p in fm.parameters():
+        p.requires_grad_(False)
+
+    dims = {"penultimate": spec.penultimate_dim}
+    dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
+    writer = CacheWriter(path, prov, data.splits, dims, cfg.store)
+    workers = _default_workers() if cfg.workers is None else cfg.workers
+    tf = transform.eval_transform()
+    total = sum(len(v) for v in data.splits.values())
+    done = sum(writer.next_index(s) for s in data.splits)
+    n_written, skipped = 0, []
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, initial=done, unit="img", desc=f"extract {cfg.model}",
+               disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for split, items in data.splits.items():
+            start = writer.next_index(split)
+            if start >= len(items):
+                continue
+            ds = torch.utils.data.Subset(ImageFiles(data.root, items, tf, transform.crop),
+                                         range(start, len(items)))
+            loader = torch.utils.data.DataLoader(
+                ds, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+                pin_memory=device.type == "cuda", persistent_workers=False,
+                prefetch_factor=4 if workers > 0 else None)
+            for images, labels, idx, errors in loader:
+                feats = _forward(fm, images, cfg.pools, device, precision)
+                ok = np.array([e == "" for e in errors])
+                bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
+                writer.append(split, int(idx[-1]) + 1, {k: v[ok] for k, v in feats.items()},
+                              labels.numpy()[ok], [items[i][0] for i in idx[ok].tolist()], bad)
+                n_written += int(ok.sum())
+                skipped += [(split, p, e) for p, e in bad]
+                bar.update(len(labels))
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    rate = (n_written + len(skipped)) / seconds if seconds > 0 else 0.0
+    writer.finish({"timings": {"seconds": round(seconds, 3), "images_per_s": round(rate, 2),
+                               "resumed": writer.resumed, "images": n_written}})
+    return ExtractResult(path, "resumed" if writer.resumed else "written", n_written,
+                         len(Cache(path).skipped()), seconds, rate, weights.source,
+                         Cache(path).skipped())
+
+
+def _forward(fm: FeatureModel, images: torch.Tensor, pools, device, precision
+             ) -> dict[str, np.ndarray]:
+    x = images.to(device, non_blocking=True)
+    if fm.spec.name.startswith(("resnet", "vgg")) or device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(device, precision):
+        fmap, pen = fm(x)
+        # pools in fp32: averaging many bf16 values loses precision for no speed gain
+        fmap = fmap.float()
+        out = {"penultimate": pen.float()}
+        for n in pools:
+            out[f"pool{n}"] = F.adaptive_avg_pool2d(fmap, n).flatten(1)
+    return {k: v.cpu().numpy() for k, v in out.items()}
