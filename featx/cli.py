@@ -191,3 +191,7 @@ def info(cache_file):
 
 
 # --- commands added by later modules register below this line ---------------------------------
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The registry's contracts: penultimate = torchvision's input to its final Linear, weights."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models
+
+from featx.backbones import (FeatureModel, UnknownModelError, WeightsError, build_backbone,
+                             get_backbone, import_weights, list_backbones, resolve_weights)
+
+ALL = list_backbones()
+
+
+def _torchvision_pre_logits(model: nn.Module, classifier: str, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's own forward with the final Linear replaced by Identity."""
+    m = copy.deepcopy(model)
+    parent, _, leaf = classifier.rpartition(".")
+    setattr(m.get_submodule(parent) if parent else m, leaf, nn.Identity())
+    return m(x)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_penultimate_is_the_input_of_the_final_linear(name):
+    spec = get_backbone(name)
+    model = build_backbone(name, "none")
+    assert isinstance(model.get_submodule(spec.classifier), nn.Linear)
+    assert model.get_submodule(spec.classifier).in_features == spec.penultimate_dim
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        fmap, pen = FeatureModel(spec, model)(x)
+        ref = _torchvision_pre_logits(model, spec.classifier, x)
+    assert fmap.shape[1] == spec.spatial_channels
+    assert pen.shape == (2, spec.penultimate_dim)
+    rel = (pen - ref).norm() / ref.norm().clamp_min(1e-12)
+    assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "shufflenet_v2_x1_0", "googlenet",
+                                  "mobilenet_v2", "efficientnet_b0"])
+def test_global_average_of_spatial_map_is_penultimate_where_the_model_pools_directly(name):
+    spec = get_backbone(name)
+    fm = FeatureModel(spec, build_backbone(name, "none"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fmap, pen = fm(x)
+    torch.testing.assert_close(nn.AdaptiveAvgPool2d(1)(fmap).flatten(1), pen, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_random_weights_are_seeded():
+    a = build_backbone("resnet18", resolve_weights("resnet18", "none", seed=3))
+    b = build_backbone("resnet18", resolve_weights("resnet18", "none", seed=3))
+    c = build_backbone("resnet18", resolve_weights("resnet18", "none", seed=4))
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(UnknownModelError, match="resnet18") as err:
+        get_backbone("resnet81")
+    assert "featx models" in str(err.value)
+
+
+def test_missing_imagenet_weights_offline_names_the_file_and_alternatives():
+    with pytest.raises(WeightsError) as err:
+        resolve_weights("resnet18", "imagenet")
+    msg = str(err.value)
+    assert "resnet18-f37072fd.pth" in msg and "--weights none" in msg and "\n" not in msg
+
+
+def test_imagenet_weights_from_hub_cache_match_torchvision(mobilenet_in_hub):
+    w = resolve_weights("mobilenet_v2", "imagenet")
+    assert w.kind == "imagenet" and w.version.endswith("IMAGENET1K_V1")
+    ours = build_backbone("mobilenet_v2", w)
+    # torchvision itself, loading the same file from the same hub cache, offline
+    ref = models.mobilenet_v2(weights=models.MobileNet_V2_Weights.IMAGENET1K_V1).eval()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, ours.state_dict()[k]), k
+
+
+def test_weights_file_with_wrong_shapes_is_refused_with_an_example_key(tmp_path):
+    bad = tmp_path / "r18.pth"
+    torch.save(models.resnet34().state_dict(), bad)
+    with pytest.raises(WeightsError, match=r"does not fit resnet18: .*layer"):
+        build_backbone("resnet18", str(bad))
+    not_a_state = tmp_path / "junk.pth"
+    not_a_state.write_text("hello")
+    with pytest.raises(WeightsError, match="cannot read weights file"):
+        build_backbone("resnet18", str(not_a_state))
+
+
+def test_weights_file_round_trip_and_import(tmp_path, _offline_torch_home):
+    src = tmp_path / "mine.pth"
+    m = build_backbone("resnet18", "none")
+    torch.save(m.state_dict(), src)
+    w = resolve_weights("resnet18", str(src))
+    assert w.kind == "file" and len(w.sha256) == 64
+    loaded = build_backbone("resnet18", w)
+    assert torch.equal(loaded.fc.weight, m.fc.weight)
+    target = import_weights(src, "resnet18")
+    assert target.name == "resnet18-f37072fd.pth" and target.is_file()
+    assert resolve_weights("resnet18", "imagenet").kind == "imagenet"
+    target.unlink()
+
+
+def test_stages_exist_in_the_model():
+    for name in ALL:
+        spec = get_backbone(name)
+        model = build_backbone(name, "none") if name in ("resnet18", "vgg16", "googlenet") \
+            else spec.builder(weights=None, **spec.build_kwargs)
+        for stage in spec.stages:
+            model.get_submodule(stage)

@@ -1,0 +1,326 @@
+"""The frozen pass and the cache it writes, checked against independent computations."""
+from __future__ import annotations
+
+import errno
+import hashlib
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import models
+from torchvision.transforms._presets import ImageClassification
+
+from featx.backbones import build_backbone
+from featx.cache import Cache, CacheError, CacheWriter, StaleCacheError, partial_path
+from featx.data import load_dataset, load_rgb
+from featx.extract import ExtractConfig, extract
+
+SIZE = 48
+
+
+def _cfg(out, **kw):
+    base = dict(model="resnet18", weights="none", pools=(1, 2, 4), image_size=SIZE,
+                batch_size=16, workers=0, out_dir=out, progress=False)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def _reference_features(data, split, cfg):
+    """torchvision's model + preset transform, run image by image, with a hook on layer4."""
+    model = build_backbone(cfg.model, "none")  # same seeded weights
+    transform = ImageClassification(crop_size=SIZE, resize_size=round(SIZE * 256 / 224))
+    maps = []
+    model.layer4.register_forward_hook(lambda m, i, o: maps.append(o))
+    model.fc = nn.Identity()
+    pens = []
+    with torch.no_grad():
+        for rel, _ in data.splits[split]:
+            pens.append(model(transform(load_rgb(data.root / rel)).unsqueeze(0)))
+    fmap = torch.cat(maps)
+    pools = {f"pool{n}": nn.AdaptiveAvgPool2d(n)(fmap).flatten(1).numpy() for n in cfg.pools}
+    return torch.cat(pens).numpy(), pools
+
+
+def test_penultimate_and_pools_match_torchvision_on_real_images(digits_dir, tmp_path):
+    data = load_dataset(digits_dir)
+    cfg = _cfg(tmp_path / "c")
+    res = extract(data, cfg)
+    cache = Cache(res.path)
+    assert res.status == "written" and res.n_images == 90
+    pen_ref, pools_ref = _reference_features(data, "test", cfg)
+    pen = cache.load("test", "penultimate")
+    assert cache.paths("test") == [p for p, _ in data.splits["test"]]
+    assert np.linalg.norm(pen - pen_ref) / np.linalg.norm(pen_ref) < 1e-5
+    for name, ref in pools_ref.items():
+        got = cache.load("test", name)
+        assert got.shape == ref.shape
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5, name
+    # ResNet: pool1 is the penultimate
+    np.testing.assert_allclose(cache.load("train", "pool1"), cache.load("train", "penultimate"),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(cache.labels("test"), [lab for _, lab in data.splits["test"]])
+
+
+def test_all_pool_sizes_come_from_one_forward_pass(digits_dir, tmp_path, monkeypatch):
+    import featx.extract as ex
+    calls = []
+    real_build = ex.build_backbone
+
+    def counting_build(*a, **k):
+        m = real_build(*a, **k)
+        m.layer4.register_forward_hook(lambda *_: calls.append(1))
+        return m
+
+    monkeypatch.setattr(ex, "build_backbone", counting_build)
+    data = load_dataset(digits_dir)
+    extract(data, _cfg(tmp_path, pools=(1, 2, 4, 8), batch_size=90))
+    n_batches = sum(-(-len(v) // 90) for v in data.splits.values())
+    assert len(calls) == n_batches == 3
+
+
+def test_vgg16_pools_come_from_features_and_penultimate_from_classifier(digits_dir, tmp_path):
+    data = load_dataset(digits_dir, split=(0.8, 0.1, 0.1))
+    path = extract(data, _cfg(tmp_path, model="vgg16", pools=(1, 2), image_size=32)).path
+    cache = Cache(path)
+    assert cache.shape("test", "penultimate")[1] == 4096
+    assert cache.shape("test", "pool2")[1] == 512 * 4
+    model = build_backbone("vgg16", "none")
+    x = ImageClassification(crop_size=32, resize_size=round(32 * 256 / 224))(
+        load_rgb(data.root / data.splits["test"][0][0])).unsqueeze(0)
+    with torch.no_grad():
+        fmap = model.features(x)
+        model.classifier[6] = nn.Identity()
+        pen = model(x)
+    np.testing.assert_allclose(cache.load("test", "penultimate")[0], pen[0].numpy(), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(cache.load("test", "pool2")[0],
+                               nn.AdaptiveAvgPool2d(2)(fmap).flatten(1)[0].numpy(), rtol=1e-4,
+                               atol=1e-5)
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _datasets(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset)
+                     else None)
+    return out
+
+
+def test_interrupted_run_resumes_to_the_same_file(digits_dir, tmp_path, monkeypatch):
+    data = load_dataset(digits_dir)
+    (digits_dir / "digit0" / "broken.png").write_text("not a png")  # a skipped row too
+    data = load_dataset(digits_dir)
+    whole = extract(data, _cfg(tmp_path / "whole", batch_size=8)).path
+
+    real_append = CacheWriter.append
+    seen = []
+
+    def dying_append(self, *a, **k):
+        real_append(self, *a, **k)
+        seen.append(1)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CacheWriter, "append", dying_append)
+    cfg = _cfg(tmp_path / "cut", batch_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        extract(data, cfg)
+    final = tmp_path / "cut" / whole.name
+    assert not final.exists() and partial_path(final).exists()
+    with pytest.raises(CacheError, match="unfinished"):
+        Cache(partial_path(final))
+    monkeypatch.setattr(CacheWriter, "append", real_append)
+    res = extract(data, cfg)
+    assert res.status == "resumed" and not partial_path(final).exists()
+    a, b = _datasets(whole), _datasets(res.path)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert len(Cache(res.path).skipped()) == 1
+
+
+def test_rerun_on_up_to_date_cache_does_nothing(digits_dir, tmp_path):
+    data = load_dataset(digits_dir)
+    path = extract(data, _cfg(tmp_path)).path
+    before = _digest(path)
+    assert extract(data, _cfg(tmp_path)).status == "up-to-date"
+    assert _digest(path) == before
+
+
+@pytest.mark.parametrize("change", ["images", "pools", "image_size_same_name", "seed_split"])
+def test_changed_inputs_are_refused_and_the_cache_is_untouched(digits_dir, tmp_path, change):
+    data = load_dataset(digits_dir)
+    path = extract(data, _cfg(tmp_path)).path
+    before = _digest(path)
+    cfg = _cfg(tmp_path)
+    if change == "images":
+        Image.new("L", (32, 32), 5).save(digits_dir / "digit1" / "new.png")
+        data, expect = load_dataset(digits_dir), "dataset_fingerprint"
+    elif change == "pools":
+        cfg, expect = _cfg(tmp_path, pools=(1, 8)), "pools"
+    elif change == "image_size_same_name":
+        cfg, expect = _cfg(tmp_path, store="float16"), "store_dtype"
+    else:
+        data, expect = load_dataset(digits_dir, seed=5), "split_seed"
+    with pytest.raises(StaleCacheError, match=f"{expect}.*--overwrite"):
+        extract(data, cfg)
+    assert _digest(path) == before
+    cfg.overwrite = True
+    assert extract(data, cfg).status == "written"
+    assert _digest(path) != before
+
+
+def test_failed_overwrite_leaves_the_old_cache_intact(digits_dir, tmp_path, monkeypatch):
+    data = load_dataset(digits_dir)
+    path = extract(data, _cfg(tmp_path)).path
+    before = _digest(path)
+
+    def full_disk(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CacheWriter, "append", full_disk)
+    with pytest.raises(OSError):
+        extract(data, _cfg(tmp_path, pools=(2,), overwrite=True))
+    assert _digest(path) == before and Cache(path).attrs["pools"] == [1, 2, 4]
+
+
+def test_bad_files_are_skipped_listed_and_odd_formats_converted(digits_dir, tmp_path):
+    d0 = digits_dir / "digit0"
+    (d0 / "text.png").write_text("this is text")
+    good = (d0 / next(p.name for p in d0.iterdir())).read_bytes()
+    (d0 / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)).save(
+        d0 / "sixteen.png")
+    Image.new("RGBA", (32, 32), (200, 10, 10, 128)).save(d0 / "rgba.png")
+    data = load_dataset(digits_dir, split=(1.0, 0.0, 0.0))
+    res = extract(data, _cfg(tmp_path))
+    skipped = {p.rsplit("/", 1)[-1]: r for _, p, r in res.skipped}
+    assert set(skipped) == {"text.png", "truncated.png"}
+    assert res.n_images == 92
+    paths = Cache(res.path).paths("train")
+    assert "digit0/sixteen.png" in paths and "digit0/rgba.png" in paths
+
+
+def test_not_a_featx_cache_is_refused(tmp_path):
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(CacheError, match="not a featx cache"):
+        Cache(tmp_path / "other.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(CacheError, match="not an HDF5 file"):
+        Cache(tmp_path / "text.h5")
+
+
+def test_float16_store_and_memory_layout(digits_dir, tmp_path):
+    path = extract(load_dataset(digits_dir), _cfg(tmp_path, store="float16", pools=(8,))).path
+    with h5py.File(path, "r") as f:
+        ds = f["train/pool8"]
+        assert ds.dtype == np.float16 and ds.chunks is not None
+        assert ds.chunks[0] < ds.shape[0] or ds.shape[0] <= ds.chunks[0]
+        assert f.attrs["complete"] and f.attrs["featx_schema"] == 1
+
+
+def test_real_imagenet_weights_give_transfer_features(mobilenet_in_hub, digits_dir, tmp_path):
+    """mobilenet_v2 ImageNet features of digits separate the classes (nearest centroid)."""
+    data = load_dataset(digits_dir)
+    path = extract(data, _cfg(tmp_path, model="mobilenet_v2", weights="imagenet",
+                              image_size=64, pools=())).path
+    cache = Cache(path)
+    assert cache.attrs["weights_kind"] == "imagenet"
+    assert "IMAGENET1K_V1" in cache.attrs["weights_source"]
+    assert cache.attrs["transform"]["resize"] == round(64 * 256 / 224)  # V1's own transform
+    xtr, ytr = cache.load("train", "penultimate"), cache.labels("train")
+    xte, yte = cache.load("test", "penultimate"), cache.labels("test")
+    centroids = np.stack([xtr[ytr == c].mean(0) for c in range(3)])
+    pred = np.argmin(((xte[:, None] - centroids[None]) ** 2).sum(-1), 1)
+    assert (pred == yte).mean() > 0.8
+
+
+def test_torchvision_reference_for_real_weights(mobilenet_in_hub, digits_dir, tmp_path):
+    data = load_dataset(digits_dir, split=(0.8, 0.1, 0.1))
+    cache = Cache(extract(data, _cfg(tmp_path, model="mobilenet_v2", weights="imagenet",
+                                     image_size=64, pools=(1,))).path)
+    w = models.MobileNet_V2_Weights.IMAGENET1K_V1
+    ref = models.mobilenet_v2(weights=w).eval()
+    ref.classifier[1] = nn.Identity()
+    tf = w.transforms(crop_size=64, resize_size=round(64 * 256 / 224))
+    rel = data.splits["test"][0][0]
+    with torch.no_grad():
+        want = ref(tf(load_rgb(data.root / rel)).unsqueeze(0))[0].numpy()
+    got = cache.load("test", "penultimate")[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_rows_written_after_the_last_commit_are_dropped_on_resume(digits_dir, tmp_path,
+                                                                    monkeypatch):
+    """A kill between writing a batch and committing it: the resumed file is still exact."""
+    data = load_dataset(digits_dir)
+    whole = extract(data, _cfg(tmp_path / "whole", batch_size=8)).path
+    real_append = CacheWriter.append
+
+    def half_append(self, split, next_index, features, labels, paths, skipped):
+        if next_index > 24:  # write the rows of the 4th batch but die before the commit
+            g = self.f[split]
+            n = g["penultimate"].shape[0]
+            for name, arr in features.items():
+                g[name].resize(n + len(arr), axis=0)
+                g[name][n:] = 123.0
+            raise KeyboardInterrupt
+        real_append(self, split, next_index, features, labels, paths, skipped)
+
+    monkeypatch.setattr(CacheWriter, "append", half_append)
+    cfg = _cfg(tmp_path / "cut", batch_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        extract(data, cfg)
+    monkeypatch.setattr(CacheWriter, "append", real_append)
+    res = extract(data, cfg)
+    a, b = _datasets(whole), _datasets(res.path)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_killed_process_resumes_to_the_same_file(tmp_path):
+    """SIGKILL a real `featx extract` mid-run, run it again, compare with an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import write_digits
+    root = write_digits(tmp_path / "d", per_class=100, size=32)
+    args = [sys.executable, "-m", "featx.cli", "extract", "--model", "resnet18", "--data",
+            str(root), "--weights", "none", "--pool", "1,2", "--image-size", "64",
+            "--batch-size", "4", "--workers", "0", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(args + ["--out", str(tmp_path / "whole")], check=True, env=env,
+                   capture_output=True)
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial = out / "d_resnet18_none_64.h5.partial"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with h5py.File(partial, "r", locking=False) as f:
+                if f["train"].attrs["next_index"] >= 40:
+                    break
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "d_resnet18_none_64.h5").exists()
+    r = subprocess.run(args + ["--out", str(out)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = _datasets(tmp_path / "whole" / "d_resnet18_none_64.h5")
+    b = _datasets(out / "d_resnet18_none_64.h5")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
