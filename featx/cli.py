@@ -192,6 +192,133 @@ def info(cache_file):
 
 # --- commands added by later modules register below this line ---------------------------------
 
+@main.command("fit-heads", cls=_EnvCommand)
+@click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--heads", default="linear,logistic,svm,mlp", metavar="NAME,...",
+              help="Heads to fit: linear, logistic, svm, mlp, rbf, knn, sgd.")
+@click.option("--features", default="penultimate", metavar="NAME,...|all",
+              help="Cached features to fit on; all = penultimate + every pool{n}.")
+@click.option("--select", type=click.Choice(["val", "cv"]), default="val",
+              help="Choose hyperparameters on the val split (CV on train when a cache has "
+              "none), or always by CV on train.")
+@click.option("--cv", type=click.IntRange(2), default=5, help="Folds for CV selection.")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
+              help="balanced: weight classes by inverse train frequency (not mlp/knn).")
+@click.option("--standardize/--no-standardize", default=True,
+              help="StandardScaler fitted on the fit rows, inside each pipeline.")
+@click.option("--pca", type=click.IntRange(0), default=0, metavar="N",
+              help="Features that do not fit in memory: reduce to N PCA components "
+              "(IncrementalPCA on train) instead of streaming an SGD head.")
+@click.option("--memory-limit-mb", type=click.FloatRange(0, min_open=True), default=None,
+              help="Memory a fit may use [default: 80% of available memory].")
+@click.option("--jobs", type=click.IntRange(1), default=None,
+              help="Parallel fits, runs x grid points [default: CPU cores].")
+@click.option("--seed", type=int, default=0, help="random_state of every estimator.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              help="Folder for results and heads_summary.csv.")
+def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pca,
+              memory_limit_mb, jobs, seed, out):
+    """Fit classical heads on cached features; choose on val, score once on test.
+
+    Writes OUT/{cache}/heads/{feature}__{head}.json and .joblib per run, merges
+    OUT/heads_summary.csv, and prints a table sorted by test balanced accuracy.
+    """
+    from featx.heads import (HeadsConfig, fit_heads as run_fit_heads, format_summary)
+    cfg = HeadsConfig(heads=tuple(heads.split(",")), features=tuple(features.split(",")),
+                      select=select, cv=cv,
+                      class_weight=None if class_weight == "none" else class_weight,
+                      standardize=standardize, jobs=jobs or os.cpu_count() or 1, seed=seed,
+                      out_dir=out, memory_limit_mb=memory_limit_mb, pca=pca)
+    run = run_fit_heads(caches, cfg, log=lambda line: click.echo(line, err=True))
+    click.echo(format_summary(run.rows))
+    for matrix in run.matrices:
+        click.echo("\n" + matrix)
+    for plot in run.plots:
+        click.echo(f"plot: {plot}", err=True)
+    click.echo(f"{len(run.rows)} result(s) under {out}; summary: {run.summary_csv}", err=True)
+
+
+@main.command(cls=_EnvCommand)
+@click.option("--model", required=True, help="Backbone name. See `featx models`.")
+@data_options
+@click.option("--split-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Take the exact train/val/test files from this cache "
+              "(instead of --data), so heads and fine-tuning score the same images.")
+@model_options
+@click.option("--freeze", default="none", metavar="none|backbone|STAGE",
+              help="Train everything, only the new head, or freeze up to and including STAGE.")
+@click.option("--list-stages", "show_stages", is_flag=True,
+              help="Print the values --freeze accepts for --model, then exit.")
+@click.option("--epochs", type=int, default=30)
+@click.option("--batch-size", type=int, default=32)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
+              help="SGD uses momentum 0.9.")
+@click.option("--lr", type=float, default=1e-3, help="Learning rate of the new head.")
+@click.option("--backbone-lr-mult", type=float, default=0.1,
+              help="Backbone learning rate = lr x this.")
+@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--scheduler", type=click.Choice(["cosine", "step", "none"]), default="cosine",
+              help="Per epoch: cosine to zero over the run; step: x0.1 every epochs//3.")
+@click.option("--loss", type=click.Choice(["ce", "weighted", "focal"]), default="ce",
+              help="Cross-entropy, class-weighted cross-entropy (train counts), focal.")
+@click.option("--focal-gamma", type=float, default=2.0, help="Focal loss gamma (0 = ce).")
+@click.option("--augment/--no-augment", default=True,
+              help="Random resized crop + flip on the train split.")
+@click.option("--pool", type=int, default=1,
+              help="Head on AdaptiveAvgPool2d(N) of the last spatial map (C*N*N inputs); "
+              "1 = the model's own penultimate.")
+@click.option("--early-stop", type=int, default=0, metavar="N",
+              help="Stop when the val loss has not improved for N epochs (0 = off).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              help="Folder for the run folders.")
+@click.option("--resume", is_flag=True, help="Continue the same run from its last.pt.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def finetune(model, data_path, split_fractions, seed, split_from, weights, image_size, device,
+             precision, workers, freeze, show_stages, epochs, batch_size, optimizer, lr,
+             backbone_lr_mult, weight_decay, scheduler, loss, focal_gamma, augment, pool,
+             early_stop, out, resume, progress):
+    """Fine-tune a backbone with a new head on the same split and metrics as the heads.
+
+    Writes OUT/{dataset}_{model}_finetune_{settings}/ with best.pt, last.pt, history.csv,
+    curves.png and result.json, and prints the result's path.
+    """
+    from featx.finetune import (FinetuneConfig, check_config, data_from_cache, data_from_spec,
+                                finetune as run_finetune, list_stages)
+    if show_stages:
+        for name in list_stages(model):
+            click.echo(name)
+        return
+    cfg = FinetuneConfig(model=model, weights=weights, freeze=freeze, epochs=epochs,
+                         batch_size=batch_size, optimizer=optimizer, lr=lr,
+                         backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay,
+                         scheduler=scheduler, loss=loss, focal_gamma=focal_gamma,
+                         image_size=image_size, augment=augment, pool=pool,
+                         early_stop=early_stop, precision=precision, device=device,
+                         workers=workers, seed=seed, out_dir=out, resume=resume,
+                         progress=progress)
+    check_config(cfg)  # bad settings fail before any image is read
+    if (data_path is None) == (split_from is None):
+        raise click.ClickException("give exactly one of --data PATH or --split-from CACHE.")
+    if split_from is not None:
+        data = data_from_cache(split_from)
+    else:
+        data = data_from_spec(load_data_arg(data_path, split_fractions, seed), workers=workers)
+    click.echo(f"data: {data.source}, classes {', '.join(data.classes)}; "
+               + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
+               + (f"; {len(data.skipped)} unreadable file(s) left out" if data.skipped else ""),
+               err=True)
+    try:
+        res = run_finetune(data, cfg, log=lambda line: click.echo(line, err=True))
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted. best.pt and last.pt of the finished epochs are "
+                                   "kept; add --resume to the same command to continue.")
+    m, sel = res.result["metrics"], res.result["selection"]
+    click.echo(f"best epoch {sel['best_epoch']} ({sel['criterion']}); {sel['scored_split']} "
+               f"accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
+               f"macro F1 {m['macro_f1']:.4f}; {res.result['timings']['total_s']:.1f} s",
+               err=True)
+    click.echo(str(res.result_path))
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,350 @@
+"""Heads on cached features: learning, selection on val only, persistence, parallel
+determinism, the large-feature path, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from featx.cache import PROVENANCE_KEYS, Cache, CacheWriter
+from featx.cli import main
+from featx.heads import (HeadsConfig, build_head, fit_heads, list_heads, load_head,
+                         select_and_fit)
+from featx.metrics import read_result
+
+CLASSES = ["alpha", "beta", "gamma"]
+
+
+# --- building real caches with known structure --------------------------------------------
+
+def write_cache(path: Path, splits: dict, classes=CLASSES, *, finish: bool = True) -> Path:
+    """A featx cache written by CacheWriter. ``splits``: {split: ({feature: X}, y)}."""
+    first = next(iter(splits.values()))[0]
+    dims = {name: X.shape[1] for name, X in first.items()}
+    prov = {key: None for key in PROVENANCE_KEYS}
+    prov.update(model="synthetic", weights_sha256="0" * 64, transform={}, precision="fp32",
+                store_dtype="float32", classes=list(classes), split_seed=0,
+                pools=sorted(int(k[4:]) for k in dims if k.startswith("pool")),
+                dataset_fingerprint="f" * 64, features=list(dims), dataset_name="blobs",
+                dataset_root=str(path.parent), featx_version="0.1.0")
+    items = {s: [(f"{s}/{i:04d}.png", int(lab)) for i, lab in enumerate(y)]
+             for s, (_, y) in splits.items()}
+    writer = CacheWriter(path, prov, items, dims)
+    for s, (feats, y) in splits.items():
+        writer.append(s, len(y), feats, np.asarray(y), [p for p, _ in items[s]], [])
+    if not finish:
+        writer.close()
+        return writer.tmp
+    return writer.finish({"timings": {"seconds": 7.5, "images_per_s": 40.0}})
+
+
+def blobs(rng, n_per_class, centers, noise=1.0):
+    """Gaussian blobs around ``centers`` (k, d), rows sorted by class like a real cache."""
+    y = np.repeat(np.arange(len(centers)), n_per_class)
+    X = centers[y] + noise * rng.normal(size=(len(y), centers.shape[1]))
+    return X.astype(np.float32), y
+
+
+def blob_splits(seed=0, d=24, n=(40, 15, 30), sep=2.5, val=True, classes=3, pools=(1, 2)):
+    """train/val/test of separable blobs, with penultimate and pool{n} features."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, d)) * sep / np.sqrt(d) * 2
+    out = {}
+    for split, k in zip(("train", "val", "test"), n):
+        if split == "val" and not val:
+            continue
+        X, y = blobs(rng, k, centers)
+        feats = {"penultimate": X}
+        for p in pools:  # a wider, noisier copy, like a larger pooled map
+            feats[f"pool{p}"] = np.tile(X, (1, p * p)) + rng.normal(size=(len(y), d * p * p)
+                                                                    ).astype(np.float32)
+        out[split] = (feats, y)
+    return out
+
+
+@pytest.fixture
+def blob_cache(tmp_path):
+    return write_cache(tmp_path / "blobs_synthetic.h5", blob_splits())
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, ["fit-heads", *map(str, args)])
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+# --- learning ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("head", list_heads())
+def test_each_head_learns_separable_features(head):
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(3, 16)) * 1.5
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = (blobs(rng, n, centers) for n in (40, 20, 100))
+    model, selection, _ = select_and_fit(head, Xtr, ytr, Xva, yva, seed=0)
+    assert selection["on"] == "val" and selection["chosen"]
+    assert balanced_accuracy_score(yte, model.predict(Xte)) > 0.9
+
+
+def test_every_head_is_at_chance_when_labels_carry_no_information(tmp_path):
+    """Labels permuted in every split: whatever a head learns, nothing reaches the test
+    labels unless the test split leaks into fitting or selection."""
+    rng = np.random.default_rng(2)
+    splits = blob_splits(d=16, n=(40, 20, 100), pools=())
+    for split, (feats, y) in splits.items():
+        splits[split] = (feats, rng.permutation(y))
+    path = write_cache(tmp_path / "shuffled.h5", splits)
+    run = fit_heads([path], HeadsConfig(heads=tuple(list_heads()), out_dir=tmp_path / "r"))
+    assert [r["head"] for r in run.rows] == list_heads()
+    for row in run.rows:
+        assert abs(row["test_balanced_accuracy"] - 1 / 3) < 0.12, row["head"]
+
+
+def test_val_not_test_decides_hyperparameters(tmp_path):
+    """k-NN on noisy train labels: clean val prefers smoothing (large k); the test split is
+    the train points with their noisy labels, where k=1 would be perfect. Peeking at test
+    would pick k=1; selection must pick from val."""
+    rng = np.random.default_rng(0)
+    centers = np.array([[-2.0, 0.0], [2.0, 0.0]])
+    Xtr, ytr_clean = blobs(rng, 100, centers, noise=0.8)
+    ytr = np.where(rng.random(len(ytr_clean)) < 0.3, 1 - ytr_clean, ytr_clean)
+    Xva, yva = blobs(rng, 60, centers, noise=0.8)
+    Xte, yte = Xtr.copy(), ytr.copy()
+    path = write_cache(tmp_path / "noisy.h5", {"train": ({"penultimate": Xtr}, ytr),
+                                               "val": ({"penultimate": Xva}, yva),
+                                               "test": ({"penultimate": Xte}, yte)},
+                       classes=["a", "b"])
+    run = fit_heads([path], HeadsConfig(heads=("knn",), out_dir=tmp_path / "r"))
+    sel = run.results[0]["selection"]
+    assert sel["on"] == "val" and sel["chosen"] == {"n_neighbors": 15}
+
+    def scores_on(X, y):
+        return {k: balanced_accuracy_score(y, make_pipeline(
+            StandardScaler(), KNeighborsClassifier(k)).fit(Xtr, ytr).predict(X))
+            for k in (15, 5, 1)}
+    on_val, on_test = scores_on(Xva, yva), scores_on(Xte, yte)
+    assert max(on_test, key=on_test.get) == 1  # what peeking at test would choose
+    assert {g["params"]["n_neighbors"]: g["score"] for g in sel["grid"]} == pytest.approx(on_val)
+    assert run.results[0]["metrics"]["balanced_accuracy"] == pytest.approx(on_test[15])
+    assert run.results[0]["metrics"]["val_balanced_accuracy"] == pytest.approx(on_val[15])
+
+
+def test_without_a_val_split_selection_is_stratified_cv_on_train(tmp_path):
+    path = write_cache(tmp_path / "noval.h5", blob_splits(val=False, pools=()))
+    res = ok(run_cli(path, "--heads", "linear", "--cv", "3", "--jobs", "1",
+                     "--out", tmp_path / "r"))
+    assert "no val split" in res.output and "3-fold stratified CV" in res.output
+    result = read_result(tmp_path / "r" / "noval" / "heads" / "penultimate__linear.json")
+    sel = result["selection"]
+    assert sel["on"] == "cv" and sel["folds"] == 3 and "val_accuracy" not in result["metrics"]
+    cache = Cache(path)
+    X, y = cache.load("train", "penultimate"), cache.labels("train")
+    for point in sel["grid"]:
+        expected = cross_val_score(build_head("linear", params=point["params"]), X, y,
+                                   scoring="balanced_accuracy",
+                                   cv=StratifiedKFold(3, shuffle=True, random_state=0)).mean()
+        assert point["score"] == pytest.approx(expected)
+
+
+# --- outputs -------------------------------------------------------------------------------
+
+def test_results_json_csv_matrix_and_plot_from_a_real_extraction(digits_split_dir, tmp_path):
+    """End to end: featx extract (random resnet18, small images) then fit-heads on all pools."""
+    runner = CliRunner()
+    ext = runner.invoke(main, ["extract", "--model", "resnet18", "--weights", "none",
+                               "--data", str(digits_split_dir), "--pool", "1,2",
+                               "--image-size", "64", "--workers", "0", "--no-progress",
+                               "--out", str(tmp_path / "cache")])
+    assert ext.exit_code == 0, ext.output
+    cache_path = Path(ext.stdout.strip().splitlines()[-1])
+    out = tmp_path / "results"
+    res = ok(run_cli(cache_path, "--features", "all", "--heads", "linear,svm",
+                     "--class-weight", "balanced", "--jobs", "1", "--out", out))
+
+    csv = pd.read_csv(out / "heads_summary.csv")
+    assert len(csv) == 6 and set(csv["feature"]) == {"penultimate", "pool1", "pool2"}
+    assert {"dataset", "model", "feature", "head", "test_accuracy", "test_balanced_accuracy",
+            "test_macro_f1", "test_roc_auc", "val_score", "fit_s", "json"} <= set(csv.columns)
+    for row in csv.itertuples():
+        with open(out / row.json) as f:
+            result = json.load(f)
+        assert read_result(out / row.json)["kind"] == "head"
+        assert result["method"] == f"{row.head} @ {row.feature}"
+        assert result["model"] == "resnet18" and result["dataset"]["name"] == "digits_split"
+        m = result["metrics"]
+        assert m["balanced_accuracy"] == pytest.approx(row.test_balanced_accuracy)
+        assert m["val_balanced_accuracy"] == pytest.approx(result["selection"]["score"])
+        assert {"accuracy", "macro_f1", "roc_auc", "per_class_recall", "confusion_matrix",
+                "val_accuracy", "fit_s", "predict_s"} <= set(m)
+        assert set(result["timings"]) >= {"fit_s", "predict_s", "extract_s", "total_s"}
+        assert result["timings"]["extract_s"] == Cache(cache_path).attrs["timings"]["seconds"]
+        assert result["selection"]["on"] == "val" and result["settings"]["refit"] == "train"
+        assert result["settings"]["class_weight"] == "balanced"
+        assert result["dataset"]["test_fingerprint"] == Cache(cache_path).dataset_info()[
+            "test_fingerprint"]
+        assert (out / row.json).with_suffix(".joblib").is_file()
+    assert (out / cache_path.stem / "pool_sizes.png").stat().st_size > 1000
+    table = res.stdout.splitlines()
+    baccs = [float(line.split()[5]) for line in table[1:7]]
+    assert baccs == sorted(baccs, reverse=True)
+    assert "test balanced accuracy (val accuracy)" in res.stdout
+    assert any(line.startswith("pool2") for line in table)
+
+
+def test_persisted_head_reloads_and_gives_the_same_predictions(blob_cache, tmp_path):
+    out = tmp_path / "r"
+    ok(run_cli(blob_cache, "--heads", "logistic,svm", "--features", "pool2", "--jobs", "1",
+               "--out", out))
+    cache = Cache(blob_cache)
+    X, y = cache.load("test", "pool2"), cache.labels("test")
+    for head in ("logistic", "svm"):
+        path = out / "blobs_synthetic" / "heads" / f"pool2__{head}.json"
+        model = load_head(path)
+        pred = model.predict(X)
+        assert confusion_matrix(y, pred).tolist() == read_result(path)["metrics"][
+            "confusion_matrix"]
+        again = load_head(path.with_suffix(".joblib"))
+        np.testing.assert_array_equal(again.predict(X), pred)
+
+
+def test_results_are_identical_with_one_and_two_jobs(blob_cache, tmp_path):
+    for jobs in (1, 2):
+        ok(run_cli(blob_cache, "--heads", "svm,mlp", "--features", "penultimate,pool1",
+                   "--jobs", jobs, "--out", tmp_path / f"j{jobs}"))
+    files = sorted((tmp_path / "j1" / "blobs_synthetic" / "heads").glob("*.json"))
+    assert len(files) == 4
+    X = Cache(blob_cache).load("test", "pool1")
+    for f1 in files:
+        f2 = tmp_path / "j2" / "blobs_synthetic" / "heads" / f1.name
+        r1, r2 = read_result(f1), read_result(f2)
+        for r in (r1, r2):
+            for key in ("fit_s", "select_s", "predict_s"):
+                r["metrics"].pop(key)
+        assert r1["metrics"] == r2["metrics"] and r1["selection"] == r2["selection"]
+        if f1.stem == "pool1__mlp":
+            np.testing.assert_array_equal(load_head(f1).predict_proba(X),
+                                          load_head(f2).predict_proba(X))
+
+
+# --- features too large for memory ---------------------------------------------------------
+
+def test_features_too_large_for_memory_are_streamed_and_still_learn(tmp_path):
+    path = write_cache(tmp_path / "big.h5", blob_splits(d=64, n=(80, 20, 40), pools=(2,)))
+    out = tmp_path / "r"
+    res = ok(run_cli(path, "--features", "pool2", "--memory-limit-mb", "0.25", "--jobs", "1",
+                     "--out", out))
+    assert "streaming instead" in res.stderr and "SGDClassifier(log_loss)" in res.stderr
+    result = read_result(out / "big" / "heads" / "pool2__sgd.json")
+    assert result["settings"]["memory"]["mode"] == "stream"
+    assert result["settings"]["replaces_heads"] == ["linear", "logistic", "svm", "mlp"]
+    assert result["method"] == "sgd @ pool2 [streamed]"
+    assert result["metrics"]["balanced_accuracy"] > 0.8
+    assert result["selection"]["on"] == "val"
+    X = Cache(path).load("test", "pool2")
+    assert load_head(out / "big" / "heads" / "pool2__sgd.json").predict_proba(X).shape == (120, 3)
+
+
+def test_features_too_large_with_pca_are_reduced_on_train_first(tmp_path, monkeypatch):
+    path = write_cache(tmp_path / "big.h5", blob_splits(d=64, n=(80, 20, 40), pools=(2,),
+                                                        val=False))
+    monkeypatch.setenv("FEATX_MEMORY_LIMIT_MB", "0.25")
+    out = tmp_path / "r"
+    res = ok(run_cli(path, "--features", "pool2", "--heads", "logistic", "--pca", "8",
+                     "--cv", "3", "--jobs", "1", "--out", out))
+    assert "reduced to 8 PCA components" in res.stderr
+    result = read_result(out / "big" / "heads" / "pool2__logistic.json")
+    assert result["settings"]["memory"]["mode"] == "pca"
+    assert result["settings"]["memory"]["limit_source"].startswith("--memory-limit-mb")
+    assert result["metrics"]["balanced_accuracy"] > 0.8
+    model = load_head(out / "big" / "heads" / "pool2__logistic.json")
+    assert model.named_steps["pca"].n_components_ == 8
+    X = Cache(path).load("test", "pool2")  # the saved pipeline takes the raw 256-d rows
+    pred = model.predict(X)
+    assert balanced_accuracy_score(Cache(path).labels("test"), pred) == pytest.approx(
+        result["metrics"]["balanced_accuracy"])
+
+
+# --- bad input: one line each ---------------------------------------------------------------
+
+def _plain_h5(tmp_path):
+    p = tmp_path / "plain.h5"
+    with h5py.File(p, "w") as f:
+        f["train/penultimate"] = np.zeros((4, 2))
+    return p
+
+
+def _text_file(tmp_path):
+    p = tmp_path / "notes.h5"
+    p.write_text("not a cache\n")
+    return p
+
+
+def _partial(tmp_path):
+    return write_cache(tmp_path / "part.h5", blob_splits(pools=()), finish=False)
+
+
+def _partial_by_final_name(tmp_path):
+    _partial(tmp_path)
+    return tmp_path / "part.h5"
+
+
+def _marked_incomplete(tmp_path):
+    p = _partial(tmp_path)
+    target = tmp_path / "incomplete.h5"
+    p.rename(target)
+    return target
+
+
+def _single_class_train(tmp_path):
+    splits = blob_splits(pools=())
+    feats, y = splits["train"]
+    splits["train"] = (feats, np.zeros_like(y))
+    return write_cache(tmp_path / "one.h5", splits)
+
+
+@pytest.mark.parametrize("make, args, words", [
+    (_partial, (), "unfinished extraction"),
+    (_partial_by_final_name, (), "not finished"),
+    (_marked_incomplete, (), "marked incomplete"),
+    (_plain_h5, (), "not a featx cache"),
+    (_text_file, (), "not an HDF5 file"),
+    (None, ("--features", "pool7"), "has no feature 'pool7'; it has penultimate, pool1, pool2"),
+    (_single_class_train, (), "single class"),
+    (None, ("--heads", "linear,forest"), "unknown head 'forest'; available heads: linear"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, blob_cache, make, args, words):
+    path = make(tmp_path) if make else blob_cache
+    res = run_cli(path, *args, "--jobs", "1", "--out", tmp_path / "r")
+    assert res.exit_code != 0
+    assert res.output.startswith("Error:") and words in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert not (tmp_path / "r").exists()  # checked before any fit
+
+
+def test_class_absent_from_test_warns_once_and_reports_null(tmp_path):
+    splits = blob_splits(pools=())
+    feats, y = splits["test"]
+    keep = y != 2
+    splits["test"] = ({k: v[keep] for k, v in feats.items()}, y[keep])
+    path = write_cache(tmp_path / "absent.h5", splits)
+    res = ok(run_cli(path, "--heads", "linear,mlp", "--class-weight", "balanced", "--jobs", "1",
+                     "--out", tmp_path / "r"))
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: absent.h5: class(es) gamma absent from the test split; their "
+                        "recall and ROC-AUC are reported as null."]
+    assert "mlp does not support class weights" in res.stderr
+    m = read_result(tmp_path / "r" / "absent" / "heads" / "penultimate__linear.json")["metrics"]
+    assert m["roc_auc"] is None and "2 of 3 classes" in m["roc_auc_note"]
+    assert m["per_class_recall"]["gamma"] is None and m["balanced_accuracy"] > 0.9
