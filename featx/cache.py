@@ -24,7 +24,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from featx.metrics import file_list_fingerprint
+from featx.metrics import dataset_fingerprints
 
 __all__ = [
     "PROVENANCE_KEYS",
@@ -342,16 +342,12 @@ class Cache:
 
     def dataset_info(self) -> dict:
         """What a result records about the data: name, classes, counts, fingerprints."""
-        items = {s: self.split_items(s) for s in self.splits}
-        all_items = [(f"{s}/{p}", lab) for s in items for p, lab in items[s]]
         return {
             "name": self.attrs["dataset_name"],
             "root": self.attrs["dataset_root"],
             "classes": self.classes,
             "fingerprint": self.attrs["dataset_fingerprint"],
-            "split_fingerprint": file_list_fingerprint(all_items),
-            "test_fingerprint": file_list_fingerprint(items.get("test", [])),
-            "counts": {s: len(v) for s, v in items.items()},
+            **dataset_fingerprints({s: self.split_items(s) for s in self.splits}),
         }
 
     def describe(self) -> str:
