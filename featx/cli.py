@@ -319,6 +319,115 @@ def finetune(model, data_path, split_fractions, seed, split_from, weights, image
                err=True)
     click.echo(str(res.result_path))
 
+# --- featx compare / demo ----------------------------------------------------------------------
+
+def _print_compare(run) -> None:
+    for line in run.skipped:
+        click.echo(f"reused: {line}", err=True)
+    report = run.report
+    if report.get("table"):
+        click.echo(report["table"])
+    for key, value in report.items():
+        if key != "table" and isinstance(value, (str, Path)):
+            click.echo(f"{key}: {value}")
+        elif key != "table" and isinstance(value, (list, tuple)):
+            for v in value:
+                click.echo(f"{key}: {v}")
+
+
+@main.command(cls=_EnvCommand)
+@data_options
+@click.option("--models", "models_", required=True, metavar="NAME,NAME",
+              help="Backbones to compare, comma-separated. See `featx models`.")
+@click.option("--pool", default="1,2,4,8", help="Pool sizes to extract (besides penultimate).")
+@click.option("--heads", default="linear,logistic,svm,mlp", help="Heads to fit on each feature.")
+@click.option("--finetune", "finetune_mode", type=click.Choice(["none", "full", "backbone",
+                                                                "both"]), default="backbone",
+              help="Fine-tuning runs: full (--freeze none), backbone (head only), both.")
+@click.option("--epochs", type=click.IntRange(1), default=10, help="Fine-tuning epochs.")
+@click.option("--lr", type=float, default=1e-3, help="Fine-tuning learning rate.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd")
+@click.option("--loss", type=click.Choice(["ce", "weighted", "focal"]), default="ce")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
+              help="Class weights for the heads.")
+@model_options
+@click.option("--batch-size", type=click.IntRange(1), default=32)
+@click.option("--jobs", type=click.IntRange(1), default=1, help="Parallel head fits.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("cache"), help="Where the feature caches go.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results/compare"), help="Results folder (report in OUT/report).")
+@click.option("--overwrite", is_flag=True, help="Replace caches made from other inputs.")
+@click.option("--progress/--no-progress", default=True)
+def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mode, epochs, lr,
+            optimizer, loss, class_weight, weights, image_size, device, precision, workers,
+            batch_size, jobs, cache_dir, out, overwrite, progress):
+    """Run the whole experiment: extract, heads on every feature, fine-tune, report.
+
+    Work already done (an up-to-date cache, current head results, finished fine-tuning
+    runs) is reused, so running it again after an interruption picks up where it stopped.
+    """
+    from featx.backbones import get_backbone
+    from featx.compare import CompareConfig, run_compare
+    from featx.extract import parse_pools
+    models = tuple(m for m in models_.split(",") if m)
+    for name in models:
+        get_backbone(name)
+    data = load_data_arg(data_path, split_fractions, seed)
+    cfg = CompareConfig(models=models, pools=parse_pools(pool),
+                        heads=tuple(h for h in heads.split(",") if h),
+                        finetune=finetune_mode, epochs=epochs, weights=weights,
+                        image_size=image_size, batch_size=batch_size, workers=workers,
+                        device=device, precision=precision, seed=seed,
+                        class_weight=None if class_weight == "none" else class_weight,
+                        loss=loss, lr=lr, optimizer=optimizer, jobs=jobs, cache_dir=cache_dir,
+                        out=out, overwrite=overwrite, progress=progress)
+    _print_compare(run_compare(data, cfg, log=lambda m: click.echo(m, err=True)))
+
+
+@main.command(cls=_EnvCommand)
+@click.option("--quick", is_flag=True,
+              help="Smallest settings (3 digits x 20 images, 1 epoch): under a minute.")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Fine-tuning epochs [default: 3, quick: 1].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results/demo"), help="Results folder.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("cache"), help="Where the digits images and caches go.")
+@click.option("--progress/--no-progress", default=True)
+def demo(quick, epochs, out, cache_dir, progress):
+    """Run `compare` on scikit-learn's digits, written once as PNG files: no download.
+
+    mobilenet_v2 at 64 px, pools 1/2/4, four heads, fine-tuning of the head only and of the
+    whole network. Uses ImageNet weights when available offline, random weights otherwise.
+    """
+    from featx.compare import CompareConfig, run_compare
+    from featx.data import load_dataset
+    from featx.demo import ensure_demo_weights, write_digits_dataset
+    weights, why = ensure_demo_weights("mobilenet_v2")
+    click.echo(f"demo: {why}", err=True)
+    if quick:
+        root = write_digits_dataset(cache_dir / "demo-digits-quick", per_class=20, size=32,
+                                    classes=(0, 1, 2))
+        cfg = CompareConfig(models=("mobilenet_v2",), pools=(1, 2), heads=("logistic", "linear"),
+                            finetune="backbone", epochs=epochs or 1, weights=weights,
+                            image_size=32, batch_size=16, workers=0, cache_dir=cache_dir,
+                            out=out, progress=progress)
+    else:
+        root = write_digits_dataset(cache_dir / "demo-digits", size=32)
+        cfg = CompareConfig(models=("mobilenet_v2",), pools=(1, 2, 4), finetune="both",
+                            epochs=epochs or 3, weights=weights, image_size=64,
+                            batch_size=32, lr=0.01, cache_dir=cache_dir, out=out,
+                            progress=progress)
+    data = load_dataset(root, split=(0.6, 0.2, 0.2), seed=0)
+    click.echo(f"demo: {len(data.classes)} digit classes, "
+               + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
+               + f" images in {root}", err=True)
+    run = run_compare(data, cfg, log=lambda m: click.echo(m, err=True))
+    _print_compare(run)
+    if weights == "none":
+        click.echo("note: random weights - these numbers show the machinery, not transfer.")
+
 
 if __name__ == "__main__":
     main()

