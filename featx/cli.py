@@ -192,6 +192,31 @@ def info(cache_file):
 
 # --- commands added by later modules register below this line ---------------------------------
 
+@main.command(cls=_EnvCommand)
+@click.argument("results_dir", required=False, default=Path("results"),
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for report.md, report.csv and the plots [default: "
+              "RESULTS_DIR/report].")
+def report(results_dir, out):
+    """Rank every head and fine-tuning result under RESULTS_DIR [default: results].
+
+    Reads every result JSON (recursively), ranks them per dataset and split by test
+    balanced accuracy, and writes report.md, report.csv and PNG plots. Results scored on
+    another split than the rest of their dataset are listed apart as not comparable.
+    """
+    from featx.report import write_report
+    written = write_report(results_dir, out)
+    click.echo(written["table"])
+    click.echo()
+    for note in written["note"]:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"markdown: {written['markdown']}")
+    click.echo(f"csv: {written['csv']}")
+    for plot in written["plot"]:
+        click.echo(f"plot: {plot}")
+
+
 @main.command("fit-heads", cls=_EnvCommand)
 @click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--heads", default="linear,logistic,svm,mlp", metavar="NAME,...",

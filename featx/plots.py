@@ -5,11 +5,13 @@ it works on machines without a display and inside worker processes.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["plot_pool_sizes", "plot_training_curves"]
+__all__ = ["plot_confusion_matrix", "plot_pool_sizes", "plot_score_vs_time",
+           "plot_training_curves"]
 
 
 def _save(fig, path: Path) -> Path:
@@ -109,5 +111,100 @@ def plot_pool_sizes(scores: Mapping[str, Mapping[str, float]], path: str | Path,
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str],
+                          path: str | Path, *, title: str = "") -> Path:
+    """A confusion matrix: counts in the cells, colour = share of the true class (recall).
+
+    Parameters
+    ----------
+    matrix : array-like of shape (n_classes, n_classes)
+        Counts, rows = true class, columns = predicted class, in ``classes`` order.
+    classes : sequence of str
+        Class names.
+    path : str or Path
+        PNG file to write (folders are created; written atomically).
+
+    Returns
+    -------
+    Path of the PNG.
+    """
+    import numpy as np
+    counts = np.asarray(matrix, dtype=float)
+    k = len(classes)
+    if counts.shape != (k, k):
+        raise ValueError(f"confusion matrix of shape {counts.shape} does not match "
+                         f"{k} classes ({', '.join(map(str, classes))})")
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = min(3.6 + 0.45 * k, 12.0)
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    if k <= 20:  # beyond that the numbers no longer fit in the cells
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center",
+                        fontsize="small", color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k), [str(c) for c in classes], rotation=45, ha="right")
+    ax.set_yticks(range(k), [str(c) for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:  # method names are long; wrap to the figure's width
+        import textwrap
+        width = int(side * 9)
+        ax.set_title("\n".join(textwrap.fill(line, width) for line in title.splitlines()),
+                     fontsize="medium")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_score_vs_time(points: Sequence[Mapping], path: str | Path, *, title: str = "",
+                       xlabel: str = "wall time (s, log scale)",
+                       ylabel: str = "test balanced accuracy") -> Path:
+    """A score against wall time (log x), one colour per group of points.
+
+    Parameters
+    ----------
+    points : sequence of mappings
+        Each with ``x`` (seconds, > 0; others are left out), ``y``, ``group`` (the legend
+        entry and colour, e.g. "frozen heads") and optionally ``label`` (written beside the
+        point; give it to the few points worth naming).
+    path : str or Path
+        PNG file to write (folders are created; written atomically).
+
+    Returns
+    -------
+    Path of the PNG.
+    """
+    fig = _figure(7.0, 4.6)
+    ax = fig.add_subplot()
+    groups: dict[str, list[Mapping]] = {}
+    for p in points:
+        if p.get("x") is not None and p["x"] > 0 and p.get("y") is not None:
+            groups.setdefault(str(p.get("group", "")), []).append(p)
+    xs = [p["x"] for pts in groups.values() for p in pts]
+    mid = math.sqrt(min(xs) * max(xs)) if xs else 1.0
+    for name, pts in groups.items():
+        ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], s=28, alpha=0.8,
+                   label=f"{name} ({len(pts)})")
+        for p in pts:
+            if p.get("label"):  # right of the point in the left half, left of it otherwise
+                right = p["x"] <= mid
+                ax.annotate(str(p["label"]), (p["x"], p["y"]), textcoords="offset points",
+                            xytext=(5 if right else -5, 4), ha="left" if right else "right",
+                            fontsize="x-small")
+    if groups:
+        ax.set_xscale("log")
+        ax.margins(x=0.08, y=0.08)
+        ax.legend(loc="best", fontsize="small")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     return _save(fig, Path(path))

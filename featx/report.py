@@ -1,0 +1,575 @@
+"""Tables and plots from result files: frozen heads and fine-tuning, ranked side by side.
+
+:func:`load_results` reads every featx result JSON under a folder, :func:`rank_results`
+groups them by dataset and split, works out each row's wall time and ranks the rows within
+their group, :func:`format_table` prints them, and :func:`write_report` writes
+``report.md``, ``report.csv`` and the PNG figures.
+
+Rules the report follows (also written into ``report.md``):
+
+- **Groups.** Results are ranked only against results of the same dataset *and* the same
+  split. Per dataset name the split with the most results (ties: the most recent) is the
+  *main* group; results on any other split are *not comparable* and listed apart, with the
+  reason: ``test set differs`` (other test images) or ``split differs (same test set)``
+  (same test images, other train/val images).
+- **Order.** Within a group, by test balanced accuracy (then accuracy, then shorter wall
+  time). ``best head`` marks the first frozen-head row of a group, ``best finetune`` the
+  first fine-tuning row.
+- **Wall time.** Fine-tuning: the whole run (``timings.total_s``). A head: its own run
+  (selection, refit, test prediction, loading: ``total_s - extract_s``) plus its share of
+  the extraction, which is the cache's whole extraction time divided by the number of head
+  results in the report that come from that cache (one forward pass serves them all).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from featx.metrics import RESULT_SCHEMA
+
+__all__ = ["REPORT_COLUMNS", "format_table", "load_results", "rank_results", "write_report"]
+
+REPORT_COLUMNS = ["group", "comparable", "reason", "dataset", "rank", "best", "model", "method",
+                  "kind", "feature", "head", "test_accuracy", "test_balanced_accuracy",
+                  "test_macro_f1", "test_roc_auc", "n_test", "wall_s", "extract_share_s",
+                  "run_s", "split_fingerprint", "test_fingerprint", "source"]
+
+_FAMILIES = {"head": "frozen heads", "finetune": "fine-tuning"}
+_BEST_MARK = {"head": "best head", "finetune": "best finetune"}
+
+WALL_TIME_RULE = (
+    "fine-tuning = the whole run (timings.total_s); a head = its own run "
+    "(selection, refit, test prediction, loading: total_s - extract_s) plus its share of the "
+    "extraction = the cache's whole extraction time / the number of head results in this "
+    "report that come from that cache.")
+RANK_RULE = (
+    "ranked within one dataset and split by test balanced accuracy (ties: accuracy, then "
+    "shorter wall time); 'best head' marks the top frozen-head row, 'best finetune' the top "
+    "fine-tuning row of each group.")
+COMPARABLE_RULE = (
+    "per dataset name, the split (split_fingerprint) with the most results is the main group; "
+    "results on another split are not comparable and listed apart: 'test set differs' (other "
+    "test images) or 'split differs (same test set)' (other train/val images).")
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _looks_like_result(path: Path, text: str) -> bool:
+    # Other JSON (summaries, configs, notebooks' metadata) is skipped without a word; a file
+    # that names the schema or has the fine-tuning result's name is one the user expects to see.
+    return "featx-result" in text or path.name == "result.json"
+
+
+def _row_from_result(res: Any, path: Path, root: Path) -> dict:
+    """The flat row of one parsed result; raises ValueError naming the first missing piece."""
+    if not isinstance(res, dict):
+        raise ValueError("not a JSON object")
+    if res.get("schema") != RESULT_SCHEMA:
+        raise ValueError(f"schema {res.get('schema')!r}, expected {RESULT_SCHEMA!r}")
+    for key in ("kind", "method", "model"):
+        if not isinstance(res.get(key), str) or not res[key]:
+            raise ValueError(f"{key!r} missing or not a string")
+    ds, metrics = res.get("dataset"), res.get("metrics")
+    if not isinstance(ds, dict):
+        raise ValueError("'dataset' missing")
+    for key in ("name", "split_fingerprint", "test_fingerprint"):
+        if not isinstance(ds.get(key), str):
+            raise ValueError(f"'dataset.{key}' missing")
+    if not isinstance(metrics, dict) or "balanced_accuracy" not in metrics:
+        raise ValueError("'metrics.balanced_accuracy' missing")
+    timings = res.get("timings") if isinstance(res.get("timings"), dict) else {}
+    artifacts = res.get("artifacts") if isinstance(res.get("artifacts"), dict) else {}
+    provenance = res.get("provenance") if isinstance(res.get("provenance"), dict) else {}
+
+    extract_s = run_s = None
+    cache_key = None
+    if res["kind"] == "head":
+        extract_s = _num(timings.get("extract_s")) or 0.0
+        total = _num(timings.get("total_s"))
+        if total is not None:
+            run_s = max(total - extract_s, 0.0)
+        else:
+            parts = [_num(timings.get(k)) for k in ("load_s", "select_s", "fit_s",
+                                                    "predict_s", "reduce_s")]
+            run_s = sum(p for p in parts if p is not None) if any(
+                p is not None for p in parts) else None
+        # one extraction pass = one cache file as it was when these heads read it
+        cache_key = (str(artifacts.get("cache") or ""), str(provenance.get("created") or ""),
+                     res["model"], ds["split_fingerprint"])
+    else:
+        run_s = _num(timings.get("total_s"))
+
+    return {
+        "path": path,
+        "source": path.relative_to(root).as_posix(),
+        "result": res,
+        "dataset": ds["name"],
+        "classes": list(ds.get("classes") or []),
+        "split_fingerprint": ds["split_fingerprint"],
+        "test_fingerprint": ds["test_fingerprint"],
+        "model": res["model"],
+        "method": res["method"],
+        "kind": res["kind"],
+        "feature": res.get("feature"),
+        "head": res.get("head"),
+        "created": str(res.get("created") or ""),
+        "test_accuracy": _num(metrics.get("accuracy")),
+        "test_balanced_accuracy": _num(metrics.get("balanced_accuracy")),
+        "test_macro_f1": _num(metrics.get("macro_f1")),
+        "test_roc_auc": _num(metrics.get("roc_auc")),
+        "n_test": metrics.get("n"),
+        "extract_s": extract_s,
+        "run_s": run_s,
+        "cache_key": cache_key,
+    }
+
+
+def load_results(results_dir: str | Path, *,
+                 problems: list[tuple[str, str]] | None = None) -> list[dict]:
+    """Read every featx result JSON under ``results_dir`` (recursively).
+
+    Parameters
+    ----------
+    results_dir : str or Path
+        Folder to search; hidden folders (``.name``) are left out.
+    problems : list, optional
+        When given, ``(relative path, reason)`` is appended for every file that looks like a
+        featx result (names the ``featx-result`` schema, or is called ``result.json``) but
+        cannot be read or lacks a field the report needs. Other JSON files are skipped
+        silently.
+
+    Returns
+    -------
+    list of dict, one per result file in path order, with ``dataset``, ``model``,
+    ``method``, ``kind``, ``feature``, ``head``, ``test_accuracy``,
+    ``test_balanced_accuracy``, ``test_macro_f1``, ``test_roc_auc`` (``None`` when undefined),
+    ``n_test``, ``split_fingerprint``, ``test_fingerprint``, ``classes``, ``extract_s`` and
+    ``run_s`` (seconds), ``source`` (path relative to ``results_dir``), ``path`` and
+    ``result`` (the whole record).
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ValueError(f"results folder {str(root)!r} does not exist or is not a folder.")
+    rows = []
+    for path in sorted(root.rglob("*.json")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            if problems is not None:
+                problems.append((rel.as_posix(), f"cannot be read ({exc.strerror or exc})"))
+            continue
+        if not _looks_like_result(path, text):
+            continue
+        try:
+            rows.append(_row_from_result(json.loads(text), path, root))
+        except json.JSONDecodeError as exc:
+            if problems is not None:
+                problems.append((rel.as_posix(), f"invalid JSON ({exc.msg}, line {exc.lineno})"))
+        except ValueError as exc:
+            if problems is not None:
+                problems.append((rel.as_posix(), str(exc)))
+    return rows
+
+
+# --- grouping and ranking --------------------------------------------------------------------
+
+def _sort_key(row: dict):
+    def neg(v):
+        return -v if v is not None else math.inf
+    wall = row.get("wall_s")
+    return (neg(row["test_balanced_accuracy"]), neg(row["test_accuracy"]),
+            wall if wall is not None else math.inf, row["model"], row["method"], row["source"])
+
+
+def _main_split(rows: list[dict]) -> str:
+    counts = Counter(r["split_fingerprint"] for r in rows)
+    latest = defaultdict(str)
+    for r in rows:
+        latest[r["split_fingerprint"]] = max(latest[r["split_fingerprint"]], r["created"])
+    return max(counts, key=lambda fp: (counts[fp], latest[fp], fp))
+
+
+def _run_folder(source: str) -> str:
+    parent = Path(source).parent
+    if parent.name == "heads":  # fit-heads writes {cache stem}/heads/{feature}__{head}.json
+        parent = parent.parent
+    return parent.as_posix() if parent.as_posix() != "." else Path(source).stem
+
+
+def rank_results(rows: Sequence[dict]) -> list[dict]:
+    """Group rows by dataset and split, add wall times, ranks and best marks.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        As returned by :func:`load_results`.
+
+    Returns
+    -------
+    list of dict, copies of ``rows`` ordered by group (the main group of each dataset
+    name, by name, then the groups that are not comparable) and within a group by rank, with
+    ``group`` (the dataset name, or ``"name [split xxxxxxxx]"`` for a split that is not the
+    main one), ``comparable`` (bool), ``reason`` (why not comparable, else ``""``), ``rank``
+    (1 = best in its group), ``best`` (``"best head"``, ``"best finetune"`` or ``""``),
+    ``extract_share_s`` and ``wall_s`` (see the module docstring for the rule). A method
+    that occurs twice for the same model in one group (e.g. two caches of one model at other
+    image sizes) gets its result folder appended in brackets.
+    """
+    rows = [dict(r) for r in rows]
+    per_cache = Counter(r["cache_key"] for r in rows if r["kind"] == "head")
+    for r in rows:
+        if r["kind"] == "head":
+            r["extract_share_s"] = (r["extract_s"] or 0.0) / per_cache[r["cache_key"]]
+            r["wall_s"] = r["extract_share_s"] + (r["run_s"] or 0.0)
+        else:
+            r["extract_share_s"] = None
+            r["wall_s"] = r["run_s"]
+
+    by_name: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_name[r["dataset"]].append(r)
+    main_groups, other_groups = [], []
+    for name in sorted(by_name):
+        named = by_name[name]
+        main_fp = _main_split(named)
+        main_test = next(r["test_fingerprint"] for r in named if r["split_fingerprint"] == main_fp)
+        splits: dict[str, list[dict]] = defaultdict(list)
+        for r in named:
+            splits[r["split_fingerprint"]].append(r)
+        for fp, members in splits.items():
+            main = fp == main_fp
+            if main:
+                label, reason = name, ""
+            else:
+                label = f"{name} [split {fp[:8]}]"
+                reason = ("test set differs" if members[0]["test_fingerprint"] != main_test
+                          else "split differs (same test set)")
+            for r in members:
+                r.update(group=label, comparable=main, reason=reason)
+            (main_groups if main else other_groups).append(members)
+
+    out = []
+    for members in main_groups + sorted(other_groups, key=lambda g: g[0]["group"]):
+        twice = Counter((r["model"], r["method"]) for r in members)
+        for r in members:
+            if twice[(r["model"], r["method"])] > 1:
+                r["method"] = f"{r['method']} [{_run_folder(r['source'])}]"
+        members.sort(key=_sort_key)
+        marked = set()
+        for i, r in enumerate(members, 1):
+            r["rank"] = i
+            r["best"] = ""
+            mark = _BEST_MARK.get(r["kind"])
+            if mark and mark not in marked and r["test_balanced_accuracy"] is not None:
+                r["best"] = mark
+                marked.add(mark)
+        out.extend(members)
+    return out
+
+
+# --- text ------------------------------------------------------------------------------------
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
+_TABLE_HEAD = ["rank", "model", "method", "kind", "test acc", "bal. acc", "macro F1",
+               "ROC-AUC", "wall s", "best"]
+
+
+def _cells(r: dict) -> list[str]:
+    return [str(r["rank"]), r["model"], r["method"], r["kind"], _f(r["test_accuracy"]),
+            _f(r["test_balanced_accuracy"]), _f(r["test_macro_f1"]), _f(r["test_roc_auc"]),
+            _seconds(r["wall_s"]), r["best"]]
+
+
+def _groups(ranked: Sequence[dict]) -> list[list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in ranked:
+        groups.setdefault(r["group"], []).append(r)
+    return list(groups.values())
+
+
+def _group_title(members: list[dict]) -> str:
+    r = members[0]
+    parts = [f"split {r['split_fingerprint'][:8]}", f"test set {r['test_fingerprint'][:8]}"]
+    if isinstance(r["n_test"], int):
+        parts.append(f"{r['n_test']} test images")
+    if r["classes"]:
+        parts.append(f"{len(r['classes'])} classes: {', '.join(map(str, r['classes']))}")
+    head = r["group"] if r["comparable"] else f"{r['group']}: NOT COMPARABLE, {r['reason']}"
+    return f"{head} ({'; '.join(parts)})"
+
+
+def format_table(ranked: Sequence[dict]) -> str:
+    """Aligned text, one block per group, rows as ordered by :func:`rank_results`."""
+    blocks = []
+    for members in _groups(ranked):
+        lines = [_TABLE_HEAD] + [_cells(r) for r in members]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(_TABLE_HEAD))]
+        numeric = {0, 4, 5, 6, 7, 8}
+        text = ["  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                          for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+                for line in lines]
+        blocks.append("\n".join([_group_title(members)] + text))
+    return "\n\n".join(blocks)
+
+
+def _md_table(members: list[dict]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+    lines = ["| " + " | ".join(_TABLE_HEAD) + " |",
+             "|" + "|".join("---:" if i in {0, 4, 5, 6, 7, 8} else "---"
+                            for i in range(len(_TABLE_HEAD))) + "|"]
+    for r in members:
+        cells = [esc(c) for c in _cells(r)]
+        if r["best"]:
+            cells[-1] = f"**{cells[-1]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, write: Callable) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        write(f)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_csv(path: Path, ranked: Sequence[dict]) -> Path:
+    def cell(v):
+        if v is None:
+            return ""
+        return round(v, 6) if isinstance(v, float) else v
+
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in ranked:
+            w.writerow({k: cell(r.get(k)) for k in REPORT_COLUMNS})
+    return _write_atomic(path, write)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
+
+
+def _read_history(row: dict) -> tuple[list[dict] | None, str]:
+    """The epochs of a fine-tuning run from the history CSV its result points at."""
+    artifacts = row["result"].get("artifacts")
+    artifacts = artifacts if isinstance(artifacts, dict) else {}
+    names = [v for k, v in artifacts.items()
+             if "history" in str(k).lower() and isinstance(v, str) and v.endswith(".csv")]
+    if not names:
+        return None, "its result names no history CSV"
+    path = Path(names[0])
+    path = path if path.is_absolute() else row["path"].parent / path
+    try:
+        with open(path, newline="") as f:
+            raw = list(csv.DictReader(f))
+    except OSError:
+        return None, f"history {path} cannot be read"
+    history = []
+    for line in raw:
+        rec: dict[str, Any] = {}
+        for k, v in line.items():
+            try:
+                rec[k] = float(v) if v not in (None, "") else None
+            except ValueError:
+                rec[k] = v
+        if rec.get("epoch") is None:
+            return None, f"history {path} has no 'epoch' column"
+        history.append(rec)
+    if not history:
+        return None, f"history {path} has no epochs"
+    return history, ""
+
+
+def _pool_scores(members: list[dict]) -> dict[str, dict[str, float]]:
+    scores: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in members:
+        feature = r["feature"]
+        if not isinstance(feature, str) or r["test_balanced_accuracy"] is None:
+            continue
+        # one line per (head, model); the feature is the x axis, so take it out of the name
+        name = r["method"].replace(f" @ {feature}", "")
+        name = re.sub(r" pool=\d+", "", name)
+        scores[f"{name} / {r['model']}"][feature] = r["test_balanced_accuracy"]
+    return dict(scores)
+
+
+def _plots_for_group(members: list[dict], out: Path, suffix: str,
+                     notes: list[str]) -> list[Path]:
+    from featx.plots import (plot_confusion_matrix, plot_pool_sizes, plot_score_vs_time)
+    name = members[0]["group"]
+    written = []
+    scores = _pool_scores(members)
+    if any(f.startswith("pool") for s in scores.values() for f in s):
+        written.append(plot_pool_sizes(scores, out / f"pool_size{suffix}.png",
+                                       title=f"{name}: test balanced accuracy vs pool size"))
+    else:
+        notes.append(f"{name}: no pool{{n}} results, pool-size plot skipped")
+
+    order = list(_FAMILIES)  # the same colour for each family in every plot
+    points = [{"x": r["wall_s"], "y": r["test_balanced_accuracy"],
+               "group": _FAMILIES.get(r["kind"], r["kind"]),
+               "label": f"{r['model']} {r['method']}" if r["best"] else ""}
+              for r in sorted(members, key=lambda r: (order.index(r["kind"])
+                                                      if r["kind"] in order else len(order)))]
+    written.append(plot_score_vs_time(points, out / f"score_vs_time{suffix}.png",
+                                      title=f"{name}: frozen heads vs fine-tuning"))
+
+    for kind, mark in _BEST_MARK.items():
+        best = next((r for r in members if r["best"] == mark), None)
+        if best is None:
+            continue
+        cm = best["result"]["metrics"].get("confusion_matrix")
+        if not cm or len(cm) != len(best["classes"]):
+            notes.append(f"{name}: {best['source']} has no usable confusion matrix, "
+                         f"{mark} plot skipped")
+            continue
+        written.append(plot_confusion_matrix(
+            cm, best["classes"], out / f"confusion_{mark.replace(' ', '_')}{suffix}.png",
+            title=f"{mark}: {best['model']} {best['method']}\n"
+                  f"balanced accuracy {_f(best['test_balanced_accuracy'])}"))
+    return written
+
+
+def _curves(ranked: Sequence[dict], out: Path, notes: list[str]) -> list[Path]:
+    from featx.plots import plot_training_curves
+    written = []
+    for r in ranked:
+        if r["kind"] != "finetune":
+            continue
+        history, why = _read_history(r)
+        if history is None:
+            notes.append(f"{r['source']}: {why}; training curves skipped")
+            continue
+        name = _slug(_run_folder(r["source"]))
+        written.append(plot_training_curves(
+            history, out / "curves" / f"{name}.png",
+            title=f"{r['group']}: {r['model']} {r['method']}"))
+    return written
+
+
+def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]],
+              curves: list[Path], out: Path, problems: list[tuple[str, str]],
+              notes: list[str]) -> str:
+    from featx import __version__
+    groups = _groups(ranked)
+    kinds = Counter(r["kind"] for r in ranked)
+    lines = ["# featx report", "",
+             f"{len(ranked)} result(s) under `{results_dir}`: "
+             + ", ".join(f"{n} {_FAMILIES.get(k, k)}" for k, n in sorted(kinds.items()))
+             + f"; {len({r['dataset'] for r in ranked})} dataset(s). "
+             f"Written {time.strftime('%Y-%m-%d %H:%M')} by featx {__version__}.", ""]
+
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, out).replace(os.sep, "/")
+
+    for members in groups:
+        if not members[0]["comparable"]:
+            continue
+        lines += [f"## {_group_title(members)}", "", _md_table(members), ""]
+        lines += [f"![{p.stem}]({rel(p)})" for p in plots.get(members[0]["group"], [])]
+        lines.append("")
+    others = [g for g in groups if not g[0]["comparable"]]
+    if others:
+        lines += ["## Not comparable", "",
+                  "These results were scored on another split than the main group of their "
+                  "dataset, so they are ranked only among themselves.", ""]
+        for members in others:
+            lines += [f"### {_group_title(members)}", "", _md_table(members), ""]
+    if curves:
+        lines += ["## Fine-tuning curves", ""]
+        lines += [f"![{p.stem}]({rel(p)})" for p in curves]
+        lines.append("")
+    if problems:
+        lines += [f"## Files that could not be read ({len(problems)})", ""]
+        lines += [f"- `{path}`: {why}" for path, why in problems]
+        lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["---", "", "How to read this report:", "",
+              f"- **Ranking:** {RANK_RULE}",
+              f"- **Wall time:** {WALL_TIME_RULE}",
+              f"- **Comparability:** {COMPARABLE_RULE}",
+              "- Metrics are on the test split (ROC-AUC one-vs-rest macro for 3+ classes; "
+              "– when undefined). Plots cover the main group of each dataset.", ""]
+    return "\n".join(lines)
+
+
+def write_report(results_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Read the results under ``results_dir``; write ``report.md``, ``report.csv`` and plots.
+
+    Parameters
+    ----------
+    results_dir : str or Path
+        Folder searched recursively for result JSON files (heads and fine-tuning).
+    out : str or Path, optional
+        Folder for the report; default ``results_dir/report``.
+
+    Returns
+    -------
+    dict with ``table`` (the aligned text table), ``markdown`` and ``csv`` (paths),
+    ``plot`` (list of PNG paths) and ``note`` (list of remarks: unreadable files, skipped
+    plots).
+
+    Raises
+    ------
+    ValueError
+        When no readable result is found (the message says how many files were unreadable).
+    """
+    results_dir = Path(results_dir)
+    out = Path(out) if out is not None else results_dir / "report"
+    problems: list[tuple[str, str]] = []
+    rows = load_results(results_dir, problems=problems)
+    if not rows:
+        extra = (f"; {len(problems)} file(s) look like results but cannot be read, e.g. "
+                 f"{problems[0][0]}: {problems[0][1]}" if problems else "")
+        raise ValueError(f"no featx result files under {results_dir}{extra}. Write some with "
+                         f"`featx fit-heads CACHE --out {results_dir}` or `featx finetune ... "
+                         f"--out {results_dir}`.")
+    ranked = rank_results(rows)
+    notes: list[str] = []
+    main_groups = [g for g in _groups(ranked) if g[0]["comparable"]]
+    plots: dict[str, list[Path]] = {}
+    for members in main_groups:
+        suffix = "" if len(main_groups) == 1 else f"_{_slug(members[0]['group'])}"
+        plots[members[0]["group"]] = _plots_for_group(members, out, suffix, notes)
+    curves = _curves(ranked, out, notes)
+    csv_path = _write_csv(out / "report.csv", ranked)
+    md = _markdown(results_dir, ranked, plots, curves, out, problems, notes)
+    md_path = _write_atomic(out / "report.md", lambda f: f.write(md))
+    if problems:
+        notes.insert(0, f"{len(problems)} file(s) look like featx results but could not be "
+                     "read: " + "; ".join(f"{p} ({why})" for p, why in problems))
+    return {"table": format_table(ranked), "markdown": md_path, "csv": csv_path,
+            "plot": [p for ps in plots.values() for p in ps] + curves, "note": notes}

@@ -1,0 +1,113 @@
+"""`featx compare` end to end on tiny data, twice; `featx demo` with its smallest settings."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from featx.cli import main
+from featx.compare import CompareConfig, run_compare
+from featx.data import load_dataset
+from featx.metrics import read_result
+
+from tests.conftest import PNEUMONIA
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(models=("resnet18",), pools=(1, 2), heads=("logistic", "linear"),
+                finetune="backbone", epochs=1, weights="none", image_size=32, batch_size=16,
+                workers=0, cache_dir=tmp_path / "cache", out=tmp_path / "results",
+                progress=False)
+    base.update(kw)
+    return CompareConfig(**base)
+
+
+def _mtimes(folder: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*.json") if "report" not in p.parts}
+
+
+def test_compare_runs_everything_then_reuses_everything(digits_dir, tmp_path):
+    data = load_dataset(digits_dir)
+    first = run_compare(data, _cfg(tmp_path), log=lambda m: None)
+    assert len(first.done) == 3 and not first.skipped  # extract, heads, finetune
+    results = [read_result(p) for p in (tmp_path / "results").rglob("*.json")
+               if "report" not in p.parts and p.name != "heads_summary.json"
+               and read_result_ok(p)]
+    kinds = sorted({r["kind"] for r in results})
+    assert kinds == ["finetune", "head"]
+    # heads and fine-tuning were scored on the very same test images
+    assert len({r["dataset"]["test_fingerprint"] for r in results}) == 1
+    assert len([r for r in results if r["kind"] == "head"]) == 3 * 2  # 3 features x 2 heads
+    before = _mtimes(tmp_path / "results")
+
+    second = run_compare(data, _cfg(tmp_path), log=lambda m: None)
+    assert second.done == [] and len(second.skipped) == 3
+    assert _mtimes(tmp_path / "results") == before
+
+
+def read_result_ok(p):
+    try:
+        read_result(p)
+        return True
+    except ValueError:
+        return False
+
+
+def test_compare_redoes_only_what_is_missing(digits_dir, tmp_path):
+    data = load_dataset(digits_dir)
+    run_compare(data, _cfg(tmp_path, finetune="none"), log=lambda m: None)
+    heads_dir = next((tmp_path / "results").glob("*/heads"))
+    (heads_dir / "pool2__linear.json").unlink()
+    again = run_compare(data, _cfg(tmp_path, finetune="none"), log=lambda m: None)
+    assert any("extract" in s for s in again.skipped)
+    assert again.done == [next(d for d in again.done if d.startswith("heads"))]
+    assert again.done[0].endswith("pool2")
+    assert (heads_dir / "pool2__linear.json").is_file()
+
+
+def test_compare_cli_bad_finetune_mode_and_model(digits_dir):
+    r = CliRunner().invoke(main, ["compare", "--data", str(digits_dir), "--models", "resnet81"])
+    assert r.exit_code != 0 and "Error: unknown model 'resnet81'" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_demo_quick_uses_imagenet_weights_and_prints_the_table(tmp_path, mobilenet_in_hub):
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "res"),
+                                  "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "ImageNet weights for mobilenet_v2" in r.output
+    assert "logistic @ pool2" in r.output and "finetune" in r.output
+    pngs = list((tmp_path / "res" / "report").glob("*.png"))
+    assert pngs and all(str(p) in r.output for p in pngs[:1])
+
+
+@pytest.mark.skipif(not PNEUMONIA.is_dir(), reason="../shared/data/pneumoniamnist is absent")
+def test_pneumonia_xrays_end_to_end_real_transfer(tmp_path, mobilenet_in_hub):
+    """Real chest X-rays, real ImageNet mobilenet_v2: the frozen features transfer.
+
+    A stratified subset (CSV manifest into the shared folder) keeps this under a minute.
+    """
+    import numpy as np
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split"]
+    take = {"train": 300, "val": 100, "test": 200}
+    for split, n in take.items():
+        for cls in ("NORMAL", "PNEUMONIA"):
+            files = sorted((PNEUMONIA / split / cls).glob("*.png"))
+            for f in rng.choice(files, n // 2, replace=False):
+                rows.append(f"{f},{cls},{split}")
+    manifest = tmp_path / "xray.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    r = CliRunner().invoke(main, [
+        "compare", "--data", str(manifest), "--models", "mobilenet_v2", "--pool", "1,2",
+        "--heads", "logistic", "--finetune", "none", "--image-size", "64", "--workers", "0",
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "res"),
+        "--no-progress"])
+    assert r.exit_code == 0, r.output
+    res = read_result(next((tmp_path / "res").rglob("penultimate__logistic.json")))
+    assert res["dataset"]["classes"] == ["NORMAL", "PNEUMONIA"]
+    assert res["metrics"]["n"] == 200
+    assert res["metrics"]["balanced_accuracy"] > 0.7  # chance is 0.5
+    assert res["metrics"]["roc_auc"] > 0.8
