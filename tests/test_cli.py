@@ -29,7 +29,8 @@ def assert_one_line_error(result, *needles):
 
 
 def test_every_command_has_help():
-    for cmd in ([], ["extract"], ["info"], ["models"], ["weights"], ["weights", "import"]):
+    for cmd in ([], ["extract"], ["info"], ["models"], ["weights"], ["weights", "import"],
+                ["fit-heads"], ["finetune"], ["report"], ["compare"], ["demo"]):
         r = run(*cmd, "--help")
         assert r.exit_code == 0 and "Usage:" in r.output, cmd
 
