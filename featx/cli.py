@@ -78,7 +78,8 @@ def data_options(f):
 def model_options(f):
     """``--weights``, ``--image-size``, ``--device``, ``--precision``, ``--workers``."""
     f = click.option("--workers", type=int, default=None,
-                     help="DataLoader worker processes [default: CPU cores, at most 8].")(f)
+                     help="DataLoader worker processes [default: CPU cores, at most 8; "
+                     "extract on the CPU: a quarter of the cores].")(f)
     f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
                      default="auto", help="auto: bf16/fp16 on GPU, fp32 on CPU.")(f)
     f = click.option("--device", default="auto", help="auto, cpu or cuda.")(f)
@@ -148,9 +149,12 @@ def weights_import(file, model):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"),
               help="Folder for the cache files.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made from other inputs.")
+@click.option("--compile/--no-compile", "compile_", default=False,
+              help="torch.compile the model: ~10 s up front, ~1.1x faster after; pays on "
+              "thousands of images.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def extract(models_, data_path, split_fractions, seed, pool, weights, image_size, device,
-            precision, workers, batch_size, store, out, overwrite, progress):
+            precision, workers, batch_size, store, out, overwrite, compile_, progress):
     """Run frozen backbones over the images once; write features to HDF5."""
     from featx.backbones import get_backbone
     from featx.extract import ExtractConfig, extract as run_extract, parse_pools
@@ -165,7 +169,8 @@ def extract(models_, data_path, split_fractions, seed, pool, weights, image_size
         cfg = ExtractConfig(model=name, weights=weights, pools=pools, image_size=image_size,
                             batch_size=batch_size, workers=workers, device=device,
                             precision=precision, store=store, out_dir=out,
-                            overwrite=overwrite, seed=seed, progress=progress)
+                            overwrite=overwrite, seed=seed, progress=progress,
+                            compile=compile_)
         res = run_extract(data, cfg)
         if res.status == "up-to-date":
             click.echo(f"{res.path}: up to date, nothing to do.", err=True)

@@ -324,3 +324,25 @@ def test_killed_process_resumes_to_the_same_file(tmp_path):
     b = _datasets(out / "d_resnet18_none_64.h5")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_compiled_extraction_gives_the_same_features(digits_dir, tmp_path):
+    """--compile (inductor, frozen weights, last batch padded) changes speed, not features."""
+    from click.testing import CliRunner
+
+    from featx.cli import main
+    eager = extract(load_dataset(digits_dir), _cfg(tmp_path / "eager"))
+    r = CliRunner().invoke(main, ["extract", "--model", "resnet18", "--weights", "none",
+                                  "--data", str(digits_dir), "--pool", "1,2,4",
+                                  "--image-size", str(SIZE), "--batch-size", "16",
+                                  "--workers", "0", "--no-progress", "--compile",
+                                  "--out", str(tmp_path / "compiled")])
+    assert r.exit_code == 0, r.output
+    compiled = Cache(next((tmp_path / "compiled").glob("*.h5")))
+    # 90 images in batches of 16: the last batch of test is short and must come back unpadded
+    for split in ("train", "val", "test"):
+        for name in ("penultimate", "pool2", "pool4"):
+            ref = Cache(eager.path).load(split, name)
+            got = compiled.load(split, name)
+            assert got.shape == ref.shape
+            assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4, (split, name)

@@ -1,0 +1,712 @@
+#!/usr/bin/env python
+"""featx benchmarks: is the cache path fast, and how much faster than the plain way?
+
+One entry point, one table. Every row says what was measured, featx's figure, the
+reference figure, their ratio and the target::
+
+    python benchmarks/run.py                      # the full run (~15 min on 2 CPU cores)
+    python benchmarks/run.py --quick              # tiny settings, well under a minute
+    python benchmarks/run.py --only extract,pools --images 960 --out BENCH.md
+    python benchmarks/run.py --device cuda        # GPU: adds the model-only ceiling rows
+
+Benchmarks (``--only`` names):
+
+* ``extract``  featx extract vs a plain torchvision loop (DataLoader, fp32, no_grad, numpy
+  save), same images, weights, batch size and workers; feature difference and logistic
+  test accuracy on both feature sets.
+* ``ceiling``  featx extract vs the same prepared model run on tensors already in memory
+  (the most the pipeline could reach); with ``--device cuda`` also resnet50/vgg16 in bf16.
+* ``bf16``     featx with ``--precision bf16`` vs fp32 on the CPU.
+* ``compile``  featx with ``compile=True`` (torch.compile, frozen weights) vs without,
+  compile time included.
+* ``pools``    pool 1,2,4,8 from one pass vs pool 1 alone, and vs four separate passes.
+* ``loop``     featx extract + a logistic head on the cache vs training a Linear on a frozen
+  resnet18 through the images for E epochs ("fixed feature extractor").
+* ``memory``   peak RSS of an extraction of N and 10*N images (each in a subprocess).
+* ``heads``    featx fit-heads, all four heads with their grids on ~5,000 x 2,048 features,
+  jobs 1 vs jobs 2.
+
+Images: ``../shared/data/pneumoniamnist`` beside the checkout (28x28 chest X-rays, upscaled
+to the model's input by the weights' own transform), subsets drawn per split and class with
+a fixed seed; scikit-learn's digits written as PNG files when that folder is absent.
+ResNets run with random weights (``--weights none``): speed does not depend on the values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from featx.backbones import FeatureModel, build_backbone, get_backbone  # noqa: E402
+from featx.cache import Cache  # noqa: E402
+from featx.data import DatasetSpec, load_dataset  # noqa: E402
+from featx.extract import ExtractConfig, _prepare_for_inference, extract  # noqa: E402
+
+PNEUMONIA = ROOT.parent / "shared" / "data" / "pneumoniamnist"
+BENCHMARKS = ("extract", "ceiling", "bf16", "compile", "pools", "loop", "memory", "heads")
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
+
+
+# --- settings and rows ----------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """How big each benchmark is. ``quick`` shrinks everything to seconds."""
+
+    quick: bool = False
+    device: str = "cpu"
+    image_size: int = 224
+    images: int = 480             # extract / ceiling / pools / compile rows
+    batch_sizes: tuple[int, ...] = (32, 8)
+    models: tuple[str, ...] = ("resnet18", "resnet50")
+    bf16_images: int = 64
+    loop_images: int = 256        # split 0.7/0.1/0.2 for the frozen-backbone loop
+    epochs: tuple[int, ...] = (10, 30)
+    memory_images: int = 64       # N; the second run has 10*N
+    heads_image_size: int = 64    # the heads benchmark only needs real 2,048-d features
+    heads_images: int = 0         # 0: every image (pneumoniamnist: 4,708 train rows)
+    reps: int = 1
+
+    @classmethod
+    def for_args(cls, args) -> "Settings":
+        s = cls(device=args.device, reps=args.reps)
+        if args.quick:
+            s = replace(s, quick=True, image_size=32, images=24, batch_sizes=(8,),
+                        bf16_images=8, loop_images=40, epochs=(1, 2), memory_images=8,
+                        heads_image_size=32, heads_images=160)
+        if args.images:
+            s = replace(s, images=args.images)
+        return s
+
+
+@dataclass
+class Row:
+    measured: str
+    featx: str
+    reference: str
+    ratio: str
+    target: str
+    met: str = ""          # "yes" / "no" / "" (informational)
+    note: str = ""
+
+
+@dataclass
+class Context:
+    settings: Settings
+    data: DatasetSpec
+    data_note: str
+    work: Path
+    data_arg: Path | None = None
+
+
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def _met(ok: bool | None) -> str:
+    return "" if ok is None else ("yes" if ok else "no")
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def _write_digits(root: Path, size: int = 28) -> Path:
+    """scikit-learn's digits 0/1/2 as grayscale PNGs in train/val/test class folders."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    for c in (0, 1, 2):
+        idx = rng.permutation(np.flatnonzero(d.target == c))
+        for k, i in enumerate(idx):
+            split = "train" if k < 0.7 * len(idx) else ("val" if k < 0.8 * len(idx) else "test")
+            out = root / split / f"digit{c}" / f"{i}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            img = Image.fromarray((d.images[i] * (255 / 16)).astype(np.uint8), "L")
+            img.resize((size, size), Image.BILINEAR).save(out)
+    return root
+
+
+def load_images(path: Path | None, work: Path) -> tuple[DatasetSpec, str]:
+    if path is None and PNEUMONIA.is_dir():
+        path = PNEUMONIA
+    if path is not None:
+        spec = load_dataset(path)
+        return spec, f"{path} ({sum(len(v) for v in spec.splits.values())} images)"
+    spec = load_dataset(_write_digits(work / "digits"))
+    return spec, ("scikit-learn digits 0-2 as 28x28 PNGs (pneumoniamnist not found at "
+                  f"{PNEUMONIA})")
+
+
+def subset(spec: DatasetSpec, n: int, seed: int = 0) -> DatasetSpec:
+    """``n`` images (0: all), split 0.7/0.1/0.2 over train/val/test, each split sampled per
+    class in proportion, seeded: the same subset every run."""
+    if n <= 0:
+        return spec
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for (split, items), frac in zip(spec.splits.items(), SPLIT_FRACTIONS):
+        want = max(len(spec.classes), round(n * frac))
+        by_class: dict[int, list] = {}
+        for rel, lab in items:
+            by_class.setdefault(lab, []).append((rel, lab))
+        picked = []
+        for lab, rows in sorted(by_class.items()):
+            k = max(1, round(want * len(rows) / len(items)))
+            picked += [rows[i] for i in sorted(rng.choice(len(rows), min(k, len(rows)),
+                                                          replace=False))]
+        splits[split] = sorted(picked)
+    return DatasetSpec(spec.root, spec.name, spec.classes, splits, spec.layout)
+
+
+def _warm(spec: DatasetSpec) -> None:
+    """Read every file once, so neither side of a comparison pays for a cold page cache."""
+    for rel, _, _ in _all_items(spec):
+        (spec.root / rel).read_bytes()
+
+
+def _count(spec: DatasetSpec) -> int:
+    return sum(len(v) for v in spec.splits.values())
+
+
+def _all_items(spec: DatasetSpec) -> list[tuple[str, int, str]]:
+    return [(rel, lab, s) for s, items in spec.splits.items() for rel, lab in items]
+
+
+# --- the plain reference ----------------------------------------------------------------------
+
+class _PlainImages(torch.utils.data.Dataset):
+    """What a notebook writes: open, convert to RGB, the weights' transform."""
+
+    def __init__(self, paths, labels, transform):
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB")), self.labels[i]
+
+
+def _torchvision_model(name: str) -> nn.Module:
+    """torchvision's model with the random init featx uses for ``--weights none --seed 0``."""
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def _preset_transform(name: str, size: int):
+    weights = get_backbone(name).default_weights
+    t = weights.transforms()
+    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+    return weights.transforms(crop_size=size, resize_size=round(size * resize / crop))
+
+
+def reference_extract(spec: DatasetSpec, name: str, size: int, batch_size: int, workers: int,
+                      out: Path, device: str = "cpu") -> tuple[float, np.ndarray]:
+    """The plain loop: torchvision model, fp32, no_grad, DataLoader, list, np.save."""
+    t0 = time.perf_counter()
+    items = _all_items(spec)
+    model = _torchvision_model(name)
+    model.fc = nn.Identity()
+    model = model.to(device)
+    ds = _PlainImages([spec.root / r for r, _, _ in items], [lab for _, lab, _ in items],
+                      _preset_transform(name, size))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
+    feats = []
+    with torch.no_grad():
+        for x, _ in loader:
+            feats.append(model(x.to(device)).cpu().numpy())
+    feats = np.concatenate(feats)
+    np.save(out, feats)
+    return time.perf_counter() - t0, feats
+
+
+def featx_extract(spec: DatasetSpec, name: str, size: int, batch_size: int, out: Path, *,
+                  workers: int | None = None, pools=(), device: str = "cpu",
+                  precision: str = "auto", compile: bool = False):
+    """featx.extract.extract, timed as a whole (model build included), into a fresh folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(dir=out))  # always a fresh folder: never "up-to-date"
+    cfg = ExtractConfig(model=name, weights="none", pools=tuple(pools), image_size=size,
+                        batch_size=batch_size, workers=workers, device=device,
+                        precision=precision, out_dir=out, progress=False, compile=compile)
+    t0 = time.perf_counter()
+    res = extract(spec, cfg)
+    return time.perf_counter() - t0, res
+
+
+def _cache_features(path: Path, feature: str = "penultimate") -> np.ndarray:
+    c = Cache(path)
+    return np.concatenate([c.load(s, feature) for s in c.splits])
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def _logistic_predictions(X: np.ndarray, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Test predictions and labels of a logistic regression fitted on the train rows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    items = _all_items(spec)
+    split = np.array([s for _, _, s in items])
+    y = np.array([lab for _, lab, _ in items])
+    # converged tightly: the optimum is then a smooth function of the features, and a
+    # loosely converged fit would turn 1e-7 feature noise into different predictions
+    clf = make_pipeline(StandardScaler(), LogisticRegression(tol=1e-10, max_iter=20000))
+    clf.fit(X[split == "train"], y[split == "train"])
+    return clf.predict(X[split == "test"]), y[split == "test"]
+
+
+def _default_workers(device: str) -> int:
+    from featx.extract import _default_workers as featx_default
+    return featx_default(torch.device(device))
+
+
+def _best(times: list[float]) -> float:
+    # the fastest of the repeats: other processes on a shared machine only ever add time
+    return min(times)
+
+
+# --- benchmarks -------------------------------------------------------------------------------
+
+def bench_extract(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    spec = subset(ctx.data, s.images)
+    _warm(spec)
+    n = _count(spec)
+    workers = _default_workers(s.device)
+    rows = []
+    for name in s.models:
+        for bs in s.batch_sizes:
+            t_ref, t_fx = [], []
+            for rep in range(s.reps):
+                # alternate, so slow phases of a shared machine hit both sides
+                t, ref = reference_extract(spec, name, s.image_size, bs, workers,
+                                           ctx.work / "ref.npy", s.device)
+                t_ref.append(t)
+                t, res = featx_extract(spec, name, s.image_size, bs, ctx.work / f"fx{rep}",
+                                       workers=workers, device=s.device)
+                t_fx.append(t)
+            fx = _cache_features(res.path)
+            rf, ff = n / _best(t_ref), n / _best(t_fx)
+            rows.append(Row(f"extract {name} @{s.image_size}, batch {bs}, {n} images, "
+                            f"workers {workers} (images/s, whole pass)",
+                            f"{ff:.1f}", f"{rf:.1f}", _fmt_ratio(ff / rf), ">= 2x",
+                            _met(ff / rf >= 2)))
+            if bs == s.batch_sizes[0]:
+                err = _rel_err(fx, ref)
+                rows.append(Row(f"  features {name}: featx vs fp32 reference (relative error)",
+                                f"{err:.1e}", "0", "", "<= 1e-5", _met(err <= 1e-5)))
+                p_fx, y = _logistic_predictions(fx, spec)
+                p_ref, _ = _logistic_predictions(ref, spec)
+                acc_fx, acc_ref = (p_fx == y).mean(), (p_ref == y).mean()
+                flips = int((p_fx != p_ref).sum())
+                rows.append(Row(f"  logistic test accuracy {name} on those features",
+                                f"{acc_fx:.4f}", f"{acc_ref:.4f}",
+                                f"{100 * (acc_fx - acc_ref):+.2f} pt", "abs change <= 0.5 pt",
+                                _met(abs(acc_fx - acc_ref) <= 0.005),
+                                f"{flips} of {len(y)} test predictions differ"))
+    return rows
+
+
+def _model_only_rate(name: str, size: int, bs: int, n: int, device: str,
+                     precision: str = "fp32", compile: bool = False) -> tuple[float, float]:
+    """(images/s, seconds of the first call) of featx's prepared model on random tensors
+    already on the device: what extraction could reach if decoding and writing were free."""
+    from featx.extract import _compiled, autocast
+    dev = torch.device(device)
+    fm = _prepare_for_inference(FeatureModel(get_backbone(name),
+                                             build_backbone(name, "none").to(dev)).eval())
+    run = _compiled(fm) if compile else fm
+    x = torch.randn(bs, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    batches = max(1, n // bs)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode(), autocast(dev, precision):
+        t0 = time.perf_counter()
+        run(x)  # warm-up: oneDNN/cuDNN pick kernels; inductor compiles
+        sync()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            run(x)
+        sync()
+    return batches * bs / (time.perf_counter() - t0), first
+
+
+def bench_ceiling(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    spec = subset(ctx.data, s.images)
+    n = _count(spec)
+    bs = s.batch_sizes[0]
+    rows = []
+    cases = [(m, "auto") for m in s.models[:1]]
+    if s.device.startswith("cuda"):
+        cases = [("resnet50", "bf16"), ("vgg16", "bf16")]
+    for name, precision in cases:
+        t, _ = featx_extract(spec, name, s.image_size, bs, ctx.work / "ceil", device=s.device,
+                             precision=precision)
+        ceiling, _ = _model_only_rate(name, s.image_size, bs, n, s.device,
+                                      "fp32" if precision == "auto" else precision)
+        ff = n / t
+        rows.append(Row(f"extract {name} {precision} batch {bs} vs model-only ceiling "
+                        f"(forward on tensors already on {s.device}; images/s)",
+                        f"{ff:.1f}", f"{ceiling:.1f}", _fmt_ratio(ff / ceiling), ">= 0.8x",
+                        _met(ff / ceiling >= 0.8)))
+    if not s.device.startswith("cuda"):
+        rows.append(Row("GPU: resnet50 / vgg16 bf16 vs model-only ceiling", "not measured",
+                        "", "", ">= 0.8x", "",
+                        "no GPU here; run `python benchmarks/run.py --device cuda --only "
+                        "ceiling,extract`"))
+    return rows
+
+
+def bench_bf16(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    if s.device.startswith("cuda"):
+        return []
+    spec = subset(ctx.data, s.bf16_images)
+    n = _count(spec)
+    name, bs = s.models[0], s.batch_sizes[-1]
+    t32, r32 = featx_extract(spec, name, s.image_size, bs, ctx.work / "fp32", precision="fp32")
+    t16, r16 = featx_extract(spec, name, s.image_size, bs, ctx.work / "bf16", precision="bf16")
+    err = _rel_err(_cache_features(r16.path), _cache_features(r32.path))
+    isa = torch.backends.cpu.get_cpu_capability()
+    return [Row(f"extract {name} --precision bf16 vs fp32 on this CPU ({isa}), {n} images "
+                f"(images/s)", f"{n / t16:.1f}", f"{n / t32:.1f}", _fmt_ratio(t32 / t16),
+                "informational: fp32 stays the CPU default", "",
+                f"bf16 features differ by {err:.1e} relative")]
+
+
+def bench_compile(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    if s.quick:
+        return [Row("extract with compile=True vs eager", "skipped in --quick", "", "",
+                    "informational", "", "compiling alone takes 5-15 s")]
+    spec = subset(ctx.data, s.images)
+    n = _count(spec)
+    bs = s.batch_sizes[0]
+    rows = []
+    for name in s.models:
+        # each run in a fresh process; the first compile with an empty inductor cache (what a
+        # user pays the first time), the second with the cache that run left behind
+        cache = {"TORCHINDUCTOR_CACHE_DIR": str(ctx.work / f"inductor-{name}")}
+        kw = dict(images=s.images, model=name, batch_size=bs)
+        t_e = _extract_in_child(ctx, ctx.work / "e", **kw)["seconds"]
+        t_cold = _extract_in_child(ctx, ctx.work / "c1", compile=True, env=cache, **kw)["seconds"]
+        t_warm = _extract_in_child(ctx, ctx.work / "c2", compile=True, env=cache, **kw)["seconds"]
+        eager, _ = _model_only_rate(name, s.image_size, bs, n, s.device)
+        comp, _ = _model_only_rate(name, s.image_size, bs, n, s.device, compile=True)
+        # the whole pass once compiled: eager's, with the forward share sped up as measured
+        t_steady = t_e * eager / comp
+        setup = t_cold - t_steady
+        gain = (t_e - t_steady) / n
+        breakeven = f"{setup / gain:,.0f} images" if gain > 0 else "never"
+        rows.append(Row(f"extract {name} batch {bs}, {n} images: compile=True (first time, "
+                        f"compile included) vs eager (images/s)", f"{n / t_cold:.1f}",
+                        f"{n / t_e:.1f}", _fmt_ratio(t_e / t_cold), "informational", "",
+                        f"with inductor's cache warm {n / t_warm:.1f} img/s; model only "
+                        f"compiled {comp:.1f} vs eager {eager:.1f} img/s ({comp / eager:.2f}x); "
+                        f"first-time compile ~{setup:.0f} s, so it pays after ~{breakeven}"))
+    return rows
+
+
+def bench_pools(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    spec = subset(ctx.data, s.images)
+    n = _count(spec)
+    name, bs = s.models[0], s.batch_sizes[0]
+    t_all = _best([featx_extract(spec, name, s.image_size, bs, ctx.work / f"all{r}",
+                                 pools=(1, 2, 4, 8))[0] for r in range(s.reps)])
+    t_one = {}
+    for p in (1, 2, 4, 8):
+        t_one[p] = _best([featx_extract(spec, name, s.image_size, bs, ctx.work / f"p{p}{r}",
+                                        pools=(p,))[0] for r in range(s.reps)])
+    ratio = t_all / t_one[1]
+    four = sum(t_one.values())
+    return [
+        Row(f"pool 1,2,4,8 in one pass vs pool 1 alone ({name}, {n} images; seconds)",
+            f"{t_all:.1f}", f"{t_one[1]:.1f}", _fmt_ratio(ratio), "<= 1.15x", _met(ratio <= 1.15)),
+        Row("  same four pools from four separate passes (sum of seconds)", f"{t_all:.1f}",
+            f"{four:.1f}", _fmt_ratio(four / t_all), "informational (~4x)", "",
+            "separate: " + ", ".join(f"pool{p} {t:.1f} s" for p, t in t_one.items())),
+    ]
+
+
+def _frozen_loop(spec: DatasetSpec, name: str, size: int, epochs: int, batch_size: int,
+                 workers: int, checkpoints: tuple[int, ...]) -> dict:
+    """The "ConvNet as fixed feature extractor" loop: every epoch runs every train and val
+    image through the frozen backbone, SGD (lr 1e-3, momentum 0.9) trains the new Linear,
+    the best-on-val epoch is kept. Backbone in eval mode: its BatchNorms do not move."""
+    model = _torchvision_model(name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    model.fc = nn.Linear(model.fc.in_features, len(spec.classes))
+    opt = torch.optim.SGD(model.fc.parameters(), lr=1e-3, momentum=0.9)
+    tf = _preset_transform(name, size)
+
+    def loader(split, shuffle):
+        items = spec.splits[split]
+        ds = _PlainImages([spec.root / r for r, _ in items], [lab for _, lab in items], tf)
+        g = torch.Generator().manual_seed(0)
+        return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
+                                           num_workers=workers, generator=g)
+
+    def accuracy(split, state):
+        model.fc.load_state_dict(state)
+        correct = 0
+        with torch.no_grad():
+            for x, y in loader(split, False):
+                correct += int((model(x).argmax(1) == y).sum())
+        return correct / len(spec.splits[split])
+
+    model.eval()
+    t0 = time.perf_counter()
+    best = {"acc": -1.0, "state": None}
+    marks = {}
+    train = loader("train", True)
+    for epoch in range(1, epochs + 1):
+        for x, y in train:
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        val = accuracy("val", model.fc.state_dict())
+        if val > best["acc"]:
+            best = {"acc": val, "state": {k: v.clone() for k, v in model.fc.state_dict().items()}}
+        if epoch in checkpoints:
+            marks[epoch] = (time.perf_counter() - t0, best["state"])
+    out = {}
+    for epoch, (seconds, state) in marks.items():
+        t = time.perf_counter()
+        acc = accuracy("test", state)
+        out[epoch] = {"seconds": seconds + time.perf_counter() - t, "test_accuracy": acc}
+    return out
+
+
+def _featx_heads_path(spec: DatasetSpec, name: str, size: int, batch_size: int,
+                      work: Path) -> dict:
+    """featx extract + fit-heads logistic (C chosen on val) on the cache, timed together."""
+    from featx.heads import HeadsConfig, fit_heads
+    t0 = time.perf_counter()
+    res = extract(spec, ExtractConfig(model=name, weights="none", image_size=size,
+                                      batch_size=batch_size, out_dir=work / "cache",
+                                      progress=False))
+    t_extract = time.perf_counter() - t0
+    run = fit_heads([res.path], HeadsConfig(heads=("logistic",), jobs=1,
+                                            out_dir=work / "results"))
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "extract_s": t_extract,
+            "test_accuracy": float(run.rows[0]["test_accuracy"])}
+
+
+def bench_loop(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    spec = subset(ctx.data, s.loop_images)
+    _warm(spec)
+    name, bs = "resnet18", 32
+    workers = _default_workers(s.device)
+    fx = _featx_heads_path(spec, name, s.image_size, bs, ctx.work / "heads_path")
+    loop = _frozen_loop(spec, name, s.image_size, max(s.epochs), bs, workers, s.epochs)
+    counts = "/".join(str(len(spec.splits[k])) for k in ("train", "val", "test"))
+    rows = []
+    for e in s.epochs:
+        ratio = loop[e]["seconds"] / fx["seconds"]
+        d_acc = fx["test_accuracy"] - loop[e]["test_accuracy"]
+        target = ">= 20x less time" if e == max(s.epochs) else "informational"
+        rows.append(Row(f"frozen {name} + Linear, E={e} epochs (measured) vs featx extract + "
+                        f"logistic head; {counts} train/val/test images (seconds)",
+                        f"{fx['seconds']:.1f}", f"{loop[e]['seconds']:.1f}", _fmt_ratio(ratio),
+                        target, _met(ratio >= 20) if e == max(s.epochs) else "",
+                        f"featx extract {fx['extract_s']:.1f} s of it"))
+        rows.append(Row(f"  test accuracy, E={e}", f"{fx['test_accuracy']:.4f}",
+                        f"{loop[e]['test_accuracy']:.4f}", f"{100 * d_acc:+.1f} pt",
+                        "featx no worse", _met(d_acc >= 0)))
+    return rows
+
+
+_CHILD = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from benchmarks.run import subset, load_images, featx_extract
+base = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
+a = json.loads(sys.argv[2])
+spec, _ = load_images(Path(a["data"]) if a["data"] else None, Path(a["work"]))
+spec = subset(spec, a["images"])
+t, res = featx_extract(spec, a["model"], a["size"], a["batch_size"], Path(a["work"]) / "out",
+                       pools=tuple(a["pools"]), compile=a["compile"])
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"n": res.n_images, "seconds": t, "vmhwm_kb": hwm, "imports_kb": base}))
+"""
+
+
+def _extract_in_child(ctx: Context, work: Path, *, images: int, model: str, batch_size: int = 32,
+                      pools=(), compile: bool = False, env: dict | None = None) -> dict:
+    """featx_extract in a fresh Python process: its own peak memory, its own torch caches."""
+    work.mkdir(parents=True, exist_ok=True)
+    args = {"data": "" if ctx.data_arg is None else str(ctx.data_arg), "work": str(work),
+            "images": images, "model": model, "size": ctx.settings.image_size,
+            "batch_size": batch_size, "pools": list(pools), "compile": compile}
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), json.dumps(args)],
+                       capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{r.stderr[-2000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    # ru_maxrss of children: the largest process waited for so far (KiB on Linux)
+    out["children_maxrss_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return out
+
+
+def bench_memory(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    name = s.models[0]
+    small = _extract_in_child(ctx, ctx.work / "m1", images=s.memory_images, model=name,
+                              pools=(1, 2, 4, 8))
+    big = _extract_in_child(ctx, ctx.work / "m10", images=10 * s.memory_images, model=name,
+                            pools=(1, 2, 4, 8))
+    ratio = big["vmhwm_kb"] / small["vmhwm_kb"]
+    return [Row(f"peak RSS, extract {name} pool 1,2,4,8: {big['n']} vs {small['n']} images "
+                f"(MiB, VmHWM of the process)", f"{big['vmhwm_kb'] / 1024:.0f}",
+                f"{small['vmhwm_kb'] / 1024:.0f}", _fmt_ratio(ratio), "<= 1.2x",
+                _met(ratio <= 1.2),
+                f"of which {big['imports_kb'] / 1024:.0f} MiB is importing torch, torchvision "
+                f"and featx; ru_maxrss of children {big['children_maxrss_kb'] / 1024:.0f} MiB")]
+
+
+def bench_heads(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    from featx.heads import HeadsConfig, fit_heads
+    spec = subset(ctx.data, s.heads_images)
+    # resnet18 pool2 = 512 x 2 x 2 = 2,048 real features per image; a small input keeps the
+    # extraction short, the heads do not care where the numbers came from
+    res = extract(spec, ExtractConfig(model="resnet18", weights="none", pools=(2,),
+                                      image_size=s.heads_image_size, out_dir=ctx.work / "hc",
+                                      progress=False))
+    shape = Cache(res.path).shape("train", "pool2")
+    times = {}
+    for jobs in (1, 2):
+        t0 = time.perf_counter()
+        fit_heads([res.path], HeadsConfig(features=("pool2",), jobs=jobs,
+                                          out_dir=ctx.work / f"heads{jobs}"))
+        times[jobs] = time.perf_counter() - t0
+    return [Row(f"fit-heads linear,logistic,svm,mlp with grids on {shape[0]:,} x {shape[1]:,} "
+                f"train features: jobs 2 vs jobs 1 (seconds)", f"{times[2]:.1f}",
+                f"{times[1]:.1f}", _fmt_ratio(times[1] / times[2]), "informational (2 cores)",
+                "")]
+
+
+RUNNERS = {"extract": bench_extract, "ceiling": bench_ceiling, "bf16": bench_bf16,
+           "compile": bench_compile, "pools": bench_pools, "loop": bench_loop,
+           "memory": bench_memory, "heads": bench_heads}
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next(l.split(":", 1)[1].strip() for l in out.splitlines()
+                   if l.startswith("Model name"))
+    except Exception:
+        pass
+    mem = "?"
+    try:
+        kb = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+        mem = f"{kb / 2 ** 20:.0f} GiB"
+    except Exception:
+        pass
+    import h5py
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram": mem, "gpu": gpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ["measured", "featx", "reference", "ratio", "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.measured, r.featx, r.reference, r.ratio, r.target, r.met]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    notes = [f"- {r.measured.strip()}: {r.note}" for r in rows if r.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
+    p.add_argument("--only", default="", metavar="NAME[,NAME]",
+                   help=f"run only these: {', '.join(BENCHMARKS)}")
+    p.add_argument("--images", type=int, default=0,
+                   help="images for the extract/ceiling/compile/pools rows [480; quick 24]")
+    p.add_argument("--out", type=Path, default=None, help="also write the table to FILE.md")
+    p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"image folder [{PNEUMONIA} when present, else sklearn digits]")
+    p.add_argument("--reps", type=int, default=1,
+                   help="repeat extract/pools timings, keep the fastest [1]")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
+    bad = [n for n in names if n not in RUNNERS]
+    if bad:
+        p.error(f"--only {','.join(bad)}: choose from {', '.join(BENCHMARKS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    settings = Settings.for_args(args)
+    info = machine()
+    print(f"# machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, GPU "
+          f"{info['gpu']}; torch {info['torch']} ({info['cpu_capability']}, "
+          f"{info['torch_threads']} threads)", flush=True)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="featx-bench-") as tmp:
+        data, note = load_images(args.data, Path(tmp))
+        print(f"# images: {note}", flush=True)
+        for name in names:
+            ctx = Context(settings, data, note, Path(tmp) / name, args.data)
+            ctx.work.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            new = RUNNERS[name](ctx)
+            rows += new
+            print(f"\n## {name} ({time.perf_counter() - t0:.0f} s)\n{format_table(new)}",
+                  flush=True)
+    table = format_table(rows)
+    print("\n## all rows\n" + table, flush=True)
+    if args.out:
+        cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        args.out.write_text(
+            f"# featx benchmark results\n\ncommand: `{cmd.strip()}`\n\nmachine: "
+            + ", ".join(f"{k} {v}" for k, v in info.items()) + f"\n\nimages: {note}\n\n"
+            + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
