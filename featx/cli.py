@@ -81,7 +81,8 @@ def model_options(f):
                      help="DataLoader worker processes [default: CPU cores, at most 8; "
                      "extract on the CPU: a quarter of the cores].")(f)
     f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-                     default="auto", help="auto: bf16/fp16 on GPU, fp32 on CPU.")(f)
+                     default="auto", help="auto: bf16/fp16 on GPU; on CPU bf16 where it is native "
+                     "(AMX, AVX512-BF16), else fp32.")(f)
     f = click.option("--device", default="auto", help="auto, cpu or cuda.")(f)
     f = click.option("--image-size", type=click.IntRange(16, 2048), default=None,
                      help="Crop size in pixels; resize scaled to match [default: the "

@@ -17,9 +17,10 @@ def test_quick_benchmark_prints_every_row(tmp_path):
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     table = r.stdout.split("## all rows", 1)[1]
-    for row in ["| extract resnet18", "| extract resnet50", "features resnet18: featx vs fp32",
+    for row in ["| extract resnet18", "| extract resnet50", "features resnet18: featx",
                 "logistic test accuracy resnet18", "vs model-only ceiling",
                 "| GPU: resnet50 / vgg16 bf16", "--precision bf16 vs fp32",
+                "logistic test accuracy resnet18: bf16 vs fp32 features",
                 "compile=True vs eager", "| pool 1,2,4,8 in one pass vs pool 1 alone",
                 "four separate passes", "E=1 epochs", "E=2 epochs", "test accuracy, E=2",
                 "| peak RSS", "| fit-heads linear,logistic,svm,mlp"]:

@@ -22,8 +22,9 @@ SIZE = 48
 
 
 def _cfg(out, **kw):
+    # fp32: the contracts are exact to 1e-5; auto may pick bf16 on CPUs that have it
     base = dict(model="resnet18", weights="none", pools=(1, 2, 4), image_size=SIZE,
-                batch_size=16, workers=0, out_dir=out, progress=False)
+                batch_size=16, workers=0, out_dir=out, progress=False, precision="fp32")
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -336,6 +337,7 @@ def test_compiled_extraction_gives_the_same_features(digits_dir, tmp_path):
                                   "--data", str(digits_dir), "--pool", "1,2,4",
                                   "--image-size", str(SIZE), "--batch-size", "16",
                                   "--workers", "0", "--no-progress", "--compile",
+                                  "--precision", "fp32",
                                   "--out", str(tmp_path / "compiled")])
     assert r.exit_code == 0, r.output
     compiled = Cache(next((tmp_path / "compiled").glob("*.h5")))
@@ -346,3 +348,27 @@ def test_compiled_extraction_gives_the_same_features(digits_dir, tmp_path):
             got = compiled.load(split, name)
             assert got.shape == ref.shape
             assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4, (split, name)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(native, monkeypatch):
+    import featx.extract as ex
+    monkeypatch.setattr(ex, "cpu_has_native_bf16", lambda: native)
+    assert ex.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert ex.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        ex.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_bf16_features_are_close_to_fp32_and_recorded(digits_dir, tmp_path):
+    data = load_dataset(digits_dir)
+    f32 = Cache(extract(data, _cfg(tmp_path / "f32")).path)
+    b16 = Cache(extract(data, _cfg(tmp_path / "b16", precision="bf16")).path)
+    assert f32.attrs["precision"] == "fp32" and b16.attrs["precision"] == "bf16"
+    for name in ("penultimate", "pool2"):
+        a, b = f32.load("test", name), b16.load("test", name)
+        rel = np.linalg.norm(b - a) / np.linalg.norm(a)
+        assert 0 < rel < 3e-2, (name, rel)  # bf16 keeps 8 bits of mantissa: ~1e-3 to 1e-2
+    # the same command with the other precision is another cache, refused without --overwrite
+    with pytest.raises(StaleCacheError, match="precision"):
+        extract(data, _cfg(tmp_path / "f32", precision="bf16"))
