@@ -173,6 +173,8 @@ def extract(models_, data_path, split_fractions, seed, pool, weights, image_size
                             overwrite=overwrite, seed=seed, progress=progress,
                             compile=compile_)
         res = run_extract(data, cfg)
+        for note in res.notes:
+            click.echo(note, err=True)
         if res.status == "up-to-date":
             click.echo(f"{res.path}: up to date, nothing to do.", err=True)
         else:

@@ -312,13 +312,28 @@ class TransformSpec:
                 "std": list(self.std), "interpolation": self.interpolation}
 
     def eval_transform(self) -> T.Compose:
+        return T.Compose([*self.eval_transform_uint8().transforms[:-1], T.ToTensor(),
+                          T.Normalize(self.mean, self.std)])
+
+    def eval_transform_uint8(self) -> T.Compose:
+        """Resize and crop only: ``(3, crop, crop)`` uint8, to be finished by
+        :meth:`normalize_batch`. Extraction uses this pair: per image, float conversion and
+        normalising cost more than resizing (BENCHMARKS.md), and done per batch they are
+        vectorised, a uint8 batch is a quarter of the bytes to collate and to copy to a
+        GPU, and there they run on the GPU."""
         return T.Compose([
             T.Resize(self.resize, interpolation=T.InterpolationMode(self.interpolation),
                      antialias=True),
             T.CenterCrop(self.crop),
-            T.ToTensor(),
-            T.Normalize(self.mean, self.std),
+            T.PILToTensor(),
         ])
+
+    def normalize_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` uint8 -> float32 normalised, the same operations (and so the same
+        bits) as ``ToTensor`` + ``Normalize`` per image; keeps the input's memory format."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return images.float().div_(255).sub_(mean).div_(std)
 
     def train_transform(self) -> T.Compose:
         """Random resized crop and horizontal flip, then normalise (for fine-tuning)."""
@@ -336,14 +351,16 @@ class ImageFiles(torch.utils.data.Dataset):
 
     A file that cannot be decoded does not raise: it yields a zero image and the reason in
     ``error`` (``""`` when fine), so a DataLoader batch can carry it and the caller can drop
-    and report it. Shapes: image ``(3, crop, crop)`` float32.
+    and report it. Shapes: image ``(3, crop, crop)``, float32 (or ``dtype``).
     """
 
-    def __init__(self, root: Path, items: list[tuple[str, int]], transform, crop: int):
+    def __init__(self, root: Path, items: list[tuple[str, int]], transform, crop: int,
+                 dtype: torch.dtype = torch.float32):
         self.root = Path(root)
         self.items = items
         self.transform = transform
         self.crop = crop
+        self.dtype = dtype  # of the stand-in zero image for a bad file: the transform's
 
     def __len__(self) -> int:
         return len(self.items)
@@ -354,6 +371,6 @@ class ImageFiles(torch.utils.data.Dataset):
             img = self.transform(load_rgb(self.root / rel))
             err = ""
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            img = torch.zeros(3, self.crop, self.crop)
+            img = torch.zeros(3, self.crop, self.crop, dtype=self.dtype)
             err = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         return img, label, i, err

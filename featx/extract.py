@@ -74,6 +74,7 @@ class ExtractResult:
     images_per_s: float = 0.0
     weights_source: str = ""
     skipped: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # lines for the user, e.g. a compile fallback
 
 
 def parse_pools(text: str) -> tuple[int, ...]:
@@ -214,8 +215,9 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
     writer = CacheWriter(path, prov, data.splits, dims, cfg.store)
     workers = _default_workers(device) if cfg.workers is None else cfg.workers
-    run = _compiled(fm) if cfg.compile else fm
-    tf = transform.eval_transform()
+    notes: list[str] = []
+    run = _compiled(fm, notes) if cfg.compile else fm
+    tf = transform.eval_transform_uint8()  # normalised per batch, in _forward
     total = sum(len(v) for v in data.splits.values())
     done = sum(writer.next_index(s) for s in data.splits)
     n_written, skipped = 0, []
@@ -227,14 +229,15 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
             start = writer.next_index(split)
             if start >= len(items):
                 continue
-            ds = torch.utils.data.Subset(ImageFiles(data.root, items, tf, transform.crop),
+            ds = torch.utils.data.Subset(ImageFiles(data.root, items, tf, transform.crop,
+                                                    dtype=torch.uint8),
                                          range(start, len(items)))
             loader = torch.utils.data.DataLoader(
                 ds, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                 pin_memory=device.type == "cuda", persistent_workers=False,
                 prefetch_factor=4 if workers > 0 else None)
             for images, labels, idx, errors in loader:
-                feats = _forward(run, images, cfg.pools, device, precision,
+                feats = _forward(run, images, transform, cfg.pools, device, precision,
                                  pad_to=cfg.batch_size if cfg.compile else None)
                 ok = np.array([e == "" for e in errors])
                 bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
@@ -254,17 +257,19 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
                                "resumed": writer.resumed, "images": n_written}})
     return ExtractResult(path, "resumed" if writer.resumed else "written", n_written,
                          len(Cache(path).skipped()), seconds, rate, weights.source,
-                         Cache(path).skipped())
+                         Cache(path).skipped(), notes)
 
 
-def _forward(fm, images: torch.Tensor, pools, device, precision, pad_to: int | None = None
-             ) -> dict[str, np.ndarray]:
+def _forward(fm, images: torch.Tensor, transform: TransformSpec, pools, device, precision,
+             pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Features of one batch of ``(B, 3, H, W)`` uint8 images (resized and cropped)."""
     n = len(images)
     if pad_to is not None and n < pad_to:
         # a compiled model is specialised to one batch shape; another would recompile (~10 s)
         images = torch.cat([images, images[-1:].expand(pad_to - n, *images.shape[1:])])
     x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(device, precision):
+        x = transform.normalize_batch(x)
         fmap, pen = fm(x)
         # pools in fp32: averaging many bf16 values loses precision for no speed gain
         fmap = fmap[:n].float()
@@ -274,17 +279,35 @@ def _forward(fm, images: torch.Tensor, pools, device, precision, pad_to: int | N
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
-def _compiled(fm: FeatureModel):
+def _compiled(fm: FeatureModel, notes: list[str]):
     """``torch.compile`` with frozen weights: inductor then prepacks the oneDNN conv weights
-    and fuses bias/ReLU/residual adds into the convolutions, which eager mode cannot."""
+    and fuses bias/ReLU/residual adds into the convolutions, which eager mode cannot.
+
+    Compiling needs a C++ compiler and can fail on an unusual setup; then the run goes on
+    in eager mode (same features) and says so in ``notes``.
+    """
     import torch._inductor.config as inductor_config
     compiled = torch.compile(fm, dynamic=False)
+    use = {"fn": None}
 
     def run(x):
+        if use["fn"] is fm:
+            return fm(x)
         # freezing must be on while inductor compiles (the first call); passing it through
         # torch.compile(options=...) measured no faster than eager, so patch it per call
-        with inductor_config.patch(freezing=True):
-            return compiled(x)
+        try:
+            with inductor_config.patch(freezing=True):
+                out = compiled(x)
+        except Exception as exc:
+            if use["fn"] is not None:
+                raise  # it compiled and ran before: this is not a compile problem
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            notes.append(f"note: torch.compile failed ({type(exc).__name__}: {reason}); "
+                         f"extracted without it (same features). --no-compile skips trying.")
+            use["fn"] = fm
+            return fm(x)
+        use["fn"] = compiled
+        return out
     return run
 
 

@@ -115,3 +115,20 @@ def test_corrupt_and_fake_files_raise_oserror(tmp_path):
     for name in ("text.png", "trunc.png"):
         with pytest.raises(OSError):
             load_rgb(tmp_path / name)
+
+
+def test_batch_normalisation_gives_the_per_image_transform_bit_for_bit(digits_dir):
+    """Extraction's uint8 + normalize_batch path == Resize, CenterCrop, ToTensor, Normalize."""
+    import torch
+
+    from featx.data import TransformSpec
+    spec = TransformSpec(resize=73, crop=64, mean=(0.485, 0.456, 0.406),
+                         std=(0.229, 0.224, 0.225))
+    files = sorted(digits_dir.rglob("*.png"))[:8]
+    per_image = torch.stack([spec.eval_transform()(load_rgb(f)) for f in files])
+    u8 = torch.stack([spec.eval_transform_uint8()(load_rgb(f)) for f in files])
+    assert u8.dtype == torch.uint8 and u8.shape == (8, 3, 64, 64)
+    batched = spec.normalize_batch(u8.contiguous(memory_format=torch.channels_last))
+    assert batched.dtype == torch.float32
+    assert batched.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batched, per_image)

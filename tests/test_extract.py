@@ -372,3 +372,21 @@ def test_bf16_features_are_close_to_fp32_and_recorded(digits_dir, tmp_path):
     # the same command with the other precision is another cache, refused without --overwrite
     with pytest.raises(StaleCacheError, match="precision"):
         extract(data, _cfg(tmp_path / "f32", precision="bf16"))
+
+
+def test_a_failing_compile_falls_back_to_eager_and_says_so(digits_dir, tmp_path, monkeypatch):
+    """No C++ compiler, an unsupported op...: --compile must not cost the run."""
+    data = load_dataset(digits_dir)
+
+    def broken_compile(model, **kw):
+        def run(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    res = extract(data, _cfg(tmp_path / "c", compile=True))
+    assert res.status == "written" and res.n_images == 90
+    assert len(res.notes) == 1 and "torch.compile failed" in res.notes[0]
+    assert "C++ compiler" in res.notes[0] and "--no-compile" in res.notes[0]
+    eager = extract(data, _cfg(tmp_path / "e"))
+    np.testing.assert_array_equal(Cache(res.path).load("test", "pool2"),
+                                  Cache(eager.path).load("test", "pool2"))
