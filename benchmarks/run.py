@@ -347,7 +347,7 @@ def _model_only_rate(name: str, size: int, bs: int, n: int, device: str,
     dev = torch.device(device)
     fm = _prepare_for_inference(FeatureModel(get_backbone(name),
                                              build_backbone(name, "none").to(dev)).eval())
-    run = _compiled(fm) if compile else fm
+    run = _compiled(fm, []) if compile else fm
     x = torch.randn(bs, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     batches = max(1, n // bs)
 
@@ -424,12 +424,17 @@ def bench_bf16(ctx: Context) -> list[Row]:
 
 def bench_compile(ctx: Context) -> list[Row]:
     s = ctx.settings
-    if s.quick:
-        return [Row("extract with compile=True vs eager", "skipped in --quick", "", "",
-                    "informational", "", "compiling alone takes 5-15 s")]
     spec = subset(ctx.data, s.images)
     n = _count(spec)
     bs = s.batch_sizes[0]
+    precision = resolve_precision("auto", torch.device(s.device))  # what extraction uses
+    if s.quick:  # the compiled model only: seconds, not three child processes
+        eager, _ = _model_only_rate(s.models[0], s.image_size, bs, n, s.device, precision)
+        comp, first = _model_only_rate(s.models[0], s.image_size, bs, n, s.device, precision,
+                                       compile=True)
+        return [Row(f"model only {s.models[0]} {precision}: compile=True vs eager (images/s)",
+                    f"{comp:.1f}", f"{eager:.1f}", _fmt_ratio(comp / eager), "informational",
+                    "", f"first call (compiling) {first:.1f} s; --quick skips whole passes")]
     rows = []
     for name in s.models:
         # each run in a fresh process; the first compile with an empty inductor cache (what a
@@ -439,15 +444,15 @@ def bench_compile(ctx: Context) -> list[Row]:
         t_e = _extract_in_child(ctx, ctx.work / "e", **kw)["seconds"]
         t_cold = _extract_in_child(ctx, ctx.work / "c1", compile=True, env=cache, **kw)["seconds"]
         t_warm = _extract_in_child(ctx, ctx.work / "c2", compile=True, env=cache, **kw)["seconds"]
-        eager, _ = _model_only_rate(name, s.image_size, bs, n, s.device)
-        comp, _ = _model_only_rate(name, s.image_size, bs, n, s.device, compile=True)
+        eager, _ = _model_only_rate(name, s.image_size, bs, n, s.device, precision)
+        comp, _ = _model_only_rate(name, s.image_size, bs, n, s.device, precision, compile=True)
         # the whole pass once compiled: eager's, with the forward share sped up as measured
         t_steady = t_e * eager / comp
         setup = t_cold - t_steady
         gain = (t_e - t_steady) / n
         breakeven = f"{setup / gain:,.0f} images" if gain > 0 else "never"
-        rows.append(Row(f"extract {name} batch {bs}, {n} images: compile=True (first time, "
-                        f"compile included) vs eager (images/s)", f"{n / t_cold:.1f}",
+        rows.append(Row(f"extract {name} {precision} batch {bs}, {n} images: compile=True "
+                        f"(first time, compile included) vs eager (images/s)", f"{n / t_cold:.1f}",
                         f"{n / t_e:.1f}", _fmt_ratio(t_e / t_cold), "informational", "",
                         f"with inductor's cache warm {n / t_warm:.1f} img/s; model only "
                         f"compiled {comp:.1f} vs eager {eager:.1f} img/s ({comp / eager:.2f}x); "

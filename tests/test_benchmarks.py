@@ -21,7 +21,7 @@ def test_quick_benchmark_prints_every_row(tmp_path):
                 "logistic test accuracy resnet18", "vs model-only ceiling",
                 "| GPU: resnet50 / vgg16 bf16", "--precision bf16 vs fp32",
                 "logistic test accuracy resnet18: bf16 vs fp32 features",
-                "compile=True vs eager", "| pool 1,2,4,8 in one pass vs pool 1 alone",
+                "compile=True vs eager (images/s)", "| pool 1,2,4,8 in one pass vs pool 1 alone",
                 "four separate passes", "E=1 epochs", "E=2 epochs", "test accuracy, E=2",
                 "| peak RSS", "| fit-heads linear,logistic,svm,mlp"]:
         assert row in table, row
