@@ -77,7 +77,7 @@ class Settings:
     quick: bool = False
     device: str = "cpu"
     image_size: int = 224
-    images: int = 480             # extract / ceiling / pools / compile rows
+    images: int = 960             # extract / ceiling / pools / compile rows: seconds each
     batch_sizes: tuple[int, ...] = (32, 8)
     models: tuple[str, ...] = ("resnet18", "resnet50")
     bf16_images: int = 1920  # 384 test images: one flipped prediction is 0.26 pt
@@ -693,7 +693,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", metavar="NAME[,NAME]",
                    help=f"run only these: {', '.join(BENCHMARKS)}")
     p.add_argument("--images", type=int, default=0,
-                   help="images for the extract/ceiling/compile/pools rows [480; quick 24]")
+                   help="images for the extract/ceiling/compile/pools rows [960; quick 24]")
     p.add_argument("--out", type=Path, default=None, help="also write the table to FILE.md")
     p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
     p.add_argument("--data", type=Path, default=None,
