@@ -179,7 +179,8 @@ def extract(models_, data_path, split_fractions, seed, pool, weights, image_size
             click.echo(f"{res.path}: up to date, nothing to do.", err=True)
         else:
             click.echo(f"{name}: {res.n_images} images in {res.seconds:.1f} s "
-                       f"({res.images_per_s:.1f} images/s), weights: {res.weights_source}"
+                       f"({res.images_per_s:.1f} images/s, {res.precision}), "
+                       f"weights: {res.weights_source}"
                        + (" [resumed]" if res.status == "resumed" else ""), err=True)
             if res.n_skipped:
                 click.echo(f"skipped {res.n_skipped} unreadable file(s):", err=True)

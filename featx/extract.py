@@ -75,6 +75,7 @@ class ExtractResult:
     weights_source: str = ""
     skipped: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # lines for the user, e.g. a compile fallback
+    precision: str = ""  # what --precision auto resolved to
 
 
 def parse_pools(text: str) -> tuple[int, ...]:
@@ -257,7 +258,7 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
                                "resumed": writer.resumed, "images": n_written}})
     return ExtractResult(path, "resumed" if writer.resumed else "written", n_written,
                          len(Cache(path).skipped()), seconds, rate, weights.source,
-                         Cache(path).skipped(), notes)
+                         Cache(path).skipped(), notes, precision)
 
 
 def _forward(fm, images: torch.Tensor, transform: TransformSpec, pools, device, precision,

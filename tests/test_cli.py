@@ -6,9 +6,11 @@ import errno
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from featx.cli import main
+from featx.extract import resolve_precision
 
 EXTRACT = ["extract", "--model", "resnet18", "--weights", "none", "--image-size", "32",
            "--workers", "0", "--no-progress"]
@@ -49,10 +51,12 @@ def test_extract_then_info(digits_dir, tmp_path):
     assert r.exit_code == 0, r.output
     path = r.stdout.strip().splitlines()[-1]
     assert path.endswith("digits_resnet18_none_32.h5")
+    used = resolve_precision("auto", torch.device("cpu"))  # bf16 only on native-bf16 CPUs
+    assert f"images/s, {used}), weights: random init" in r.output
     info = run("info", path)
     assert info.exit_code == 0
     for needle in ("complete: True", "train: 66 images", "pool2: shape (66, 2048), float32",
-                   "weights_source: random init", "skipped files: 0"):
+                   "weights_source: random init", "skipped files: 0", f"precision: {used}"):
         assert needle in info.output, needle
     again = run(*EXTRACT, "--data", digits_dir, "--pool", "1,2", "--out", tmp_path)
     assert again.exit_code == 0 and "up to date, nothing to do" in again.output
