@@ -106,6 +106,14 @@ def diff_provenance(recorded: dict, requested: dict) -> list[str]:
     return out
 
 
+def provenance_covers(recorded: dict, requested: dict) -> bool:
+    """Whether a cache made with ``recorded`` already holds everything ``requested`` asks for:
+    the same inputs, and every requested pool size among its pools (it may hold more)."""
+    rest = {k: v for k, v in requested.items() if k != "pools"}
+    same = not diff_provenance(recorded, {**rest, "pools": recorded.get("pools")})
+    return same and set(requested.get("pools") or []) <= set(recorded.get("pools") or [])
+
+
 class CacheWriter:
     """Streams feature rows into a ``.partial`` file, resuming one with the same inputs.
 

@@ -117,7 +117,8 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
 
     for path in run.caches:
         cache = Cache(path)
-        features = resolve_features(cache, ["all"])
+        # what this comparison asked for, even when the cache holds more pool sizes
+        features = resolve_features(cache, ["penultimate"] + [f"pool{n}" for n in cfg.pools])
         current = _heads_up_to_date(cache, features, heads, out, cfg)
         todo = [f for f in features if f not in current]
         if not todo:

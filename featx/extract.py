@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 import featx
 from featx.backbones import (FeatureModel, build_backbone, get_backbone, resolve_weights,
                              weights_transform_source)
-from featx.cache import Cache, CacheWriter, StaleCacheError, cache_filename, diff_provenance
+from featx.cache import (Cache, CacheWriter, StaleCacheError, cache_filename, diff_provenance,
+                         provenance_covers)
 from featx.data import DatasetSpec, ImageFiles, TransformSpec
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "resolve_device", "resolve_precision",
@@ -202,8 +203,10 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
             existing = Cache(path).attrs
         except Exception:
             existing = None
-        if existing is not None and not diff_provenance(existing, prov):
-            return ExtractResult(path, "up-to-date", weights_source=weights.source)
+        if existing is not None and provenance_covers(existing, prov):
+            # the same inputs; extra pool sizes in the file do no harm to whoever asks for fewer
+            return ExtractResult(path, "up-to-date", weights_source=weights.source,
+                                 precision=precision)
         if not cfg.overwrite:
             diffs = diff_provenance(existing, prov) if existing else ["it is not a readable cache"]
             raise StaleCacheError(f"{path} exists with other inputs ({'; '.join(diffs)}). "

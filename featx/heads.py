@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 import h5py
 import joblib
 import numpy as np
+from scipy.linalg import LinAlgWarning
 from sklearn.base import BaseEstimator, clone
 from sklearn.decomposition import IncrementalPCA
 from sklearn.exceptions import ConvergenceWarning, UndefinedMetricWarning
@@ -307,6 +308,7 @@ class _quiet(warnings.catch_warnings):
         out = super().__enter__()
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.simplefilter("ignore", LinAlgWarning)  # ridge at small alpha with n < d
         warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true")
         warnings.filterwarnings("ignore", message=".*least populated class")
         return out

@@ -67,6 +67,18 @@ def test_compare_redoes_only_what_is_missing(digits_dir, tmp_path):
     assert (heads_dir / "pool2__linear.json").is_file()
 
 
+def test_compare_reuses_a_cache_with_more_pools_and_fits_only_what_it_asks(digits_dir,
+                                                                           tmp_path):
+    data = load_dataset(digits_dir)
+    run_compare(data, _cfg(tmp_path, pools=(1, 2), finetune="none"), log=lambda m: None)
+    fewer = run_compare(data, _cfg(tmp_path, pools=(1,), finetune="none",
+                                   out=tmp_path / "fewer"), log=lambda m: None)
+    assert any(s.startswith("extract resnet18: up-to-date") for s in fewer.skipped)
+    fitted = sorted(p.name for p in (tmp_path / "fewer").rglob("*__*.json"))
+    assert fitted == ["penultimate__linear.json", "penultimate__logistic.json",
+                      "pool1__linear.json", "pool1__logistic.json"]
+
+
 def test_compare_cli_bad_finetune_mode_and_model(digits_dir):
     r = CliRunner().invoke(main, ["compare", "--data", str(digits_dir), "--models", "resnet81"])
     assert r.exit_code != 0 and "Error: unknown model 'resnet81'" in r.output

@@ -188,7 +188,7 @@ def test_failed_overwrite_leaves_the_old_cache_intact(digits_dir, tmp_path, monk
 
     monkeypatch.setattr(CacheWriter, "append", full_disk)
     with pytest.raises(OSError):
-        extract(data, _cfg(tmp_path, pools=(2,), overwrite=True))
+        extract(data, _cfg(tmp_path, pools=(8,), overwrite=True))
     assert _digest(path) == before and Cache(path).attrs["pools"] == [1, 2, 4]
 
 
@@ -390,3 +390,18 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(digits_dir, tmp_path,
     eager = extract(data, _cfg(tmp_path / "e"))
     np.testing.assert_array_equal(Cache(res.path).load("test", "pool2"),
                                   Cache(eager.path).load("test", "pool2"))
+
+
+def test_a_cache_with_more_pool_sizes_serves_a_request_for_fewer(digits_dir, tmp_path):
+    data = load_dataset(digits_dir)
+    path = extract(data, _cfg(tmp_path, pools=(1, 2, 4))).path
+    before = _digest(path)
+    res = extract(data, _cfg(tmp_path, pools=(2,)))
+    assert res.status == "up-to-date" and res.path == path and _digest(path) == before
+    assert extract(data, _cfg(tmp_path, pools=())).status == "up-to-date"
+    # a pool size the file lacks, or any other input, still needs a new extraction
+    with pytest.raises(StaleCacheError, match="pools"):
+        extract(data, _cfg(tmp_path, pools=(2, 8)))
+    with pytest.raises(StaleCacheError, match="store_dtype"):
+        extract(data, _cfg(tmp_path, pools=(2,), store="float16"))
+    assert _digest(path) == before
