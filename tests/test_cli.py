@@ -63,10 +63,12 @@ def test_extract_then_info(digits_dir, tmp_path):
 
 
 def test_environment_variables_set_options(digits_dir, tmp_path):
-    r = run("extract", "--model", "resnet18", "--data", digits_dir, "--no-progress",
-            env={"FEATX_WEIGHTS": "none", "FEATX_IMAGE_SIZE": "32", "FEATX_WORKERS": "0",
+    r = run("extract", "--data", digits_dir, "--no-progress",
+            env={"FEATX_MODELS": "resnet18", "FEATX_WEIGHTS": "none", "FEATX_IMAGE_SIZE": "32",
+                 "FEATX_WORKERS": "0", "FEATX_PRECISION": "fp32",
                  "FEATX_OUT": str(tmp_path / "envout")})
     assert r.exit_code == 0, r.output
+    assert "images/s, fp32)" in r.output
     assert (tmp_path / "envout" / "digits_resnet18_none_32.h5").exists()
 
 
