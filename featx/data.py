@@ -318,9 +318,9 @@ class TransformSpec:
     def eval_transform_uint8(self) -> T.Compose:
         """Resize and crop only: ``(3, crop, crop)`` uint8, to be finished by
         :meth:`normalize_batch`. Extraction uses this pair: per image, float conversion and
-        normalising cost more than resizing (BENCHMARKS.md), and done per batch they are
-        vectorised, a uint8 batch is a quarter of the bytes to collate and to copy to a
-        GPU, and there they run on the GPU."""
+        normalising cost as much as resizing, and per batch a third of that (BENCHMARKS.md);
+        a uint8 batch is also a quarter of the bytes to collate and to copy to a GPU, where
+        the normalisation then runs."""
         return T.Compose([
             T.Resize(self.resize, interpolation=T.InterpolationMode(self.interpolation),
                      antialias=True),
