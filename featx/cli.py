@@ -94,6 +94,17 @@ def model_options(f):
     return f
 
 
+def backend_options(f):
+    """``--backend``, ``--scheduler``: where head fits run (joblib backends)."""
+    f = click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="A running dask scheduler (tcp://host:8786) or ray cluster "
+                     "(host:6379) [default: start a local one of --jobs workers].")(f)
+    f = click.option("--backend", type=click.Choice(["loky", "dask", "ray"]), default="loky",
+                     help="Where head fits run: loky processes here, or a dask / ray "
+                     "cluster (pip install featx[dask] / featx[ray]); results are the same.")(f)
+    return f
+
+
 def load_data_arg(data_path: Path | None, split_fractions: str, seed: int):
     from featx.data import load_dataset, parse_split_fractions
     if data_path is None:
@@ -247,12 +258,14 @@ def report(results_dir, out):
 @click.option("--memory-limit-mb", type=click.FloatRange(0, min_open=True), default=None,
               help="Memory a fit may use [default: 80% of available memory].")
 @click.option("--jobs", type=click.IntRange(1), default=None,
-              help="Parallel fits, runs x grid points [default: CPU cores].")
+              help="Parallel fits, runs x grid points; with dask/ray and no --scheduler, "
+              "the local cluster's workers [default: CPU cores].")
+@backend_options
 @click.option("--seed", type=int, default=0, help="random_state of every estimator.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               help="Folder for results and heads_summary.csv.")
 def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pca,
-              memory_limit_mb, jobs, seed, out):
+              memory_limit_mb, jobs, backend, scheduler, seed, out):
     """Fit classical heads on cached features; choose on val, score once on test.
 
     Writes OUT/{cache}/heads/{feature}__{head}.json and .joblib per run, merges
@@ -263,7 +276,8 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
                       select=select, cv=cv,
                       class_weight=None if class_weight == "none" else class_weight,
                       standardize=standardize, jobs=jobs or os.cpu_count() or 1, seed=seed,
-                      out_dir=out, memory_limit_mb=memory_limit_mb, pca=pca)
+                      out_dir=out, memory_limit_mb=memory_limit_mb, pca=pca,
+                      backend=backend, scheduler=scheduler)
     run = run_fit_heads(caches, cfg, log=lambda line: click.echo(line, err=True))
     click.echo(format_summary(run.rows))
     for matrix in run.matrices:
@@ -387,7 +401,9 @@ def _print_compare(run) -> None:
               help="Class weights for the heads.")
 @model_options
 @click.option("--batch-size", type=click.IntRange(1), default=32)
-@click.option("--jobs", type=click.IntRange(1), default=1, help="Parallel head fits.")
+@click.option("--jobs", type=click.IntRange(1), default=1,
+              help="Parallel head fits (the local cluster's workers with dask/ray).")
+@backend_options
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("cache"), help="Where the feature caches go.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
@@ -396,7 +412,7 @@ def _print_compare(run) -> None:
 @click.option("--progress/--no-progress", default=True)
 def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mode, epochs, lr,
             optimizer, loss, class_weight, weights, image_size, device, precision, workers,
-            batch_size, jobs, cache_dir, out, overwrite, progress):
+            batch_size, jobs, backend, scheduler, cache_dir, out, overwrite, progress):
     """Run the whole experiment: extract, heads on every feature, fine-tune, report.
 
     Work already done (an up-to-date cache, current head results, finished fine-tuning
@@ -415,8 +431,9 @@ def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mod
                         image_size=image_size, batch_size=batch_size, workers=workers,
                         device=device, precision=precision, seed=seed,
                         class_weight=None if class_weight == "none" else class_weight,
-                        loss=loss, lr=lr, optimizer=optimizer, jobs=jobs, cache_dir=cache_dir,
-                        out=out, overwrite=overwrite, progress=progress)
+                        loss=loss, lr=lr, optimizer=optimizer, jobs=jobs, backend=backend,
+                        scheduler=scheduler, cache_dir=cache_dir, out=out,
+                        overwrite=overwrite, progress=progress)
     _print_compare(run_compare(data, cfg, log=lambda m: click.echo(m, err=True)))
 
 

@@ -16,7 +16,7 @@ from featx.cache import Cache
 from featx.data import DatasetSpec
 from featx.extract import ExtractConfig, extract
 from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
-from featx.heads import HeadsConfig, fit_heads, parse_heads, resolve_features
+from featx.heads import HeadsConfig, fit_heads, heads_backend, parse_heads, resolve_features
 from featx.metrics import read_result
 
 __all__ = ["CompareConfig", "CompareRun", "FINETUNE_MODES", "run_compare"]
@@ -47,6 +47,8 @@ class CompareConfig:
     lr: float = 1e-3
     optimizer: str = "sgd"
     jobs: int = 1
+    backend: str = "loky"
+    scheduler: str | None = None
     cache_dir: Path = Path("cache")
     out: Path = Path("results/compare")
     overwrite: bool = False
@@ -115,6 +117,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
         log(f"extract {model}: {ex.status} -> {ex.path}")
         run.caches.append(ex.path)
 
+    todo_by_cache = []
     for path in run.caches:
         cache = Cache(path)
         # what this comparison asked for, even when the cache holds more pool sizes
@@ -124,11 +127,16 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
         if not todo:
             run.skipped.append(f"heads on {path.name}: all results current")
             log(f"heads on {path.name}: up to date")
-            continue
-        fit_heads([path], HeadsConfig(heads=tuple(heads), features=tuple(todo),
-                                      class_weight=cfg.class_weight, jobs=cfg.jobs,
-                                      seed=cfg.seed, out_dir=out), log=log)
-        run.done.append(f"heads on {path.name}: {', '.join(todo)}")
+        else:
+            todo_by_cache.append((path, todo))
+    if todo_by_cache:  # one cluster (or loky pool) for every cache's heads
+        with heads_backend(cfg.backend, scheduler=cfg.scheduler, jobs=cfg.jobs):
+            for path, todo in todo_by_cache:
+                fit_heads([path], HeadsConfig(
+                    heads=tuple(heads), features=tuple(todo), class_weight=cfg.class_weight,
+                    jobs=cfg.jobs, seed=cfg.seed, out_dir=out, backend=cfg.backend,
+                    scheduler=cfg.scheduler), log=log)
+                run.done.append(f"heads on {path.name}: {', '.join(todo)}")
 
     for model, path in zip(cfg.models, run.caches):
         ft_data = data_from_cache(path)  # the very same files the heads were scored on

@@ -16,12 +16,21 @@ A feature whose rows would not fit in memory is either reduced with an Increment
 fitted on train in row blocks (``pca=N``), or streamed: an ``SGDClassifier(log_loss)`` is
 trained with ``partial_fit`` over shuffled HDF5 row blocks after a streaming
 ``StandardScaler.partial_fit`` pass. Each result says which (``settings["memory"]``).
+
+The runs, and the grid points inside each, are joblib tasks; :func:`heads_backend` points
+joblib at loky processes on this machine (the default), a dask cluster or a ray cluster.
+Workers read their rows from the cache file themselves and return the fitted pipeline;
+only this process writes files, so a killed run leaves no worker writing behind it.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -49,6 +58,7 @@ from featx.cache import Cache, CacheError, partial_path
 from featx.metrics import classification_metrics, make_result, write_json
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_HEADS",
     "HeadSpec",
     "HeadsConfig",
@@ -60,6 +70,7 @@ __all__ = [
     "format_pool_matrix",
     "format_summary",
     "get_head",
+    "heads_backend",
     "list_heads",
     "load_head",
     "memory_limit",
@@ -72,6 +83,7 @@ __all__ = [
 ]
 
 DEFAULT_HEADS = ("linear", "logistic", "svm", "mlp")
+BACKENDS = ("loky", "dask", "ray")      # joblib backends the fits can run on
 SELECTION_METRIC = "balanced_accuracy"
 STREAM_EPOCHS = 5                       # passes over train per streamed SGD fit
 _STREAM_GRID = {"alpha": [1e-3, 1e-4, 1e-5]}
@@ -548,6 +560,136 @@ def _fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standard
     return model, selection, {"select_s": select_s, "fit_s": fit_s}
 
 
+# --- where the fits run -----------------------------------------------------------------------
+
+_OPEN_BACKENDS: list[tuple[str, str | None]] = []  # heads_backend contexts open in this process
+
+
+def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
+    """loky worker initializer: end this worker when the featx process that started it dies.
+
+    Without it a ``kill -9`` of ``fit-heads`` leaves loky workers fitting (and, before
+    results were written by the parent only, writing) for minutes: a loky worker only
+    notices its parent is gone when it asks for its next task. Linux's
+    ``PR_SET_PDEATHSIG`` has the kernel send SIGKILL when the parent exits; it is tied to
+    the parent *thread* that forked the worker, so it is only used when that is the main
+    thread. A thread polling ``getppid()`` covers other systems and callers.
+    """
+    if os.getppid() != parent_pid:  # the parent died before this worker got here
+        os._exit(1)
+    if use_pdeathsig and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent_pid:  # died between the check and prctl
+            os._exit(1)
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="featx-parent-watch", daemon=True).start()
+
+
+def _import_extra(module: str, extra: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ValueError(f"--backend {extra} needs the {extra} package: pip install "
+                         f"featx[{extra}]") from None
+
+
+@contextlib.contextmanager
+def heads_backend(backend: str = "loky", *, scheduler: str | None = None,
+                  jobs: int = 1) -> Iterator[str]:
+    """Run the joblib calls of head fitting inside this block on ``backend``.
+
+    Parameters
+    ----------
+    backend : {"loky", "dask", "ray"}, default "loky"
+        ``loky``: processes on this machine that die with this process. ``dask``: a
+        ``dask.distributed.Client`` for ``scheduler``, else the client already open in this
+        process, else a ``LocalCluster`` of ``jobs`` single-threaded worker processes.
+        ``ray``: ``ray.init(address=scheduler)``, else a local ray with ``jobs`` CPUs.
+    scheduler : str or None
+        Address of a running dask scheduler (``tcp://host:8786``) or ray cluster
+        (``host:6379`` or ``auto``); only with dask or ray.
+    jobs : int, default 1
+        Size of the local cluster started when there is no ``scheduler``.
+
+    Cluster workers open the cache files by the same path as this process, so the caches
+    must be on a filesystem every worker sees. Opening the same backend again inside the
+    block (``compare`` around ``fit_heads``) reuses the open one.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+    if scheduler and backend == "loky":
+        raise ValueError(f"--scheduler {scheduler}: loky runs on this machine only; add "
+                         f"--backend dask or --backend ray to use a cluster.")
+    if _OPEN_BACKENDS and _OPEN_BACKENDS[-1] == (backend, scheduler):
+        yield backend
+        return
+    with contextlib.ExitStack() as stack:
+        if backend == "loky":
+            config = dict(initializer=_die_with_parent, initargs=(
+                os.getpid(), threading.current_thread() is threading.main_thread()))
+        elif backend == "dask":
+            config = dict(client=_dask_client(stack, scheduler, jobs))
+        else:
+            _start_ray(stack, scheduler, jobs)
+            config = {}
+        stack.enter_context(joblib.parallel_config(backend=backend, **config))
+        _OPEN_BACKENDS.append((backend, scheduler))
+        stack.callback(_OPEN_BACKENDS.pop)
+        yield backend
+
+
+def _dask_client(stack: contextlib.ExitStack, scheduler: str | None, jobs: int):
+    distributed = _import_extra("distributed", "dask")
+    if scheduler:
+        try:
+            client = distributed.Client(scheduler, set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ValueError(f"--scheduler {scheduler}: no dask scheduler answers there "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             f"); start one (`dask scheduler`) or leave --scheduler out for "
+                             f"a local cluster.") from None
+        stack.callback(client.close)
+        return client
+    try:
+        return distributed.get_client()  # the caller's own client, e.g. in a notebook
+    except ValueError:
+        pass
+    cluster = distributed.LocalCluster(n_workers=max(1, jobs), threads_per_worker=1,
+                                       dashboard_address=None)
+    stack.callback(cluster.close)
+    client = distributed.Client(cluster, set_as_default=False)
+    stack.callback(client.close)
+    return client
+
+
+def _start_ray(stack: contextlib.ExitStack, scheduler: str | None, jobs: int) -> None:
+    ray = _import_extra("ray", "ray")
+    from ray.util.joblib import register_ray
+    register_ray()
+    if ray.is_initialized():
+        return
+    if scheduler:
+        try:
+            ray.init(address=scheduler, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"--scheduler {scheduler}: no ray cluster answers there "
+                             f"({str(exc).splitlines()[0]}); start one (`ray start --head`) "
+                             f"or leave --scheduler out for a local one.") from None
+    else:
+        ray.init(num_cpus=max(1, jobs), include_dashboard=False, log_to_driver=False)
+    stack.callback(ray.shutdown)
+
+
 # --- the whole command ------------------------------------------------------------------------
 
 @dataclass
@@ -556,8 +698,10 @@ class HeadsConfig:
 
     ``features``: names, or ``("all",)`` for penultimate and every pool{n}. ``select``:
     ``"val"`` (falls back to CV when a cache has no val split) or ``"cv"``. ``jobs``: the cap
-    on parallel fits (runs x grid points). ``pca``: components for features that do not fit
-    (0: stream them instead). ``memory_limit_mb``: None = measured (see :func:`memory_limit`).
+    on parallel fits (runs x grid points) with loky, the local cluster's size with dask or
+    ray and no ``scheduler``. ``backend``/``scheduler``: where the fits run (see
+    :func:`heads_backend`). ``pca``: components for features that do not fit (0: stream
+    them instead). ``memory_limit_mb``: None = measured (see :func:`memory_limit`).
     """
 
     heads: tuple[str, ...] = DEFAULT_HEADS
@@ -571,6 +715,8 @@ class HeadsConfig:
     out_dir: Path = Path("results")
     memory_limit_mb: float | None = None
     pca: int = 0
+    backend: str = "loky"
+    scheduler: str | None = None
 
 
 @dataclass
@@ -648,11 +794,18 @@ class _Task:
     config: HeadsConfig
     out_json: Path
     inner_jobs: int = 1
-    reduced: tuple | None = None  # (reducer, X_train, X_val, X_test, seconds) in pca mode
+    reducer: Pipeline | None = None  # pca mode: fitted on train, shared by the feature's heads
+    reduce_s: float = 0.0
 
 
-def _run_task(task: _Task) -> tuple[dict, dict]:
-    """Fit, select, score and write one (cache, feature, head); returns (result, row)."""
+def _run_task(task: _Task, X_train: np.ndarray | None = None, X_val: np.ndarray | None = None,
+              X_test: np.ndarray | None = None) -> tuple[dict, dict, Pipeline]:
+    """Fit, select and score one (cache, feature, head); returns (result, row, pipeline).
+
+    In pca mode the reduced rows come as arguments (joblib memmaps them for loky and
+    scatters them once per call for dask, so a feature's heads share one copy); otherwise
+    the rows are read from the cache here, on the worker. Nothing is written here.
+    """
     cache, cfg, plan = task.cache, task.config, task.plan
     classes = cache.classes
     has_val = "val" in cache.splits and len(cache.labels("val")) > 0
@@ -670,7 +823,7 @@ def _run_task(task: _Task) -> tuple[dict, dict]:
         val_blocks = _blocks(cache, "val", task.feature, plan.block_rows) if has_val else None
     else:
         if plan.mode == "pca":
-            reducer, X_train, X_val, X_test, reduce_s = task.reduced
+            reducer, reduce_s = task.reducer, task.reduce_s
             test_blocks = iter([X_test])
         else:
             X_train = cache.load("train", task.feature)
@@ -728,14 +881,24 @@ def _run_task(task: _Task) -> tuple[dict, dict]:
     if plan.mode == "stream":
         settings["replaces_heads"] = list(cfg.heads)
     model_file = task.out_json.with_suffix(".joblib")
-    _dump_atomic(saved, model_file)
     result = make_result(
         kind="head", method=f"{head} @ {task.feature}{suffix}", model=cache.attrs["model"],
         feature=task.feature, head=head, dataset=task.dataset, metrics=metrics,
         timings=timings, settings=settings, selection=selection, provenance=cache.attrs,
         artifacts={"model": model_file.name, "cache": str(cache.path)})
+    return result, _summary_row(result, task, plan), saved
+
+
+def _run_indexed(i: int, task: _Task, *arrays) -> tuple[int, dict, dict, Pipeline]:
+    return (i, *_run_task(task, *arrays))
+
+
+def _write_run(task: _Task, result: dict, model: Pipeline) -> None:
+    """The model, then its result JSON; an older JSON goes first, so no JSON ever sits
+    beside a model it did not describe, and a run killed half-way reads as not done."""
+    task.out_json.unlink(missing_ok=True)
+    _dump_atomic(model, task.out_json.with_suffix(".joblib"))
     write_json(task.out_json, result)
-    return result, _summary_row(result, task, plan)
 
 
 def _dump_atomic(obj, path: Path) -> None:
@@ -823,6 +986,11 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
         raise ValueError(f"--cv {config.cv}: need at least 2 folds.")
     if config.jobs < 1:
         raise ValueError(f"--jobs {config.jobs}: must be at least 1.")
+    if config.backend not in BACKENDS:
+        raise ValueError(f"--backend {config.backend!r}: use one of {', '.join(BACKENDS)}.")
+    if config.scheduler and config.backend == "loky":
+        raise ValueError(f"--scheduler {config.scheduler}: loky runs on this machine only; "
+                         f"add --backend dask or --backend ray to use a cluster.")
     if not caches:
         raise ValueError("give at least one cache file.")
     limit, source = memory_limit(config.memory_limit_mb)
@@ -875,30 +1043,43 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
                 pca_jobs.append(group)
             tasks.extend(group)
 
+    arrays = {id(t): () for t in tasks}
     for group in pca_jobs:  # reduce once per (cache, feature), shared by its heads
         t = group[0]
         t0 = time.perf_counter()
         reducer = _fit_reducer(t.cache, t.feature, t.plan.pca, config.standardize,
                                t.plan.block_rows)
         has_val = "val" in t.cache.splits and len(t.cache.labels("val")) > 0
-        reduced = [reducer] + [
-            _reduce(reducer, t.cache, split, t.feature, t.plan.block_rows)
-            if split != "val" or has_val else None for split in ("train", "val", "test")]
-        reduced = tuple(reduced) + (time.perf_counter() - t0,)
+        reduced = tuple(_reduce(reducer, t.cache, split, t.feature, t.plan.block_rows)
+                        if split != "val" or has_val else None
+                        for split in ("train", "val", "test"))
+        reduce_s = time.perf_counter() - t0
         for task in group:
-            task.reduced = reduced
+            task.reducer, task.reduce_s = reducer, reduce_s
+            arrays[id(task)] = reduced  # the same array objects: sent to workers once
 
-    in_memory = [t.plan.need_mb * _MB for t in tasks if t.plan.mode == "memory"]
-    outer, inner = _n_jobs(config.jobs, len(tasks), limit, max(in_memory, default=1.0))
-    for t in tasks:
-        t.inner_jobs = inner
-    if outer == 1:
-        pairs = [_run_task(t) for t in tasks]
-    else:
-        pairs = joblib.Parallel(n_jobs=outer)(joblib.delayed(_run_task)(t) for t in tasks)
-    for (result, row), task in zip(pairs, tasks):
-        run.results.append(result)
-        run.rows.append(row)
+    with heads_backend(config.backend, scheduler=config.scheduler, jobs=config.jobs):
+        if config.backend == "loky":
+            in_memory = [t.plan.need_mb * _MB for t in tasks if t.plan.mode == "memory"]
+            outer, inner = _n_jobs(config.jobs, len(tasks), limit, max(in_memory, default=1.0))
+        else:  # the cluster's cores; dask sends a run's grid points back to the cluster
+            outer, inner = -1, -1 if config.backend == "dask" else 1
+        for t in tasks:
+            t.inner_jobs = inner
+        if outer == 1:
+            done = (_run_indexed(i, t, *arrays[id(t)]) for i, t in enumerate(tasks))
+        else:  # results as they finish, so each is written as soon as it exists
+            done = joblib.Parallel(
+                n_jobs=outer,
+                return_as="list" if config.backend == "ray" else "generator_unordered")(
+                joblib.delayed(_run_indexed)(i, t, *arrays[id(t)]) for i, t in enumerate(tasks))
+        finished = {}
+        for i, result, row, model in done:
+            _write_run(tasks[i], result, model)
+            finished[i] = (result, row)
+    for i, task in enumerate(tasks):
+        run.results.append(finished[i][0])
+        run.rows.append(finished[i][1])
         run.json_paths.append(task.out_json)
     run.summary_csv = _write_summary(config.out_dir / "heads_summary.csv", run.rows)
 

@@ -3,6 +3,10 @@ determinism, the large-feature path, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -348,3 +352,77 @@ def test_class_absent_from_test_warns_once_and_reports_null(tmp_path):
     m = read_result(tmp_path / "r" / "absent" / "heads" / "penultimate__linear.json")["metrics"]
     assert m["roc_auc"] is None and "2 of 3 classes" in m["roc_auc_note"]
     assert m["per_class_recall"]["gamma"] is None and m["balanced_accuracy"] > 0.9
+
+
+# --- backends and a killed run -------------------------------------------------------------
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")  # a zombie has stopped running
+
+
+def _cpu_seconds(pid: int) -> float:
+    stat = _proc_stat(pid)
+    return 0.0 if stat is None else (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _loky_workers(parent: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        stat = _proc_stat(int(name)) if name.isdigit() else None
+        if stat is not None and int(stat[1]) == parent:
+            try:
+                cmd = Path(f"/proc/{name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"loky" in cmd and b"resource_tracker" not in cmd:
+                pids.append(int(name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killing_fit_heads_kills_its_workers_and_writes_nothing_after(tmp_path):
+    """kill -9 of the parent: its loky workers are gone within seconds (they used to fit
+    on for minutes and write results), and no result file appears after the kill."""
+    path = write_cache(tmp_path / "slow.h5", blob_splits(d=64, n=(600, 150, 100),
+                                                          pools=(1, 2)))
+    out = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from featx.cli import main; main()", "fit-heads", str(path),
+         "--heads", "mlp", "--features", "all", "--jobs", "2", "--out", str(out)],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _loky_workers(proc.pid)) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "log.txt").read_text()
+            time.sleep(0.2)
+        assert len(workers) >= 2, "no loky workers started"
+        # past their imports (~1-2 s of CPU) and into their fits
+        while min(map(_cpu_seconds, workers)) < 3.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the kill: give it more work"
+    finally:
+        killed_at = time.time()
+        proc.kill()
+        proc.wait()
+        log.close()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "workers outlived their parent"
+    time.sleep(0.5)
+    late = [p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime > killed_at]
+    assert not late, late
+    for result in out.rglob("*.json"):  # whatever was finished is whole
+        assert load_head(result) is not None and read_result(result)["kind"] == "head"
