@@ -426,3 +426,92 @@ def test_killing_fit_heads_kills_its_workers_and_writes_nothing_after(tmp_path):
     assert not late, late
     for result in out.rglob("*.json"):  # whatever was finished is whole
         assert load_head(result) is not None and read_result(result)["kind"] == "head"
+
+
+def _comparable(out: Path) -> dict:
+    """{file: (metrics without timings, selection)} of every result under ``out``."""
+    found = {}
+    for path in sorted(out.rglob("*.json")):
+        r = read_result(path)
+        metrics = {k: v for k, v in r["metrics"].items() if not k.endswith("_s")}
+        found[path.relative_to(out).as_posix()] = (metrics, r["selection"])
+    return found
+
+
+def test_dask_cluster_gives_the_results_of_one_job_and_runs_every_fit_there(tmp_path):
+    """A dask cluster given by --scheduler runs the (feature, head) runs and their grid
+    points; one started by featx (no --scheduler) too. Both equal --jobs 1 exactly.
+    pool2 is over the memory limit, so its PCA-reduced rows travel to the workers."""
+    distributed = pytest.importorskip("distributed")
+    path = write_cache(tmp_path / "blobs_synthetic.h5", blob_splits(pools=(2,)))
+    memory = ("--features", "penultimate,pool2", "--pca", "8", "--memory-limit-mb", "0.1")
+    args = ("--heads", "logistic,mlp", *memory)
+    ok(run_cli(path, *args, "--jobs", "1", "--out", tmp_path / "j1"))
+    expected = _comparable(tmp_path / "j1")
+    assert len(expected) == 4
+    assert [read_result(tmp_path / "j1" / "blobs_synthetic" / "heads" / f"{f}__mlp.json")[
+        "settings"]["memory"]["mode"] for f in ("penultimate", "pool2")] == ["memory", "pca"]
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client, \
+            distributed.get_task_stream(client) as stream:
+        res = ok(run_cli(path, *args, "--backend", "dask", "--scheduler",
+                         cluster.scheduler_address, "--out", tmp_path / "dask"))
+    assert _comparable(tmp_path / "dask") == expected
+    ran = [t["key"] if isinstance(t["key"], str) else str(t["key"]) for t in stream.data]
+    assert sum("_run_indexed" in k for k in ran) == 4  # every (feature, head) run
+    assert sum("_fit_and_score" in k for k in ran) >= 4  # grid points went back to dask
+    assert "4 result(s)" in res.stderr
+
+    # featx's own LocalCluster of --jobs worker processes: the mlp, seeded, crosses processes
+    ok(run_cli(path, "--heads", "mlp", *memory, "--backend", "dask", "--jobs", "2",
+               "--out", tmp_path / "local"))
+    assert _comparable(tmp_path / "local") == {k: v for k, v in expected.items() if "mlp" in k}
+    for feature in ("penultimate", "pool2"):
+        mlp = Path("blobs_synthetic", "heads", f"{feature}__mlp.json")
+        X = Cache(path).load("test", feature)
+        np.testing.assert_array_equal(load_head(tmp_path / "local" / mlp).predict_proba(X),
+                                      load_head(tmp_path / "j1" / mlp).predict_proba(X))
+
+
+def test_ray_gives_the_results_of_one_job(tmp_path):
+    pytest.importorskip("ray")
+    path = write_cache(tmp_path / "blobs_synthetic.h5", blob_splits(pools=()))
+    args = ("--heads", "logistic", "--features", "penultimate")
+    ok(run_cli(path, *args, "--jobs", "1", "--out", tmp_path / "j1"))
+    ok(run_cli(path, *args, "--backend", "ray", "--jobs", "2", "--out", tmp_path / "ray"))
+    assert _comparable(tmp_path / "ray") == _comparable(tmp_path / "j1")
+
+
+def _without(module):
+    def hide(monkeypatch):
+        monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    return hide
+
+
+@pytest.mark.parametrize("args, setup, words", [
+    (("--scheduler", "tcp://127.0.0.1:8786"), None,
+     "--scheduler tcp://127.0.0.1:8786: loky runs on this machine only"),
+    (("--backend", "dask"), _without("distributed"),
+     "--backend dask needs the dask package: pip install featx[dask]"),
+    (("--backend", "ray"), _without("ray"),
+     "--backend ray needs the ray package: pip install featx[ray]"),
+    (("--backend", "dask", "--scheduler", "tcp://127.0.0.1:9"), "dask",
+     "--scheduler tcp://127.0.0.1:9: no dask scheduler answers there"),
+])
+def test_bad_backend_gives_one_clear_line(tmp_path, blob_cache, monkeypatch, args, setup,
+                                          words):
+    if setup == "dask":
+        dask = pytest.importorskip("dask")
+        pytest.importorskip("distributed")
+        monkeypatch.setitem(dask.config.config, "distributed",
+                            {**dask.config.config.get("distributed", {})})
+        dask.config.set({"distributed.comm.timeouts.connect": "1s"})
+    elif setup is not None:
+        setup(monkeypatch)
+    res = run_cli(blob_cache, "--heads", "linear", *args, "--out", tmp_path / "r")
+    assert res.exit_code != 0
+    assert res.output.startswith("Error:") and words in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert not (tmp_path / "r").exists()
