@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from featx.cache import Cache
 from featx.cli import main
-from featx.compare import CompareConfig, run_compare
+from featx.compare import CompareConfig, _heads_up_to_date, run_compare
 from featx.data import load_dataset
+from featx.heads import HeadsConfig, fit_heads
 from featx.metrics import read_result
 
 from tests.conftest import PNEUMONIA
+from tests.test_heads import blob_splits, write_cache
 
 
 def _cfg(tmp_path, **kw):
@@ -79,10 +82,40 @@ def test_compare_reuses_a_cache_with_more_pools_and_fits_only_what_it_asks(digit
                       "pool1__linear.json", "pool1__logistic.json"]
 
 
-def test_compare_cli_bad_finetune_mode_and_model(digits_dir):
+def test_compare_cli_bad_finetune_mode_and_model(digits_dir, tmp_path):
     r = CliRunner().invoke(main, ["compare", "--data", str(digits_dir), "--models", "resnet81"])
     assert r.exit_code != 0 and "Error: unknown model 'resnet81'" in r.output
     assert "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["compare", "--data", str(digits_dir), "--models", "resnet18",
+                                  "--finetune", "sideways", "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "Invalid value for '--finetune'" in r.output
+    assert "'sideways' is not one of 'none', 'full', 'backbone', 'both'" in r.output
+    assert "Traceback" not in r.output
+    with pytest.raises(ValueError, match="--finetune 'sideways': use one of none, full"):
+        run_compare(load_dataset(digits_dir), _cfg(tmp_path, finetune="sideways"))
+    assert not (tmp_path / "cache").exists()  # refused before any extraction
+
+
+def test_compare_reuses_head_results_only_with_the_same_seed_and_class_weight(tmp_path):
+    """A head result made with another seed or class weight is not "current" for compare;
+    one made with the same settings is, on any backend."""
+    path = write_cache(tmp_path / "blobs_synthetic.h5", blob_splits(pools=(1,)))
+    out = tmp_path / "results"
+    features, heads = ["penultimate", "pool1"], ["linear", "logistic"]
+    fit_heads([path], HeadsConfig(heads=tuple(heads), features=tuple(features), seed=0,
+                                  out_dir=out))
+    cache = Cache(path)
+
+    def current(**kw):
+        return _heads_up_to_date(cache, features, heads, out, _cfg(tmp_path, **kw))
+    assert current(seed=0) == features
+    assert current(seed=0, backend="dask", jobs=4) == features
+    assert current(seed=1) == []
+    assert current(seed=0, class_weight="balanced") == []
+    fit_heads([path], HeadsConfig(heads=("linear",), features=("pool1",), seed=0,
+                                  class_weight="balanced", out_dir=out))
+    assert current(seed=0, class_weight="balanced") == []  # logistic is still unweighted
+    assert current(seed=0) == ["penultimate"]
 
 
 def test_demo_quick_uses_imagenet_weights_and_prints_the_table(tmp_path, mobilenet_in_hub):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
@@ -22,8 +22,8 @@ from sklearn.preprocessing import StandardScaler
 
 from featx.cache import PROVENANCE_KEYS, Cache, CacheWriter
 from featx.cli import main
-from featx.heads import (HeadsConfig, build_head, fit_heads, list_heads, load_head,
-                         select_and_fit)
+from featx.heads import (STREAM_EPOCHS, HeadsConfig, build_head, class_scores, fit_heads,
+                         get_head, list_heads, load_head, select_and_fit)
 from featx.metrics import read_result
 
 CLASSES = ["alpha", "beta", "gamma"]
@@ -515,3 +515,207 @@ def test_bad_backend_gives_one_clear_line(tmp_path, blob_cache, monkeypatch, arg
     assert res.output.startswith("Error:") and words in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
     assert not (tmp_path / "r").exists()
+
+
+# --- contracts: scores, class weights, what is fitted on which rows, ties -------------------
+
+def _binary_cache(tmp_path, *, n=(60, 30, 80), sep=1.2, ratio=1, name="binary.h5", d=8,
+                  val=True):
+    """Two overlapping classes; ``ratio``: how many times more class 0 than class 1 rows
+    in train and val (test stays balanced)."""
+    rng = np.random.default_rng(5)
+    centers = np.zeros((2, d))
+    centers[1, 0] = sep
+    splits = {}
+    for split, k in zip(("train", "val", "test"), n):
+        if split == "val" and not val:
+            continue
+        X, y = blobs(rng, k, centers)
+        if ratio > 1 and split != "test":
+            keep = (y == 0) | (np.arange(len(y)) % ratio == 0)
+            X, y = X[keep], y[keep]
+        splits[split] = ({"penultimate": X}, y)
+    return write_cache(tmp_path / name, splits, classes=["neg", "pos"])
+
+
+def test_roc_auc_comes_from_scores_with_the_positive_class_up(tmp_path):
+    """Binary heads: ROC-AUC is sklearn's on the positive-class score (decision function
+    for linear/svm, probability for logistic), not on hard labels and not sign-flipped."""
+    path = _binary_cache(tmp_path)
+    run = fit_heads([path], HeadsConfig(heads=("linear", "svm", "logistic"),
+                                        out_dir=tmp_path / "r"))
+    cache = Cache(path)
+    X, y = cache.load("test", "penultimate"), cache.labels("test")
+    for result, json_path in zip(run.results, run.json_paths):
+        model = load_head(json_path)
+        score = (model.predict_proba(X)[:, 1] if result["head"] == "logistic"
+                 else model.decision_function(X))
+        assert score.ndim == 1
+        expected = roc_auc_score(y, score)
+        hard = roc_auc_score(y, model.predict(X))
+        assert abs(expected - hard) > 0.02 and expected > 0.7, result["head"]  # the data tells
+        assert result["metrics"]["roc_auc"] == pytest.approx(expected), result["head"]
+
+
+def test_multiclass_roc_auc_comes_from_decision_scores(blob_cache, tmp_path):
+    run = fit_heads([blob_cache], HeadsConfig(heads=("linear",), features=("pool2",),
+                                              out_dir=tmp_path / "r"))
+    cache = Cache(blob_cache)
+    X, y = cache.load("test", "pool2"), cache.labels("test")
+    model = load_head(run.json_paths[0])
+    z = model.decision_function(X)
+    soft = np.exp(z - z.max(1, keepdims=True))
+    soft /= soft.sum(1, keepdims=True)
+    expected = roc_auc_score(y, soft, multi_class="ovr")
+    one_hot = np.eye(3)[model.predict(X)]
+    assert abs(expected - roc_auc_score(y, one_hot, multi_class="ovr")) > 1e-3
+    assert run.results[0]["metrics"]["roc_auc"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("head", list_heads())
+def test_class_scores_rank_the_predicted_class_first_even_with_a_class_unseen(head):
+    """argmax of the scores is the prediction, for every head, also when train lacks one
+    of three classes (a 2-class decision function is then spread over three columns)."""
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(3, 6)) * 1.5
+    X, y = blobs(rng, 30, centers, noise=1.5)
+    for train_rows in (np.ones(len(y), bool), y != 1):  # all classes; class 1 never seen
+        model = build_head(head).fit(X[train_rows], y[train_rows])
+        s = class_scores(model, X, 3)
+        pred = model.predict(X)
+        if s.ndim == 1:
+            np.testing.assert_array_equal(pred, (s > 0).astype(int))
+        else:
+            assert s.shape == (len(y), 3)
+            np.testing.assert_array_equal(pred, s.argmax(1))
+            if not train_rows.all():  # never above a seen class (probabilities: 0)
+                assert (s[:, 1] <= np.delete(s, 1, axis=1).min(1)).all()
+
+
+def test_class_weight_balanced_reaches_the_estimators_and_the_streamed_fit(tmp_path):
+    """9:1 imbalanced train: balanced weights must be on every fitted estimator that takes
+    them, and must raise the minority class's recall, in memory and when streamed."""
+    path = _binary_cache(tmp_path, n=(200, 100, 100), sep=1.0, ratio=9)
+    recall = {}
+    for cw in ("none", "balanced"):
+        for extra in ((), ("--memory-limit-mb", "0.002")):
+            out = tmp_path / f"{cw}{len(extra)}"
+            ok(run_cli(path, "--heads", "linear,logistic,svm", "--class-weight", cw,
+                       "--jobs", "1", "--out", out, *extra))
+            for result_path in sorted(out.rglob("*.json")):
+                result = read_result(result_path)
+                recall[cw, result["head"]] = result["metrics"]["per_class_recall"]["pos"]
+                est = load_head(result_path).named_steps["head"]
+                if result["head"] != "sgd":
+                    assert est.class_weight == (None if cw == "none" else "balanced")
+    assert set(recall) == {(cw, h) for cw in ("none", "balanced")
+                           for h in ("linear", "logistic", "svm", "sgd")}
+    for head in ("linear", "logistic", "svm", "sgd"):
+        assert recall["balanced", head] > recall["none", head] + 0.1, (head, recall)
+
+
+def _shifted_splits(d=32, n=(40, 15, 30), val=True):
+    """Blobs whose val and test rows sit 50 units away from train in every feature: a
+    scaler or PCA that saw them would have means nowhere near train's."""
+    splits = blob_splits(d=d, n=n, val=val, pools=(2,))
+    for split in ("val", "test"):
+        if split in splits:
+            feats, y = splits[split]
+            splits[split] = ({k: v + 50.0 for k, v in feats.items()}, y)
+    return splits
+
+
+@pytest.mark.parametrize("mode", ["memory", "pca", "stream"])
+def test_scaler_and_pca_are_fitted_on_train_rows_only(tmp_path, mode):
+    path = write_cache(tmp_path / "shifted.h5", _shifted_splits())
+    extra = {"memory": (), "pca": ("--pca", "6", "--memory-limit-mb", "0.05"),
+             "stream": ("--memory-limit-mb", "0.05")}[mode]
+    out = tmp_path / "r"
+    ok(run_cli(path, "--heads", "logistic", "--features", "pool2", "--jobs", "1",
+               "--out", out, *extra))
+    (result_path,) = out.rglob("*.json")
+    assert read_result(result_path)["settings"]["memory"]["mode"] == mode
+    model = load_head(result_path)
+    X = Cache(path).load("train", "pool2")
+    scaler = model.named_steps["prescale" if mode == "pca" else "scaler"]
+    assert scaler.n_samples_seen_ == len(X)
+    np.testing.assert_allclose(scaler.mean_, X.mean(0), atol=1e-4)
+    if mode == "pca":
+        pca = model.named_steps["pca"]
+        assert pca.n_samples_seen_ == len(X)
+        np.testing.assert_allclose(pca.mean_, 0.0, atol=1e-4)  # train, standardised
+
+
+def test_ties_go_to_the_most_regularised_grid_point(tmp_path):
+    """Classes far apart: every grid point is perfect on val, so each head must keep the
+    first (most regularised) point of its grid, in memory and streamed."""
+    path = write_cache(tmp_path / "easy.h5", blob_splits(d=8, sep=40.0, pools=(1,)))
+    heads = ("linear", "logistic", "svm", "knn", "rbf")
+    run = fit_heads([path], HeadsConfig(heads=heads, out_dir=tmp_path / "r"))
+    streamed = fit_heads([path], HeadsConfig(heads=("logistic",), features=("pool1",),
+                                             memory_limit_mb=0.001, out_dir=tmp_path / "s"))
+    for result in run.results + streamed.results:
+        grid = result["selection"]["grid"]
+        assert {g["score"] for g in grid} == {1.0}, result["head"]  # a tie everywhere
+        assert result["selection"]["chosen"] == grid[0]["params"], result["head"]
+        first = {k: (list(v[0]) if isinstance(v[0], tuple) else v[0])
+                 for k, v in get_head(result["head"]).grid.items()}
+        assert result["selection"]["chosen"] == first, result["head"]
+    assert streamed.results[0]["head"] == "sgd"
+
+
+def test_without_val_the_streamed_head_is_refitted_on_all_of_train(tmp_path):
+    """alpha is chosen on a holdout fold of train, then the model is trained again on every
+    train row: SGD's update count t_ is 1 + epochs x train rows."""
+    path = write_cache(tmp_path / "noval.h5", blob_splits(d=16, val=False, pools=(2,)))
+    out = tmp_path / "r"
+    ok(run_cli(path, "--features", "pool2", "--heads", "logistic", "--memory-limit-mb", "0.02",
+               "--cv", "4", "--jobs", "1", "--out", out))
+    result_path = out / "noval" / "heads" / "pool2__sgd.json"
+    selection = read_result(result_path)["selection"]
+    assert selection["on"] == "holdout" and selection["refit"] == "train"
+    model = load_head(result_path)
+    n_train = len(Cache(path).labels("train"))
+    assert model.named_steps["head"].t_ == 1 + STREAM_EPOCHS * n_train
+    assert model.named_steps["scaler"].n_samples_seen_ == n_train
+
+
+def test_cv_selection_refits_on_all_of_train(tmp_path):
+    path = write_cache(tmp_path / "noval.h5", blob_splits(d=16, val=False, pools=()))
+    run = fit_heads([path], HeadsConfig(heads=("logistic",), cv=3, out_dir=tmp_path / "r"))
+    assert run.results[0]["selection"]["on"] == "cv"
+    model = load_head(run.json_paths[0])
+    assert model.named_steps["scaler"].n_samples_seen_ == len(Cache(path).labels("train"))
+
+
+@pytest.mark.parametrize("extra, mode", [((), "memory"), (("--pca", "4"), "pca"),
+                                         (("--memory-limit-mb", "0.02"), "stream")])
+def test_no_standardize_leaves_features_unscaled_in_every_mode(tmp_path, extra, mode):
+    path = write_cache(tmp_path / "b.h5", blob_splits(d=16, pools=(2,)))
+    out = tmp_path / "r"
+    if mode == "pca":
+        extra = extra + ("--memory-limit-mb", "0.02")
+    ok(run_cli(path, "--features", "pool2", "--heads", "logistic", "--no-standardize",
+               "--jobs", "1", "--out", out, *extra))
+    (result_path,) = out.rglob("*.json")
+    result = read_result(result_path)
+    assert result["settings"]["memory"]["mode"] == mode
+    assert result["settings"]["standardize"] is False
+    model = load_head(result_path)
+    assert model.named_steps["prescale" if mode == "pca" else "scaler"] == "passthrough"
+    if mode == "pca":
+        assert model.named_steps["scaler"] == "passthrough"  # nor on the reduced rows
+
+
+def test_printed_table_is_sorted_by_test_balanced_accuracy(tmp_path):
+    path = write_cache(tmp_path / "noisy.h5", blob_splits(d=8, sep=1.0, pools=(1,)))
+    res = ok(run_cli(path, "--heads", "linear,knn,rbf", "--features", "all", "--jobs", "1",
+                     "--out", tmp_path / "r"))
+    csv = pd.read_csv(tmp_path / "r" / "heads_summary.csv")
+    lines = res.stdout.splitlines()[1:1 + len(csv)]
+    printed = [(line.split()[2], line.split()[3], float(line.split()[5])) for line in lines]
+    assert len({b for _, _, b in printed}) >= 3  # the order is not decided by ties
+    assert [b for _, _, b in printed] == sorted((b for _, _, b in printed), reverse=True)
+    by_run = {(r.feature, r.head): round(r.test_balanced_accuracy, 3)
+              for r in csv.itertuples()}
+    assert {(f, h): b for f, h, b in printed} == by_run
