@@ -96,7 +96,8 @@ def model_options(f):
 
 def backend_options(f):
     """``--backend``, ``--scheduler``: where head fits run (joblib backends)."""
-    f = click.option("--scheduler", default=None, metavar="ADDRESS",
+    # not FEATX_SCHEDULER: finetune's --scheduler (the LR schedule) has that variable
+    f = click.option("--scheduler", "scheduler_address", default=None, metavar="ADDRESS",
                      help="A running dask scheduler (tcp://host:8786) or ray cluster "
                      "(host:6379) [default: start a local one of --jobs workers].")(f)
     f = click.option("--backend", type=click.Choice(["loky", "dask", "ray"]), default="loky",
@@ -265,7 +266,7 @@ def report(results_dir, out):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               help="Folder for results and heads_summary.csv.")
 def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pca,
-              memory_limit_mb, jobs, backend, scheduler, seed, out):
+              memory_limit_mb, jobs, backend, scheduler_address, seed, out):
     """Fit classical heads on cached features; choose on val, score once on test.
 
     Writes OUT/{cache}/heads/{feature}__{head}.json and .joblib per run, merges
@@ -277,7 +278,7 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
                       class_weight=None if class_weight == "none" else class_weight,
                       standardize=standardize, jobs=jobs or os.cpu_count() or 1, seed=seed,
                       out_dir=out, memory_limit_mb=memory_limit_mb, pca=pca,
-                      backend=backend, scheduler=scheduler)
+                      backend=backend, scheduler=scheduler_address)
     run = run_fit_heads(caches, cfg, log=lambda line: click.echo(line, err=True))
     click.echo(format_summary(run.rows))
     for matrix in run.matrices:
@@ -412,7 +413,7 @@ def _print_compare(run) -> None:
 @click.option("--progress/--no-progress", default=True)
 def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mode, epochs, lr,
             optimizer, loss, class_weight, weights, image_size, device, precision, workers,
-            batch_size, jobs, backend, scheduler, cache_dir, out, overwrite, progress):
+            batch_size, jobs, backend, scheduler_address, cache_dir, out, overwrite, progress):
     """Run the whole experiment: extract, heads on every feature, fine-tune, report.
 
     Work already done (an up-to-date cache, current head results, finished fine-tuning
@@ -432,7 +433,7 @@ def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mod
                         device=device, precision=precision, seed=seed,
                         class_weight=None if class_weight == "none" else class_weight,
                         loss=loss, lr=lr, optimizer=optimizer, jobs=jobs, backend=backend,
-                        scheduler=scheduler, cache_dir=cache_dir, out=out,
+                        scheduler=scheduler_address, cache_dir=cache_dir, out=out,
                         overwrite=overwrite, progress=progress)
     _print_compare(run_compare(data, cfg, log=lambda m: click.echo(m, err=True)))
 

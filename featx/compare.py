@@ -16,7 +16,8 @@ from featx.cache import Cache
 from featx.data import DatasetSpec
 from featx.extract import ExtractConfig, extract
 from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
-from featx.heads import HeadsConfig, fit_heads, heads_backend, parse_heads, resolve_features
+from featx.heads import (HeadsConfig, check_backend, fit_heads, heads_backend, parse_heads,
+                         resolve_features)
 from featx.metrics import read_result
 
 __all__ = ["CompareConfig", "CompareRun", "FINETUNE_MODES", "run_compare"]
@@ -103,6 +104,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     if cfg.finetune not in FINETUNE_MODES:
         raise ValueError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
     heads = parse_heads(cfg.heads)
+    check_backend(cfg.backend, cfg.scheduler)  # before any extraction
     out = Path(cfg.out)
     run = CompareRun()
 

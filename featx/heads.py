@@ -65,6 +65,7 @@ __all__ = [
     "HeadsRun",
     "MemoryPlan",
     "build_head",
+    "check_backend",
     "class_scores",
     "fit_heads",
     "format_pool_matrix",
@@ -603,6 +604,18 @@ def _import_extra(module: str, extra: str):
                          f"featx[{extra}]") from None
 
 
+def check_backend(backend: str, scheduler: str | None = None) -> None:
+    """Refuse an unknown ``backend``, a ``scheduler`` for loky, or a missing extra, with one
+    line, before any work starts (the cluster itself is reached in :func:`heads_backend`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+    if scheduler and backend == "loky":
+        raise ValueError(f"--scheduler {scheduler}: loky runs on this machine only; add "
+                         f"--backend dask or --backend ray to use a cluster.")
+    if backend != "loky":
+        _import_extra("distributed" if backend == "dask" else "ray", backend)
+
+
 @contextlib.contextmanager
 def heads_backend(backend: str = "loky", *, scheduler: str | None = None,
                   jobs: int = 1) -> Iterator[str]:
@@ -625,11 +638,7 @@ def heads_backend(backend: str = "loky", *, scheduler: str | None = None,
     must be on a filesystem every worker sees. Opening the same backend again inside the
     block (``compare`` around ``fit_heads``) reuses the open one.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}.")
-    if scheduler and backend == "loky":
-        raise ValueError(f"--scheduler {scheduler}: loky runs on this machine only; add "
-                         f"--backend dask or --backend ray to use a cluster.")
+    check_backend(backend, scheduler)
     if _OPEN_BACKENDS and _OPEN_BACKENDS[-1] == (backend, scheduler):
         yield backend
         return
@@ -986,11 +995,7 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
         raise ValueError(f"--cv {config.cv}: need at least 2 folds.")
     if config.jobs < 1:
         raise ValueError(f"--jobs {config.jobs}: must be at least 1.")
-    if config.backend not in BACKENDS:
-        raise ValueError(f"--backend {config.backend!r}: use one of {', '.join(BACKENDS)}.")
-    if config.scheduler and config.backend == "loky":
-        raise ValueError(f"--scheduler {config.scheduler}: loky runs on this machine only; "
-                         f"add --backend dask or --backend ray to use a cluster.")
+    check_backend(config.backend, config.scheduler)
     if not caches:
         raise ValueError("give at least one cache file.")
     limit, source = memory_limit(config.memory_limit_mb)

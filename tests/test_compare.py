@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,15 +60,42 @@ def read_result_ok(p):
 
 
 def test_compare_redoes_only_what_is_missing(digits_dir, tmp_path):
+    """The second run fits the missing heads on dask (the client open in this process),
+    and gets what loky got."""
+    distributed = pytest.importorskip("distributed")
     data = load_dataset(digits_dir)
     run_compare(data, _cfg(tmp_path, finetune="none"), log=lambda m: None)
     heads_dir = next((tmp_path / "results").glob("*/heads"))
+    before = read_result(heads_dir / "pool2__linear.json")
     (heads_dir / "pool2__linear.json").unlink()
-    again = run_compare(data, _cfg(tmp_path, finetune="none"), log=lambda m: None)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client, distributed.get_task_stream(client) as ts:
+        again = run_compare(data, _cfg(tmp_path, finetune="none", backend="dask"),
+                            log=lambda m: None)
     assert any("extract" in s for s in again.skipped)
     assert again.done == [next(d for d in again.done if d.startswith("heads"))]
     assert again.done[0].endswith("pool2")
-    assert (heads_dir / "pool2__linear.json").is_file()
+    after = read_result(heads_dir / "pool2__linear.json")
+    assert sum("_run_indexed" in str(t["key"]) for t in ts.data) == 2  # pool2 x 2 heads
+    for r in (before, after):
+        for key in ("fit_s", "select_s", "predict_s"):
+            r["metrics"].pop(key)
+    assert after["metrics"] == before["metrics"] and after["selection"] == before["selection"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--scheduler", "tcp://10.0.0.1:8786"), "loky runs on this machine only"),
+    (("--backend", "dask"), "--backend dask needs the dask package: pip install featx[dask]"),
+])
+def test_compare_bad_backend_is_one_line_before_any_extraction(digits_dir, tmp_path,
+                                                               monkeypatch, args, words):
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    r = CliRunner().invoke(main, ["compare", "--data", str(digits_dir), "--models", "resnet18",
+                                  "--cache-dir", str(tmp_path / "c"), *args])
+    assert r.exit_code == 1 and r.output.startswith("Error:") and words in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()
 
 
 def test_compare_reuses_a_cache_with_more_pools_and_fits_only_what_it_asks(digits_dir,

@@ -200,9 +200,9 @@ def test_results_json_csv_matrix_and_plot_from_a_real_extraction(digits_split_di
             "test_fingerprint"]
         assert (out / row.json).with_suffix(".joblib").is_file()
     assert (out / cache_path.stem / "pool_sizes.png").stat().st_size > 1000
-    table = res.stdout.splitlines()
-    baccs = [float(line.split()[5]) for line in table[1:7]]
-    assert baccs == sorted(baccs, reverse=True)
+    table = res.stdout.splitlines()  # its order: test_printed_table_is_sorted_by_...
+    assert {tuple(line.split()[2:4]) for line in table[1:7]} == set(zip(csv["feature"],
+                                                                        csv["head"]))
     assert "test balanced accuracy (val accuracy)" in res.stdout
     assert any(line.startswith("pool2") for line in table)
 
