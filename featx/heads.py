@@ -569,9 +569,8 @@ _OPEN_BACKENDS: list[tuple[str, str | None]] = []  # heads_backend contexts open
 def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
     """loky worker initializer: end this worker when the featx process that started it dies.
 
-    Without it a ``kill -9`` of ``fit-heads`` leaves loky workers fitting (and, before
-    results were written by the parent only, writing) for minutes: a loky worker only
-    notices its parent is gone when it asks for its next task. Linux's
+    Without it a ``kill -9`` of ``fit-heads`` leaves loky workers fitting for minutes: a
+    loky worker only notices its parent is gone when it asks for its next task. Linux's
     ``PR_SET_PDEATHSIG`` has the kernel send SIGKILL when the parent exits; it is tied to
     the parent *thread* that forked the worker, so it is only used when that is the main
     thread. A thread polling ``getppid()`` covers other systems and callers.
@@ -1073,7 +1072,8 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
             t.inner_jobs = inner
         if outer == 1:
             done = (_run_indexed(i, t, *arrays[id(t)]) for i, t in enumerate(tasks))
-        else:  # results as they finish, so each is written as soon as it exists
+        else:  # results as they finish, so each is written as soon as it exists (ray's
+            # multiprocessing-style backend only returns the whole list)
             done = joblib.Parallel(
                 n_jobs=outer,
                 return_as="list" if config.backend == "ray" else "generator_unordered")(
