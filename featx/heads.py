@@ -649,7 +649,9 @@ def heads_backend(backend: str = "loky", *, scheduler: str | None = None,
             config = dict(client=_dask_client(stack, scheduler, jobs))
         else:
             _start_ray(stack, scheduler, jobs)
-            config = {}
+            # joblib would memmap large arguments to a local temp folder other nodes cannot
+            # read; pickle them into the task instead
+            config = dict(max_nbytes=None)
         stack.enter_context(joblib.parallel_config(backend=backend, **config))
         _OPEN_BACKENDS.append((backend, scheduler))
         stack.callback(_OPEN_BACKENDS.pop)
