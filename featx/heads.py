@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
 import signal
 import sys
@@ -675,7 +676,7 @@ def _dask_client(stack: contextlib.ExitStack, scheduler: str | None, jobs: int):
     except ValueError:
         pass
     cluster = distributed.LocalCluster(n_workers=max(1, jobs), threads_per_worker=1,
-                                       dashboard_address=None)
+                                       dashboard_address=None, silence_logs=logging.ERROR)
     stack.callback(cluster.close)
     client = distributed.Client(cluster, set_as_default=False)
     stack.callback(client.close)
