@@ -160,13 +160,16 @@ def extract(models_, data_path, split_fractions, seed, pool, weights, image_size
     """Run frozen backbones over the images once; write features to HDF5."""
     from featx.backbones import get_backbone
     from featx.extract import ExtractConfig, extract as run_extract, parse_pools
+    from featx.shards import is_main_process
     names = [m for arg in models_ for m in arg.split(",") if m]
     for name in names:
         get_backbone(name)  # fail on a bad name before reading any data
     pools = parse_pools(pool)
     data = load_data_arg(data_path, split_fractions, seed)
-    click.echo(f"data: {data.root} ({data.layout}), classes {', '.join(data.classes)}; "
-               + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items()), err=True)
+    main_process = is_main_process()  # under torchrun only rank 0 speaks for the whole job
+    if main_process:
+        click.echo(f"data: {data.root} ({data.layout}), classes {', '.join(data.classes)}; "
+                   + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items()), err=True)
     for name in names:
         cfg = ExtractConfig(model=name, weights=weights, pools=pools, image_size=image_size,
                             batch_size=batch_size, workers=workers, device=device,
@@ -189,7 +192,8 @@ def extract(models_, data_path, split_fractions, seed, pool, weights, image_size
                     click.echo(f"  {split}/{path}: {reason}", err=True)
                 if res.n_skipped > 10:
                     click.echo(f"  ... see `featx info {res.path}`", err=True)
-        click.echo(str(res.path))
+        if main_process:
+            click.echo(str(res.path))
 
 
 @main.command(cls=_EnvCommand)
