@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -687,6 +688,7 @@ def bench_ranks(ctx: Context) -> list[Row]:
             raise RuntimeError(f"extract with {label} process(es) failed:\n{r.stderr[-2000:]}")
         cache = Cache(next(out.glob("*.h5")))
         runs[label] = (cache.attrs["timings"]["images_per_s"], wall, cache)
+        joined = re.search(r"joined them in ([\d.]+) s", r.stderr)
     a, b = runs["2"][2], runs["1"][2]
     diff = max(_rel_err(a.load(sp, "penultimate"), b.load(sp, "penultimate"))
                for sp in b.splits)
@@ -701,7 +703,9 @@ def bench_ranks(ctx: Context) -> list[Row]:
                 why + f"; features differ by {diff:.1e} relative ({a.attrs['precision']})"),
             Row("  same, wall time of the whole command incl. start-up and join (s)",
                 f"{runs['2'][1]:.1f}", f"{runs['1'][1]:.1f}",
-                _fmt_ratio(runs["1"][1] / runs["2"][1]), "informational", "")]
+                _fmt_ratio(runs["1"][1] / runs["2"][1]), "informational", "",
+                f"rank 0 joined the 2 shards into one file in {joined.group(1)} s"
+                if joined else "")]
 
 
 RUNNERS = {"extract": bench_extract, "ceiling": bench_ceiling, "bf16": bench_bf16,
@@ -749,7 +753,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--only", default="", metavar="NAME[,NAME]",
-                   help=f"run only these: {', '.join(BENCHMARKS)}")
+                   help=f"run only these: {', '.join(RUNNERS)} [all but ranks]")
     p.add_argument("--images", type=int, default=0,
                    help="images for the extract/ceiling/compile/pools rows [960; quick 24]")
     p.add_argument("--out", type=Path, default=None, help="also write the table to FILE.md")

@@ -157,7 +157,11 @@ def weights_import(file, model):
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def extract(models_, data_path, split_fractions, seed, pool, weights, image_size, device,
             precision, workers, batch_size, store, out, overwrite, compile_, progress):
-    """Run frozen backbones over the images once; write features to HDF5."""
+    """Run frozen backbones over the images once; write features to HDF5.
+
+    Also runs as `torchrun --nproc-per-node N -m featx extract ...`: the processes share
+    the images and the job writes the same single cache file (README: Scaling out).
+    """
     from featx.backbones import get_backbone
     from featx.extract import ExtractConfig, extract as run_extract, parse_pools
     from featx.shards import is_main_process

@@ -138,11 +138,6 @@ def _gather(value, env: DistEnv) -> list:
     return out
 
 
-def _barrier(env: DistEnv) -> None:
-    if env.world_size > 1:
-        dist.barrier()
-
-
 # -- which shards ---------------------------------------------------------------------------
 
 def _plan(path: Path, prov: dict, world_size: int) -> int | None:
@@ -319,6 +314,7 @@ def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
     total = sum(hi - lo for k in mine for items in data.splits.values()
                 for lo, hi in [shard_bounds(len(items), k, n_shards)])
     written = skipped = 0
+    seconds = 0.0  # in the pass itself, as a single process's timings count it
     notes: list[str] = []
     bar = tqdm(total=total, unit="img", dynamic_ncols=True,
                desc=f"extract {cfg.model} [rank {env.rank}/{env.world_size}]",
@@ -331,36 +327,42 @@ def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
                 fm = FeatureModel(spec, build_backbone(cfg.model, weights).to(device)).eval()
                 run = _prepare_for_inference(fm)
                 run = _compiled(run, notes) if cfg.compile else run
+            t_shard = time.perf_counter()
+            splits = _shard_splits(data.splits, k, n_shards)
             writer = CacheWriter(shard_path(path, k, n_shards),
                                  {**prov, "shard_index": k, "shard_count": n_shards},
-                                 _shard_splits(data.splits, k, n_shards), dims, cfg.store)
+                                 splits, dims, cfg.store)
             resumed |= writer.resumed
-            bar.update(sum(writer.next_index(s) for s in data.splits))
+            bar.update(sum(writer.next_index(s) for s in splits))
             try:
-                w, s = _fill(writer, data.root, _shard_splits(data.splits, k, n_shards), run,
-                             transform, cfg, device, precision, workers, bar, env.rank)
+                n_ok, n_bad = _fill(writer, data.root, splits, run, transform, cfg, device,
+                                    precision, workers, bar, env.rank)
             except BaseException:
                 writer.close()
                 raise
-            written, skipped = written + w, skipped + s
-            writer.finish({"timings": {"seconds": round(time.perf_counter() - t0, 3)}})
+            written, skipped = written + n_ok, skipped + n_bad
+            seconds += time.perf_counter() - t_shard
+            writer.finish({"timings": {"seconds": round(time.perf_counter() - t_shard, 3)}})
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
     counts = _gather((written, skipped, resumed, seconds), env)  # waits for every shard
 
     if env.rank == 0:
         n_all = sum(c[0] for c in counts)
         n_bad = sum(c[1] for c in counts)
+        # the ranks run side by side: the job's pass takes as long as its slowest rank
+        seconds = max(c[3] for c in counts)
         t_join = time.perf_counter()
         try:
             _join(path, {**prov, "shard_count": n_shards}, data.splits, n_shards, dims,
                   cfg.store, {"timings": {
-                      "seconds": round(time.perf_counter() - t0, 3),
+                      "seconds": round(seconds, 3),
                       "images_per_s": round((n_all + n_bad) / max(seconds, 1e-9), 2),
+                      "wall_s": round(time.perf_counter() - t0, 3),
                       "resumed": any(c[2] for c in counts), "images": n_all,
                       "world_size": env.world_size, "shards": n_shards}})
-            shutil.rmtree(shard_dir(path))
+            # the cache is complete from here; a shard left behind is only wasted disk
+            shutil.rmtree(shard_dir(path), ignore_errors=True)
             done = None
         except Exception as exc:
             done = exc
