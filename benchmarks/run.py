@@ -27,6 +27,8 @@ Benchmarks (``--only`` names):
 * ``memory``   peak RSS of an extraction of N and 10*N images (each in a subprocess).
 * ``heads``    featx fit-heads, all four heads with their grids on ~5,000 x 2,048 features,
   jobs 1 vs jobs 2.
+* ``ranks``    ``torchrun --nproc-per-node 2 -m featx extract`` vs one process on the same
+  images (opt-in: ``--only ranks``; it launches torchrun, so the default run leaves it out).
 
 Images: ``../shared/data/pneumoniamnist`` beside the checkout (28x28 chest X-rays, upscaled
 to the model's input by the weights' own transform), subsets drawn per split and class with
@@ -39,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -646,9 +649,68 @@ def bench_heads(ctx: Context) -> list[Row]:
                 "")]
 
 
+def _as_split_folders(spec: DatasetSpec, root: Path) -> Path:
+    """``spec``'s files as ``root/{split}/{class}/`` symlinks: a path the CLI can take."""
+    for split, items in spec.splits.items():
+        for rel, lab in items:
+            link = root / split / spec.classes[lab] / Path(rel).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to((spec.root / rel).resolve())
+    return root
+
+
+def bench_ranks(ctx: Context) -> list[Row]:
+    """``torchrun --nproc-per-node 2 -m featx extract`` vs one ``featx extract`` process.
+
+    Both are real command lines on the same images. Extraction speed is read from each
+    cache's own timings (the pass over the images; for 2 ranks until the last shard is
+    done); the wall time adds process start-up and, for 2 ranks, rank 0's join.
+    """
+    s = ctx.settings
+    spec = subset(ctx.data, s.images)
+    _warm(spec)
+    root = _as_split_folders(spec, ctx.work / "images")
+    args = ["extract", "--model", "resnet18", "--data", str(root), "--weights", "none",
+            "--image-size", str(s.image_size), "--batch-size", "32", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    runs = {}
+    for label, launcher in (("1", [sys.executable, "-m", "featx"]),
+                            ("2", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc-per-node", "2", "-m", "featx"])):
+        out = ctx.work / f"ranks{label}"
+        t0 = time.perf_counter()
+        r = subprocess.run(launcher + args + ["--out", str(out)], capture_output=True,
+                           text=True, env=env)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"extract with {label} process(es) failed:\n{r.stderr[-2000:]}")
+        cache = Cache(next(out.glob("*.h5")))
+        runs[label] = (cache.attrs["timings"]["images_per_s"], wall, cache)
+        joined = re.search(r"joined them in ([\d.]+) s", r.stderr)
+    a, b = runs["2"][2], runs["1"][2]
+    diff = max(_rel_err(a.load(sp, "penultimate"), b.load(sp, "penultimate"))
+               for sp in b.splits)
+    n = _count(spec)
+    cores = os.cpu_count() or 1
+    why = (f"on {cores} cores each rank gets 1 thread (torchrun sets OMP_NUM_THREADS=1), "
+           f"while one process already runs every conv on all {cores} cores intra-op; "
+           f"ranks pay off with one GPU each or more cores than one process uses well")
+    return [Row(f"extract resnet18 {n} images at {s.image_size} px: torchrun 2 ranks vs 1 "
+                f"process (images/s of the pass)", f"{runs['2'][0]:.1f}", f"{runs['1'][0]:.1f}",
+                _fmt_ratio(runs["2"][0] / runs["1"][0]), f"~1x on {cores} cores", "",
+                why + f"; features differ by {diff:.1e} relative ({a.attrs['precision']})"),
+            Row("  same, wall time of the whole command incl. start-up and join (s)",
+                f"{runs['2'][1]:.1f}", f"{runs['1'][1]:.1f}",
+                _fmt_ratio(runs["1"][1] / runs["2"][1]), "informational", "",
+                f"rank 0 joined the 2 shards into one file in {joined.group(1)} s"
+                if joined else "")]
+
+
 RUNNERS = {"extract": bench_extract, "ceiling": bench_ceiling, "bf16": bench_bf16,
            "compile": bench_compile, "pools": bench_pools, "loop": bench_loop,
-           "memory": bench_memory, "heads": bench_heads}
+           "memory": bench_memory, "heads": bench_heads, "ranks": bench_ranks}
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -691,7 +753,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--only", default="", metavar="NAME[,NAME]",
-                   help=f"run only these: {', '.join(BENCHMARKS)}")
+                   help=f"run only these: {', '.join(RUNNERS)} [all but ranks]")
     p.add_argument("--images", type=int, default=0,
                    help="images for the extract/ceiling/compile/pools rows [960; quick 24]")
     p.add_argument("--out", type=Path, default=None, help="also write the table to FILE.md")
@@ -704,7 +766,7 @@ def main(argv=None) -> int:
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     bad = [n for n in names if n not in RUNNERS]
     if bad:
-        p.error(f"--only {','.join(bad)}: choose from {', '.join(BENCHMARKS)}")
+        p.error(f"--only {','.join(bad)}: choose from {', '.join(RUNNERS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     settings = Settings.for_args(args)

@@ -169,16 +169,23 @@ def weights_import(file, model):
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def extract(models_, data_path, split_fractions, seed, pool, weights, image_size, device,
             precision, workers, batch_size, store, out, overwrite, compile_, progress):
-    """Run frozen backbones over the images once; write features to HDF5."""
+    """Run frozen backbones over the images once; write features to HDF5.
+
+    Also runs as `torchrun --nproc-per-node N -m featx extract ...`: the processes share
+    the images and the job writes the same single cache file (README: Scaling out).
+    """
     from featx.backbones import get_backbone
     from featx.extract import ExtractConfig, extract as run_extract, parse_pools
+    from featx.shards import is_main_process
     names = [m for arg in models_ for m in arg.split(",") if m]
     for name in names:
         get_backbone(name)  # fail on a bad name before reading any data
     pools = parse_pools(pool)
     data = load_data_arg(data_path, split_fractions, seed)
-    click.echo(f"data: {data.root} ({data.layout}), classes {', '.join(data.classes)}; "
-               + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items()), err=True)
+    main_process = is_main_process()  # under torchrun only rank 0 speaks for the whole job
+    if main_process:
+        click.echo(f"data: {data.root} ({data.layout}), classes {', '.join(data.classes)}; "
+                   + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items()), err=True)
     for name in names:
         cfg = ExtractConfig(model=name, weights=weights, pools=pools, image_size=image_size,
                             batch_size=batch_size, workers=workers, device=device,
@@ -201,7 +208,8 @@ def extract(models_, data_path, split_fractions, seed, pool, weights, image_size
                     click.echo(f"  {split}/{path}: {reason}", err=True)
                 if res.n_skipped > 10:
                     click.echo(f"  ... see `featx info {res.path}`", err=True)
-        click.echo(str(res.path))
+        if main_process:
+            click.echo(str(res.path))
 
 
 @main.command(cls=_EnvCommand)

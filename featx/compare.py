@@ -19,6 +19,7 @@ from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_na
 from featx.heads import (HeadsConfig, check_backend, fit_heads, heads_backend, parse_heads,
                          resolve_features)
 from featx.metrics import read_result
+from featx.shards import is_main_process
 
 __all__ = ["CompareConfig", "CompareRun", "FINETUNE_MODES", "run_compare"]
 
@@ -100,7 +101,11 @@ def _same_head_inputs(res: dict, cache: Cache, head: str, cfg: CompareConfig) ->
 
 def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
                 log: Callable[[str], None] = print) -> CompareRun:
-    """Extract each model, fit the heads on every feature, fine-tune, and write the report."""
+    """Extract each model, fit the heads on every feature, fine-tune, and write the report.
+
+    Under ``torchrun`` all ranks share the extraction (featx/shards.py); the other ranks
+    then return, and rank 0 does the rest.
+    """
     if cfg.finetune not in FINETUNE_MODES:
         raise ValueError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
     heads = parse_heads(cfg.heads)
@@ -118,6 +123,11 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
             f"extract {model}: {ex.status} ({ex.path})")
         log(f"extract {model}: {ex.status} -> {ex.path}")
         run.caches.append(ex.path)
+
+    if not is_main_process():
+        # under torchrun every rank extracts its shards (above); heads, fine-tuning and
+        # the report run once, on rank 0, from the joined caches
+        return run
 
     todo_by_cache = []
     for path in run.caches:

@@ -172,6 +172,7 @@ def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: Trans
         "split_seed": data.seed,
         "split_fractions": list(data.fractions) if data.fractions else None,
         "device": str(device),
+        "world_size": 1,  # featx/shards.py records torchrun's
         "torch_version": torch.__version__,
         "host": socket.gethostname(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -211,6 +212,13 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
             diffs = diff_provenance(existing, prov) if existing else ["it is not a readable cache"]
             raise StaleCacheError(f"{path} exists with other inputs ({'; '.join(diffs)}). "
                                   f"Pass --overwrite to replace it, or --out another folder.")
+
+    # under torchrun, or with shards of an earlier sharded run on disk: featx/shards.py
+    from featx.shards import extract_sharded
+    sharded = extract_sharded(data, cfg, path=path, prov=prov, weights=weights,
+                              transform=transform, device=device, precision=precision)
+    if sharded is not None:
+        return sharded
 
     model = build_backbone(cfg.model, weights).to(device)
     fm = _prepare_for_inference(FeatureModel(spec, model).eval())

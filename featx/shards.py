@@ -1,0 +1,382 @@
+"""Extraction split across ``torchrun`` processes, joined into one ordinary cache.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment) every process
+runs the same ``featx extract`` command. The images are cut into K shards by index: shard
+``k`` of ``K`` holds, of every split with ``n`` files, the files ``[k*n//K, (k+1)*n//K)``:
+contiguous, disjoint, together exactly the split, with no padding (unlike
+``DistributedSampler``). Process ``r`` of ``W`` works on shards ``r, r+W, r+2W, ...``, each a
+normal cache file of its own (written through :class:`~featx.cache.CacheWriter`, so it
+commits batch by batch and a killed process resumes from its last committed batch)::
+
+    cache/NAME.h5.shards/shard-00000-of-00002.h5[.partial]
+    cache/NAME.h5.shards/shard-00001-of-00002.h5[.partial]
+
+When every shard is complete, rank 0 copies them in order into ``NAME.h5.partial`` and
+renames it to ``NAME.h5`` (``os.replace``), then deletes the shard folder. The result is
+byte-for-byte the layout a single process writes: one self-contained file.
+
+Shards are keyed by their row range, not by who wrote them: K is fixed by the first run
+(its world size) and kept by every later run, whatever its world size, so 2 processes can
+start a cache and 1 process (a plain ``featx extract``), or 4, can finish it; a partial
+single-process cache picked up by ``torchrun`` becomes shard 0 of 1.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from featx.cache import (SCHEMA_VERSION, Cache, CacheWriter, _read_attrs, diff_provenance,
+                         partial_path)
+
+__all__ = ["DistEnv", "dist_env", "extract_sharded", "is_main_process", "shard_bounds",
+           "shard_dir", "shard_path"]
+
+_SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.h5(\.partial)?$")
+# A fast rank waits at the barrier for the slowest one, and rank 0's join copies every row:
+# both can take hours on big image sets, far beyond torch's default 10-30 min.
+_TIMEOUT = timedelta(hours=24)
+_JOIN_BYTES = 64 << 20  # rows copied per block when joining shards
+# Test hook: "RANK:N" makes that rank SIGKILL itself after committing N batches, so tests can
+# kill one rank at a known point instead of racing a timer.
+_KILL_ENV = "FEATX_TEST_KILL_AFTER_BATCHES"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a ``torchrun`` job (``0, 1, 0`` outside one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def dist_env() -> DistEnv:
+    """Rank, world size and local rank from the variables ``torchrun`` sets."""
+    try:
+        return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise ValueError(f"RANK={os.environ.get('RANK')!r}, WORLD_SIZE="
+                         f"{os.environ.get('WORLD_SIZE')!r}, LOCAL_RANK="
+                         f"{os.environ.get('LOCAL_RANK')!r}: torchrun sets these to integers; "
+                         f"unset them to run a single process.") from None
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (always true outside ``torchrun``)."""
+    return dist_env().rank == 0
+
+
+def shard_dir(path: str | Path) -> Path:
+    """``cache/NAME.h5`` -> ``cache/NAME.h5.shards``: where its shards live while unjoined."""
+    path = Path(path)
+    return path.with_name(path.name + ".shards")
+
+
+def shard_path(path: str | Path, k: int, n_shards: int) -> Path:
+    """The file of shard ``k`` of ``n_shards`` of the cache ``path``."""
+    return shard_dir(path) / f"shard-{k:05d}-of-{n_shards:05d}.h5"
+
+
+def shard_bounds(n: int, k: int, n_shards: int) -> tuple[int, int]:
+    """``(lo, hi)``: shard ``k``'s slice of a split of ``n`` files (sizes differ by <= 1)."""
+    return k * n // n_shards, (k + 1) * n // n_shards
+
+
+def _shard_splits(splits: dict, k: int, n_shards: int) -> dict:
+    return {s: items[slice(*shard_bounds(len(items), k, n_shards))]
+            for s, items in splits.items()}
+
+
+def _init(env: DistEnv, device: torch.device) -> torch.device:
+    """Join the process group (gloo on the CPU, NCCL on GPUs) and pick this rank's GPU."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", env.local_rank)
+    if env.world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's barrier and object collectives use it
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_TIMEOUT)
+        atexit.register(_destroy)
+    return device
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _from_rank0(value, env: DistEnv):
+    """``value`` as computed on rank 0, on every rank; an exception there is raised everywhere."""
+    if env.world_size > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _gather(value, env: DistEnv) -> list:
+    """Every rank's ``value``, in rank order (also a barrier)."""
+    if env.world_size == 1:
+        return [value]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+# -- which shards ---------------------------------------------------------------------------
+
+def _plan(path: Path, prov: dict, world_size: int) -> int | None:
+    """The number of shards to work on (K), settling what is on disk; ``None``: no sharding.
+
+    Shards with the same inputs keep their K; an unreadable shard file is only lost work
+    and is removed (that shard starts over); shards from other inputs are removed as a
+    whole, as a stale ``.partial`` is today.
+    """
+    folder = shard_dir(path)
+    found: dict[Path, int] = {}
+    stale = False
+    for f in sorted(folder.glob("shard-*")) if folder.is_dir() else []:
+        m = _SHARD_RE.fullmatch(f.name)
+        if not m:
+            continue
+        try:
+            with h5py.File(f, "r") as h:
+                attrs = _read_attrs(h)
+        except OSError:
+            f.unlink()
+            continue
+        if attrs.get("featx_schema") != SCHEMA_VERSION or diff_provenance(attrs, prov):
+            stale = True
+        found[f] = int(m.group(2))
+    if stale or len(set(found.values())) > 1:
+        shutil.rmtree(folder)
+        found = {}
+    if found:
+        return next(iter(found.values()))
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    if world_size == 1:
+        return None  # nothing sharded to finish: the ordinary single-process path
+    single = partial_path(path)
+    if _resumable(single, prov):
+        # one row range, finished by one rank: its committed rows are kept, not redone
+        folder.mkdir(parents=True, exist_ok=True)
+        os.replace(single, partial_path(shard_path(path, 0, 1)))
+        return 1
+    return world_size
+
+
+def _resumable(partial: Path, prov: dict) -> bool:
+    try:
+        with h5py.File(partial, "r") as h:
+            attrs = _read_attrs(h)
+    except OSError:
+        return False
+    return attrs.get("featx_schema") == SCHEMA_VERSION and not diff_provenance(attrs, prov)
+
+
+# -- the pass over one shard ----------------------------------------------------------------
+
+_committed = {"batches": 0}
+
+
+def _after_commit(rank: int) -> None:
+    spec = os.environ.get(_KILL_ENV)
+    if not spec:
+        return
+    want_rank, _, n = spec.partition(":")
+    _committed["batches"] += 1
+    if int(want_rank) == rank and _committed["batches"] >= int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fill(writer: CacheWriter, root: Path, splits: dict, run, transform, cfg, device,
+          precision: str, workers: int, bar, rank: int) -> tuple[int, int]:
+    """Extract the rows of ``splits`` that ``writer`` has not committed; ``(written, skipped)``.
+
+    The same loop as :func:`featx.extract.extract`, over one shard's file lists.
+    """
+    from featx.data import ImageFiles
+    from featx.extract import _forward
+    tf = transform.eval_transform_uint8()
+    written = skipped = 0
+    for split, items in splits.items():
+        start = writer.next_index(split)
+        if start >= len(items):
+            continue
+        ds = torch.utils.data.Subset(ImageFiles(root, items, tf, transform.crop,
+                                                dtype=torch.uint8), range(start, len(items)))
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+            pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
+        for images, labels, idx, errors in loader:
+            feats = _forward(run, images, transform, cfg.pools, device, precision,
+                             pad_to=cfg.batch_size if cfg.compile else None)
+            ok = np.array([e == "" for e in errors])
+            bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
+            writer.append(split, int(idx[-1]) + 1, {k: v[ok] for k, v in feats.items()},
+                          labels.numpy()[ok], [items[i][0] for i in idx[ok].tolist()], bad)
+            _after_commit(rank)
+            written += int(ok.sum())
+            skipped += len(bad)
+            bar.update(len(labels))
+    return written, skipped
+
+
+# -- joining --------------------------------------------------------------------------------
+
+def _join(path: Path, prov: dict, splits: dict, n_shards: int, dims: dict, store: str,
+          extra: dict) -> None:
+    """Copy the complete shards, in order, into one cache file at ``path`` (atomic rename).
+
+    Rows, the skipped list and the full split lists come out in the order one process
+    writes them: split by split, and within a split shard by shard.
+    """
+    partial_path(path).unlink(missing_ok=True)  # a join killed half-way starts over
+    writer = CacheWriter(path, prov, splits, dims, store)
+    block = max(1, _JOIN_BYTES // (4 * sum(dims.values())))
+    try:
+        for split, items in splits.items():
+            for k in range(n_shards):
+                lo, hi = shard_bounds(len(items), k, n_shards)
+                with h5py.File(shard_path(path, k, n_shards), "r") as f:
+                    g, s = f[split], f["skipped"]
+                    bad = [(p, r) for sp, p, r in zip(s["split"].asstr()[:], s["path"].asstr()[:],
+                                                       s["reason"].asstr()[:]) if sp == split]
+                    n = g["labels"].shape[0]
+                    starts = list(range(0, n, block)) or [0]
+                    for a in starts:
+                        b = min(n, a + block)
+                        last = a == starts[-1]
+                        # next_index moves to hi only with the shard's last block: a join
+                        # killed in between never claims rows it has not copied
+                        writer.append(split, hi if last else lo,
+                                      {name: g[name][a:b] for name in dims},
+                                      g["labels"][a:b], list(g["paths"].asstr()[a:b]),
+                                      bad if last else [])
+    except BaseException:
+        writer.close()
+        raise
+    writer.finish(extra)
+
+
+# -- the entry point ------------------------------------------------------------------------
+
+def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
+                    device: torch.device, precision: str):
+    """Run :func:`featx.extract.extract`'s pass as one of ``torchrun``'s processes, or
+    finish shards left on disk; ``None`` when neither applies (a plain single-process run).
+
+    Every rank returns an :class:`~featx.extract.ExtractResult` for the final cache ``path``;
+    rank 0's counts cover all ranks, another rank's its own shards.
+    """
+    from featx.backbones import FeatureModel, build_backbone, get_backbone
+    from featx.extract import (ExtractResult, _compiled, _default_workers,
+                               _prepare_for_inference)
+    env = dist_env()
+    if env.world_size == 1 and not shard_dir(path).is_dir():
+        return None
+    if not 0 <= env.rank < env.world_size:
+        raise ValueError(f"RANK={env.rank} with WORLD_SIZE={env.world_size}: the rank must be "
+                         f"0..{env.world_size - 1}.")
+    device = _init(env, device)
+    t0 = time.perf_counter()
+    prov = {**prov, "device": str(device), "world_size": env.world_size}
+    try:
+        plan = _plan(path, prov, env.world_size) if env.rank == 0 else None
+    except Exception as exc:
+        plan = exc
+    n_shards = _from_rank0(plan, env)
+    if n_shards is None:
+        return None
+
+    spec = get_backbone(cfg.model)
+    dims = {"penultimate": spec.penultimate_dim}
+    dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
+    mine = [k for k in range(env.rank, n_shards, env.world_size)
+            if not shard_path(path, k, n_shards).exists()]
+    resumed = len(mine) < len(range(env.rank, n_shards, env.world_size))
+    total = sum(hi - lo for k in mine for items in data.splits.values()
+                for lo, hi in [shard_bounds(len(items), k, n_shards)])
+    written = skipped = 0
+    seconds = 0.0  # in the pass itself, as a single process's timings count it
+    notes: list[str] = []
+    bar = tqdm(total=total, unit="img", dynamic_ncols=True,
+               desc=f"extract {cfg.model} [rank {env.rank}/{env.world_size}]",
+               disable=not cfg.progress or env.rank != 0)
+    run = None
+    workers = _default_workers(device) if cfg.workers is None else cfg.workers
+    try:
+        for k in mine:
+            if run is None:  # built only when this rank has work
+                fm = FeatureModel(spec, build_backbone(cfg.model, weights).to(device)).eval()
+                run = _prepare_for_inference(fm)
+                run = _compiled(run, notes) if cfg.compile else run
+            t_shard = time.perf_counter()
+            splits = _shard_splits(data.splits, k, n_shards)
+            writer = CacheWriter(shard_path(path, k, n_shards),
+                                 {**prov, "shard_index": k, "shard_count": n_shards},
+                                 splits, dims, cfg.store)
+            resumed |= writer.resumed
+            bar.update(sum(writer.next_index(s) for s in splits))
+            try:
+                n_ok, n_bad = _fill(writer, data.root, splits, run, transform, cfg, device,
+                                    precision, workers, bar, env.rank)
+            except BaseException:
+                writer.close()
+                raise
+            written, skipped = written + n_ok, skipped + n_bad
+            seconds += time.perf_counter() - t_shard
+            writer.finish({"timings": {"seconds": round(time.perf_counter() - t_shard, 3)}})
+    finally:
+        bar.close()
+    counts = _gather((written, skipped, resumed, seconds), env)  # waits for every shard
+
+    if env.rank == 0:
+        n_all = sum(c[0] for c in counts)
+        n_bad = sum(c[1] for c in counts)
+        # the ranks run side by side: the job's pass takes as long as its slowest rank
+        seconds = max(c[3] for c in counts)
+        t_join = time.perf_counter()
+        try:
+            _join(path, {**prov, "shard_count": n_shards}, data.splits, n_shards, dims,
+                  cfg.store, {"timings": {
+                      "seconds": round(seconds, 3),
+                      "images_per_s": round((n_all + n_bad) / max(seconds, 1e-9), 2),
+                      "wall_s": round(time.perf_counter() - t0, 3),
+                      "resumed": any(c[2] for c in counts), "images": n_all,
+                      "world_size": env.world_size, "shards": n_shards}})
+            # the cache is complete from here; a shard left behind is only wasted disk
+            shutil.rmtree(shard_dir(path), ignore_errors=True)
+            done = None
+        except Exception as exc:
+            done = exc
+        notes.append(f"{env.world_size} process(es) extracted {n_shards} shard(s); rank 0 "
+                     f"joined them in {time.perf_counter() - t_join:.1f} s.")
+    else:
+        n_all, n_bad, done = written, skipped, None
+        notes.append(f"rank {env.rank}/{env.world_size}: extracted shard(s) "
+                     f"{', '.join(map(str, mine)) or '(none left)'} of {n_shards}; rank 0 "
+                     f"joins them into {path.name}.")
+    _from_rank0(done, env)  # the final file exists (or the join's error) on every rank
+    status = "resumed" if any(c[2] for c in counts) else "written"
+    skipped_rows = Cache(path).skipped()
+    return ExtractResult(path, status, n_all, len(skipped_rows) if env.rank == 0 else n_bad,
+                         seconds, (n_all + n_bad) / seconds if seconds > 0 else 0.0,
+                         weights.source, skipped_rows if env.rank == 0 else [], notes,
+                         precision)
