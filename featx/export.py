@@ -160,9 +160,10 @@ def head_module(pipeline, n_classes: int | None = None) -> HeadLayers:
 class ExportedClassifier(nn.Module):
     """uint8 images ``(N, 3, H, W)``, resized and cropped -> ``(N, n_classes)`` scores.
 
-    ``network(x)`` maps normalised float images to features (``pool`` > 0: the last spatial
-    map, then ``AdaptiveAvgPool2d(pool)`` flattened channel-major; ``pool`` = 0: the network's
-    own output); ``head`` maps those to scores.
+    ``network`` gets the normalised float images. With ``pool`` > 0 or ``penultimate`` it is
+    a :class:`~featx.backbones.FeatureModel` and the feature is ``AdaptiveAvgPool2d(pool)`` of
+    its spatial map (flattened channel-major) or its penultimate vector, as in the cache;
+    otherwise (a fine-tuned network) its output is the feature. ``head`` maps it to scores.
     """
 
     def __init__(self, network: nn.Module, head: nn.Module, mean, std, *, pool: int = 0,
@@ -177,10 +178,11 @@ class ExportedClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() / 255 - self.mean) / self.std
-        if self.pool:
-            z = F.adaptive_avg_pool2d(self.network.forward_features(x), self.pool).flatten(1)
-        elif self.penultimate:
-            z = self.network.forward_head(self.network.forward_features(x))
+        if self.pool or self.penultimate:
+            # FeatureModel's own forward: the map it returns is what the cache pooled (for a
+            # ViT the patch tokens on their grid); torch.export drops the unused output
+            fmap, pen = self.network(x)
+            z = F.adaptive_avg_pool2d(fmap, self.pool).flatten(1) if self.pool else pen
         else:
             z = self.network(x)
         return self.head(z)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, build_backbone,
-                             get_backbone, resolve_weights, weights_transform_source)
+from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbone_transform,
+                             build_backbone, get_backbone, resolve_weights)
 from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
 from featx.extract import (_forward, _prepare_for_inference, autocast, resolve_device,
                            resolve_precision)
@@ -208,7 +208,7 @@ def _recorded_weights_file(prov: dict) -> str | None:
     if prov.get("weights_path"):
         return prov["weights_path"]
     # caches written before weights_path was recorded: the path ends the source text
-    m = re.fullmatch(r"(?:state dict |torchvision \S+ from )(.+)", prov.get("weights_source", ""))
+    m = re.fullmatch(r"(?:.*state dict |\S+ \S+ from )(.+)", prov.get("weights_source", ""))
     return m.group(1) if m else None
 
 
@@ -272,14 +272,14 @@ def _head_predictor(path: Path, result: dict, *, weights: str | None, device: to
                                   f"but {model} {feature} has {width}; it belongs to another "
                                   f"model. Re-run fit-heads.")
     w = _weights_for(model, prov, weights)
-    transform = TransformSpec.from_weights(weights_transform_source(model, w),
-                                           prov.get("image_size"))
+    transform = backbone_transform(model, w, prov.get("image_size"))
     if prov.get("transform") and transform.to_dict() != prov["transform"]:
         raise ResultMismatchError(f"{path}: featx now builds the transform {transform.to_dict()} "
                                   f"for {model}, the cache recorded {prov['transform']}.")
     notes: list[str] = []
     prec = _recorded_precision(prov.get("precision"), precision, device, notes)
-    network = _prepare_for_inference(FeatureModel(spec, build_backbone(model, w)).eval())
+    network = _prepare_for_inference(
+        FeatureModel(spec, build_backbone(model, w, image_size=transform.crop)).eval())
     outputs = "prob" if hasattr(pipeline, "predict_proba") else "score"
     return Predictor("head", path, result, model, feature, list(result["dataset"]["classes"]),
                      transform, network.to(device), device, prec, outputs, pipeline, w.source,
@@ -288,7 +288,7 @@ def _head_predictor(path: Path, result: dict, *, weights: str | None, device: to
 
 def _finetune_predictor(path: Path, result: dict, *, device: torch.device,
                         precision: str) -> Predictor:
-    from featx.finetune import build_model
+    from featx.finetune import FinetuneModel
     settings = result.get("settings") or {}
     name = (result.get("artifacts") or {}).get("model", "best.pt")
     ckpt_path = path.with_name(name)
@@ -316,15 +316,18 @@ def _finetune_predictor(path: Path, result: dict, *, device: torch.device,
         if not ok:
             raise ResultMismatchError(f"{ckpt_path} {what}: it is not the checkpoint this result "
                                       f"scored. Re-run the featx finetune command.")
-    network = build_model(result["model"], "none", len(classes), pool=int(cfg.get("pool", 1)))
+    if not settings.get("transform"):
+        raise ValueError(f"{path}: the result does not record its transform; re-run finetune.")
+    transform = TransformSpec(**settings["transform"])
+    # the architecture only: every weight comes from the checkpoint
+    backbone = build_backbone(result["model"], "none", image_size=transform.crop)
+    network = FinetuneModel(get_backbone(result["model"]), backbone, len(classes),
+                            pool=int(cfg.get("pool", 1)))
     try:
         network.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise ResultMismatchError(f"{ckpt_path} does not fit {result['model']}: "
                                   f"{str(exc).splitlines()[0]}") from None
-    if not settings.get("transform"):
-        raise ValueError(f"{path}: the result does not record its transform; re-run finetune.")
-    transform = TransformSpec(**settings["transform"])
     notes: list[str] = []
     prec = _recorded_precision(settings.get("precision_used"), precision, device, notes)
     return Predictor("finetune", path, result, result["model"], result.get("feature") or "",

@@ -18,8 +18,8 @@ from featx.metrics import read_result
 from featx.predict import find_images, load_predictor, predict, predict_batches
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
 def one_line_error(result, *needles):
@@ -67,8 +67,11 @@ def test_cli_folder_and_files_skip_unreadable_and_report_it(head_experiment, tmp
     (new / "digit1" / "broken.png").write_bytes(b"not a png at all")
     loose = sorted((ex.data / "digit2").glob("*.png"))[:3]
     out = tmp_path / "out" / "p.csv"
-    r = run("predict", "--head", ex.results[("penultimate", "logistic")], "--data", new,
-            *loose, "--out", out, "--no-progress", "--batch-size", 8)
+    for cmd in ("predict", "export"):
+        assert "Usage:" in run(cmd, "--help").output
+    # the head comes from FEATX_HEAD, like every option's FEATX_ variable
+    r = run("predict", "--data", new, *loose, "--out", out, "--no-progress", "--batch-size", 8,
+            env={"FEATX_HEAD": str(ex.results[("penultimate", "logistic")])})
     assert r.exit_code == 0, r.output
     assert "skipped 1 unreadable file(s)" in r.output and "broken.png" in r.output
     df = pd.read_csv(out)
