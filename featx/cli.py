@@ -357,8 +357,7 @@ def finetune(model, data_path, split_fractions, seed, split_from, weights, image
 # --- featx predict / export -----------------------------------------------------------------
 
 @main.command(cls=_EnvCommand)
-@click.option("--head", "head_result", type=click.Path(exists=True, dir_okay=False,
-                                                       path_type=Path),
+@click.option("--head", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="A fit-heads result JSON (its .joblib must be beside it).")
 @click.option("--finetuned", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="A finetune result.json (its best.pt must be beside it).")
@@ -378,7 +377,7 @@ def finetune(model, data_path, split_fractions, seed, split_from, weights, image
 @click.option("--workers", type=click.IntRange(0), default=0,
               help="DataLoader worker processes for decoding.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def predict(head_result, finetuned, data_paths, images, out, weights, batch_size, device,
+def predict(head, finetuned, data_paths, images, out, weights, batch_size, device,
             precision, workers, progress):
     """Apply a head (or a fine-tuned network) to new images; write predictions.csv.
 
@@ -393,16 +392,15 @@ def predict(head_result, finetuned, data_paths, images, out, weights, batch_size
       featx predict --finetuned results/RUN/result.json new/*.png --out new.csv
     """
     from featx.predict import predict as run_predict
-    if (head_result is None) == (finetuned is None):
+    if (head is None) == (finetuned is None):
         raise click.UsageError("give exactly one of --head RESULT.json or --finetuned "
                                "RESULT.json.")
     inputs = list(data_paths) + list(images)
     if not inputs:
         raise click.UsageError("give the images: --data FOLDER|MANIFEST.csv or image files.")
-    run = run_predict(head_result or finetuned, inputs, out,
-                      expect="head" if head_result else "finetune", weights=weights,
-                      device=device, precision=precision, batch_size=batch_size,
-                      workers=workers, progress=progress,
+    run = run_predict(head or finetuned, inputs, out, expect="head" if head else "finetune",
+                      weights=weights, device=device, precision=precision,
+                      batch_size=batch_size, workers=workers, progress=progress,
                       log=lambda line: click.echo(line, err=True))
     click.echo(f"{run.n_images} image(s) predicted in {run.seconds:.1f} s", err=True)
     if run.skipped:

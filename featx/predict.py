@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbone_transform,
                              build_backbone, get_backbone, resolve_weights)
 from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
+# extract's own batch forward and fast eval form: new images get the very features the
+# cache holds (same BatchNorm folding, memory format, precision handling)
 from featx.extract import (_forward, _prepare_for_inference, autocast, resolve_device,
                            resolve_precision)
 from featx.metrics import classification_metrics, read_result, write_json
@@ -261,10 +263,10 @@ def _head_predictor(path: Path, result: dict, *, weights: str | None, device: to
     name = (result.get("artifacts") or {}).get("model")
     joblib_path = path.with_name(name) if name else None
     if joblib_path is None or not joblib_path.is_file():
+        cache = (result.get("artifacts") or {}).get("cache", "the cache")
         raise FileNotFoundError(
             f"{path}: the fitted head ({joblib_path.name if joblib_path else 'no .joblib'}) is "
-            f"missing; re-run fit-heads on {(result.get('artifacts') or {}).get('cache', 'the cache')}"
-            f" to write it.")
+            f"missing; re-run fit-heads on {cache} to write it.")
     pipeline = joblib.load(joblib_path)
     width = feature_width(model, feature)
     if getattr(pipeline, "n_features_in_", width) != width:
