@@ -2,6 +2,7 @@
 folders, manifests and file lists; unreadable files; refusals; streaming; fine-tuned runs."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -123,6 +124,14 @@ def test_refuses_missing_head_file_and_wrong_result_kind(head_experiment, tmp_pa
         shutil.move(moved, joblib_file)
     one_line_error(run("predict", "--finetuned", result, "--data", ex.data),
                    "is a head result", "--head")
+    # a result whose model is not the one its pipeline was fitted for
+    other = tmp_path / "other.json"
+    record = json.loads(result.read_text())
+    record["model"] = record["provenance"]["model"] = "mobilenet_v2"
+    other.write_text(json.dumps(record))
+    shutil.copy(joblib_file, tmp_path / joblib_file.name)
+    one_line_error(run("predict", "--head", other, "--data", ex.data, "--out",
+                       tmp_path / "p.csv"), "mobilenet_v2", "512", "1280")
     assert not (tmp_path / "p.csv").exists()
 
 
