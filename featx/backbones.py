@@ -34,6 +34,7 @@ __all__ = [
     "ResolvedWeights",
     "UnknownModelError",
     "WeightsError",
+    "backbone_transform",
     "build_backbone",
     "describe_weights_availability",
     "weights_transform_source",
@@ -388,11 +389,13 @@ def _load_state_dict(spec: BackboneSpec, model: nn.Module, path: str) -> None:
 
 
 def build_backbone(name: str, weights: ResolvedWeights | str = "imagenet", *,
-                   seed: int = 0) -> nn.Module:
-    """Build torchvision's ``name`` with ``weights`` loaded, in eval mode, on the CPU.
+                   seed: int = 0, image_size: int | None = None) -> nn.Module:
+    """Build ``name`` with ``weights`` loaded, in eval mode, on the CPU.
 
     The architecture is always the one the ImageNet weights need (e.g. GoogLeNet with
-    ``transform_input=True`` and no auxiliary heads), whatever the weights.
+    ``transform_input=True`` and no auxiliary heads), whatever the weights. ``image_size``
+    (the crop, pixels) matters only for timm models with a fixed input size (ViTs): they
+    are built for it; default: the model's own.
     """
     spec = get_backbone(name)
     if isinstance(weights, str):
@@ -418,6 +421,16 @@ def import_weights(path: str | Path, name: str) -> Path:
     tmp.write_bytes(Path(path).read_bytes())
     os.replace(tmp, target)
     return target
+
+
+def backbone_transform(name: str, weights: ResolvedWeights, image_size: int | None = None):
+    """The eval :class:`~featx.data.TransformSpec` for ``name`` with ``weights``.
+
+    torchvision: the weights entry's own transform. ``image_size`` replaces the crop (resize
+    scaled the way the model's family does it).
+    """
+    from featx.data import TransformSpec
+    return TransformSpec.from_weights(weights_transform_source(name, weights), image_size)
 
 
 # --- the feature wrapper ----------------------------------------------------------------------

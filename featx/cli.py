@@ -377,6 +377,93 @@ def finetune(model, data_path, split_fractions, seed, split_from, weights, image
                err=True)
     click.echo(str(res.result_path))
 
+# --- featx predict / export -----------------------------------------------------------------
+
+@main.command(cls=_EnvCommand)
+@click.option("--head", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A fit-heads result JSON (its .joblib must be beside it).")
+@click.option("--finetuned", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A finetune result.json (its best.pt must be beside it).")
+@click.option("--data", "data_paths", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Folder (with or without class folders), CSV manifest path[,label], or an "
+              "image file; repeatable.")
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("predictions.csv"), help="The predictions CSV.")
+@click.option("--weights", default=None, metavar="FILE|imagenet|none",
+              help="Where the backbone weights are now, if they moved; their sha256 must be "
+              "the recorded one [default: as recorded].")
+@click.option("--batch-size", type=click.IntRange(1), default=32)
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--precision", type=click.Choice(["recorded", "auto", "fp32", "bf16", "fp16"]),
+              default="recorded", help="recorded: what the result was computed with.")
+@click.option("--workers", type=click.IntRange(0), default=0,
+              help="DataLoader worker processes for decoding.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def predict(head, finetuned, data_paths, images, out, weights, batch_size, device,
+            precision, workers, progress):
+    """Apply a head (or a fine-tuned network) to new images; write predictions.csv.
+
+    Runs the backbone, weights and transform recorded in the result (refusing when the
+    weights or model differ), streams the images batch by batch, and writes OUT with
+    path, predicted, [label,] and one prob_CLASS or score_CLASS column per class.
+    Unreadable files are skipped and listed in OUT's _skipped.csv; when every image has a
+    label (class folders, a label column) the metrics go to OUT's _metrics.json.
+
+    \b
+      featx predict --head results/C/heads/pool2__logistic.json --data new_images/
+      featx predict --finetuned results/RUN/result.json new/*.png --out new.csv
+    """
+    from featx.predict import predict as run_predict
+    if (head is None) == (finetuned is None):
+        raise click.UsageError("give exactly one of --head RESULT.json or --finetuned "
+                               "RESULT.json.")
+    inputs = list(data_paths) + list(images)
+    if not inputs:
+        raise click.UsageError("give the images: --data FOLDER|MANIFEST.csv or image files.")
+    run = run_predict(head or finetuned, inputs, out, expect="head" if head else "finetune",
+                      weights=weights, device=device, precision=precision,
+                      batch_size=batch_size, workers=workers, progress=progress,
+                      log=lambda line: click.echo(line, err=True))
+    click.echo(f"{run.n_images} image(s) predicted in {run.seconds:.1f} s", err=True)
+    if run.skipped:
+        click.echo(f"skipped {len(run.skipped)} unreadable file(s), listed in "
+                   f"{run.skipped_csv}:", err=True)
+        for path, reason in run.skipped[:10]:
+            click.echo(f"  {path}: {reason}", err=True)
+    if run.metrics is not None:
+        m = run.metrics
+        auc = "-" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+        click.echo(f"accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
+                   f"macro F1 {m['macro_f1']:.4f}, ROC-AUC {auc} on {m['n']} labelled "
+                   f"image(s); metrics: {run.metrics_json}", err=True)
+    click.echo(str(run.out))
+
+
+@main.command(cls=_EnvCommand)
+@click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The .pt2 file [default: RESULT with the suffix .pt2].")
+@click.option("--weights", default=None, metavar="FILE|imagenet|none",
+              help="Where the backbone weights are now, if they moved; their sha256 must be "
+              "the recorded one [default: as recorded].")
+def export(result, out, weights):
+    """Save RESULT as one torch.export program: backbone + pooling + head (.pt2).
+
+    Input: a uint8 RGB batch (N, 3, H, W), resized and center-cropped as recorded (no
+    normalisation: the program does it). Output: (N, classes) probabilities, or decision
+    scores for ridge/SVM heads; argmax is the predicted class. Linear heads are folded with
+    their scaler into one Linear; MLP heads become torch layers; knn and rbf are refused.
+    Load with torch.export.load(PATH).module().
+    """
+    from featx.export import export_result
+    path, info = export_result(result, out, weights=weights)
+    shape = "x".join(str(v) for v in info["input"]["shape"])
+    click.echo(f"input uint8 {shape} ({info['input']['preprocess']}); output "
+               f"{info['output']['meaning']} for {', '.join(info['classes'])}", err=True)
+    click.echo(str(path))
+
+
 # --- featx compare / demo ----------------------------------------------------------------------
 
 def _print_compare(run) -> None:

@@ -156,6 +156,9 @@ def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: Trans
         "weights_kind": weights.kind,
         "weights_source": weights.source,
         "weights_sha256": weights.sha256,
+        # where the weights were and which release: `featx predict` rebuilds the same backbone
+        "weights_path": weights.path,
+        "weights_version": weights.version,
         "transform": transform.to_dict(),
         "image_size": transform.crop,
         "precision": precision,

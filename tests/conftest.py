@@ -91,3 +91,39 @@ def digits_dir(tmp_path) -> Path:
 def digits_split_dir(tmp_path) -> Path:
     """3 classes x 30 digit images in train/val/test folders."""
     return write_digits(tmp_path / "digits_split", layout="split")
+
+
+@pytest.fixture(scope="session")
+def head_experiment(tmp_path_factory):
+    """A real, small experiment for the predict and export tests, built once per session.
+
+    scikit-learn digits (3 classes x 20 images, 32 px, split 0.7/0.15/0.15 by featx),
+    resnet18 with random weights saved to a file, extracted in fp32 with pool 2, and
+    logistic and knn heads fitted on penultimate and pool2 by ``fit_heads``.
+    ``results[(feature, head)]`` is the result JSON path.
+    """
+    from types import SimpleNamespace
+
+    import torch
+    from torchvision import models
+
+    from featx.data import load_dataset
+    from featx.extract import ExtractConfig, extract
+    from featx.heads import HeadsConfig, fit_heads
+
+    root = tmp_path_factory.mktemp("head_experiment")
+    data = write_digits(root / "digits", per_class=20, size=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        state = models.resnet18().state_dict()
+    weights = root / "resnet18_random.pth"
+    torch.save(state, weights)
+    res = extract(load_dataset(data), ExtractConfig(
+        "resnet18", weights=str(weights), pools=(2,), image_size=32, workers=0,
+        precision="fp32", out_dir=root / "cache", progress=False))
+    run = fit_heads([res.path], HeadsConfig(heads=("logistic", "knn"),
+                                            features=("penultimate", "pool2"),
+                                            out_dir=root / "results", jobs=1))
+    results = {(r["feature"], r["head"]): p for r, p in zip(run.results, run.json_paths)}
+    return SimpleNamespace(root=root, data=data, weights=weights, cache=res.path,
+                           results=results)

@@ -1,0 +1,180 @@
+"""featx predict: the recorded backbone + head on new images, equal to the cached path;
+folders, manifests and file lists; unreadable files; refusals; streaming; fine-tuned runs."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from torchvision import models
+
+from featx.cache import Cache
+from featx.cli import main
+from featx.heads import class_scores, load_head
+from featx.metrics import read_result
+from featx.predict import find_images, load_predictor, predict, predict_batches
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def test_streaming_csv_manifest_of_test_split_reproduces_cached_head(head_experiment,
+                                                                     tmp_path):
+    """Predicting the cache's own test images equals the head applied to the cached rows:
+    same labels, same probabilities, and so the very metrics fit-heads reported."""
+    ex = head_experiment
+    result_path = ex.results[("pool2", "logistic")]
+    cache = Cache(ex.cache)
+    items = cache.split_items("test")
+    manifest = ex.data / "test_manifest.csv"
+    pd.DataFrame({"path": [p for p, _ in items],
+                  "label": [cache.classes[y] for _, y in items]}).to_csv(manifest, index=False)
+
+    out = tmp_path / "pred.csv"
+    run_ = predict(result_path, [manifest], out, batch_size=4, progress=False)
+    df = pd.read_csv(out)
+    X = cache.load("test", "pool2")
+    pipe = load_head(result_path)
+    assert list(df.columns) == ["path", "predicted", "label"] + [f"prob_{c}"
+                                                                 for c in cache.classes]
+    assert df["path"].tolist() == [str(ex.data / p) for p, _ in items]
+    assert df["predicted"].tolist() == [cache.classes[k] for k in pipe.predict(X)]
+    np.testing.assert_allclose(df.iloc[:, 3:].to_numpy(), class_scores(pipe, X, 3), atol=1e-5)
+    reported = read_result(result_path)["metrics"]
+    assert run_.metrics["accuracy"] == reported["accuracy"]
+    assert run_.metrics["confusion_matrix"] == reported["confusion_matrix"]
+    assert pd.read_json(run_.metrics_json, typ="series")["balanced_accuracy"] == \
+        reported["balanced_accuracy"]
+
+
+def test_cli_folder_and_files_skip_unreadable_and_report_it(head_experiment, tmp_path):
+    ex = head_experiment
+    new = tmp_path / "new"
+    shutil.copytree(ex.data / "digit1", new / "digit1")
+    (new / "digit1" / "broken.png").write_bytes(b"not a png at all")
+    loose = sorted((ex.data / "digit2").glob("*.png"))[:3]
+    out = tmp_path / "out" / "p.csv"
+    for cmd in ("predict", "export"):
+        assert "Usage:" in run(cmd, "--help").output
+    # the head comes from FEATX_HEAD, like every option's FEATX_ variable
+    r = run("predict", "--data", new, *loose, "--out", out, "--no-progress", "--batch-size", 8,
+            env={"FEATX_HEAD": str(ex.results[("penultimate", "logistic")])})
+    assert r.exit_code == 0, r.output
+    assert "skipped 1 unreadable file(s)" in r.output and "broken.png" in r.output
+    df = pd.read_csv(out)
+    assert len(df) == 20 + 3 and not df["path"].str.endswith("broken.png").any()
+    # some images carry no label, so there is no label column and no metrics file
+    assert "label" not in df.columns and not (tmp_path / "out" / "p_metrics.json").exists()
+    assert np.allclose(df.filter(like="prob_").sum(axis=1), 1, atol=1e-6)
+    assert (df["predicted"].iloc[:20] == "digit1").mean() > 0.8  # it learned something
+    skipped = pd.read_csv(tmp_path / "out" / "p_skipped.csv")
+    assert skipped["path"].tolist() == [str(new / "digit1" / "broken.png")]
+
+
+def test_refuses_replaced_weights_file_and_keeps_earlier_predictions(head_experiment,
+                                                                     tmp_path):
+    ex = head_experiment
+    out = tmp_path / "p.csv"
+    args = ["predict", "--head", ex.results[("pool2", "logistic")], "--data",
+            ex.data / "digit0", "--out", out, "--no-progress"]
+    assert run(*args).exit_code == 0
+    before = out.read_bytes()
+    original = ex.weights.read_bytes()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            torch.save(models.resnet18().state_dict(), ex.weights)
+        r = run(*args)
+        one_line_error(r, "weights differ", "sha256")
+        # the same refusal for export, and for a --weights file that is not the recorded one
+        one_line_error(run("export", ex.results[("pool2", "logistic")], "--out",
+                           tmp_path / "m.pt2"), "weights differ")
+    finally:
+        ex.weights.write_bytes(original)
+    assert out.read_bytes() == before and not (tmp_path / "m.pt2").exists()
+    other = tmp_path / "other.pth"
+    torch.save(models.resnet18().state_dict(), other)
+    one_line_error(run(*args, "--weights", other), "weights differ")
+
+
+def test_refuses_missing_head_file_and_wrong_result_kind(head_experiment, tmp_path):
+    ex = head_experiment
+    result = ex.results[("penultimate", "logistic")]
+    joblib_file = result.with_suffix(".joblib")
+    moved = tmp_path / "moved.joblib"
+    shutil.move(joblib_file, moved)
+    try:
+        one_line_error(run("predict", "--head", result, "--data", ex.data, "--out",
+                           tmp_path / "p.csv"), "missing", "re-run fit-heads")
+    finally:
+        shutil.move(moved, joblib_file)
+    one_line_error(run("predict", "--finetuned", result, "--data", ex.data),
+                   "is a head result", "--head")
+    # a result whose model is not the one its pipeline was fitted for
+    other = tmp_path / "other.json"
+    record = json.loads(result.read_text())
+    record["model"] = record["provenance"]["model"] = "mobilenet_v2"
+    other.write_text(json.dumps(record))
+    shutil.copy(joblib_file, tmp_path / joblib_file.name)
+    one_line_error(run("predict", "--head", other, "--data", ex.data, "--out",
+                       tmp_path / "p.csv"), "mobilenet_v2", "512", "1280")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_images_are_read_batch_by_batch(head_experiment, tmp_path):
+    """Streaming: a file broken after the first batch came out is found broken, so it had
+    not been read yet (nothing is loaded up front)."""
+    ex = head_experiment
+    folder = tmp_path / "imgs"
+    shutil.copytree(ex.data / "digit0", folder)
+    predictor = load_predictor(ex.results[("penultimate", "logistic")])
+    images = find_images([folder], predictor.classes)
+    assert images.labelled is False  # a plain folder: no class folders
+    batches = predict_batches(predictor, images, batch_size=4)
+    items, pred, scores, bad = next(batches)
+    assert len(items) == 4 and scores.shape == (4, 3) and not bad
+    last = images.items[-1][0]
+    open(last, "wb").write(b"truncated")
+    rest = list(batches)
+    assert [b for *_, bads in rest for b, _ in bads] == [last]
+    assert sum(len(i) for i, *_ in rest) == 20 - 4 - 1
+
+
+def test_finetuned_run_predicts_with_its_best_checkpoint(head_experiment, tmp_path):
+    from featx.finetune import FinetuneConfig, data_from_cache, finetune
+    ex = head_experiment
+    res = finetune(data_from_cache(ex.cache), FinetuneConfig(
+        model="resnet18", weights=str(ex.weights), epochs=1, batch_size=16, image_size=32,
+        precision="fp32", workers=0, out_dir=tmp_path / "ft", progress=False, freeze="layer3"))
+    cache = Cache(ex.cache)
+    manifest = tmp_path / "test.csv"
+    items = cache.split_items("test")
+    pd.DataFrame({"path": [str(ex.data / p) for p, _ in items],
+                  "label": [cache.classes[y] for _, y in items]}).to_csv(manifest, index=False)
+    out = tmp_path / "ft.csv"
+    r = run("predict", "--finetuned", res.result_path, "--data", manifest, "--out", out,
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out)
+    m = res.result["metrics"]
+    assert f"accuracy {m['accuracy']:.4f}" in r.output  # the run's own test metrics
+    assert (df["predicted"] == df["label"]).mean() == pytest.approx(m["accuracy"])
+    # a best.pt from another epoch is not the checkpoint the result scored
+    ckpt = torch.load(res.run_dir / "best.pt", weights_only=True)
+    torch.save({**ckpt, "epoch": ckpt["epoch"] + 1}, res.run_dir / "best.pt")
+    one_line_error(run("predict", "--finetuned", res.result_path, "--data", manifest,
+                       "--out", out), "not the checkpoint")
