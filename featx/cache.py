@@ -57,6 +57,7 @@ class StaleCacheError(CacheError):
 def cache_filename(dataset: str, model: str, weights_tag: str, image_size: int) -> str:
     """``{dataset}_{model}_{weights}_{size}.h5``: the settings that change the features."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in dataset)
+    model = model.replace(":", "-")  # timm:NAME -> timm-NAME: no colons in file names
     return f"{safe}_{model}_{weights_tag}_{image_size}.h5"
 
 
