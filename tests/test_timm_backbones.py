@@ -250,8 +250,8 @@ def test_finetune_lists_timm_stages_freezes_them_and_learns(tmp_path):
     cnn = "timm:convnext_atto"
     assert list_stages(cnn)[2:] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3",
                                     "head"]
-    root = write_digits(tmp_path / "digits", per_class=12)
-    cfg = FinetuneConfig(model=cnn, weights="none", image_size=32, epochs=3, batch_size=12,
+    root = write_digits(tmp_path / "digits", per_class=10)
+    cfg = FinetuneConfig(model=cnn, weights="none", image_size=32, epochs=2, batch_size=10,
                          optimizer="adam", lr=1e-3, freeze="stages.1", workers=0,
                          augment=False, out_dir=tmp_path, progress=False)
     before = build_model(cnn, "none", 3, freeze="stages.1").state_dict()
