@@ -100,13 +100,15 @@ def test_features_equal_timms_own_forward_through_a_weights_file(timm_name, size
 def test_transform_is_timms_eval_transform():
     """featx's resize/crop/normalise gives the same tensor as timm.data.create_transform."""
     name = "timm:vit_small_patch16_224"  # crop_pct 0.9, bicubic, mean/std 0.5
-    transform = backbone_transform(name, resolve_weights(name, "none"), 64)
-    ref = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64)
-    cfg = timm.data.resolve_data_config({"input_size": (3, 64, 64)}, model=ref)
+    transform = backbone_transform(name, resolve_weights(name, "none"), 68)
+    with torch.device("meta"):  # only its config is read
+        ref = timm.create_model("vit_small_patch16_224", pretrained=False)
+    cfg = timm.data.resolve_data_config({"input_size": (3, 68, 68)}, model=ref)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), np.uint8))
     want = timm.data.create_transform(**cfg)(img)
     got = transform.eval_transform()(img)
-    assert transform.resize == 71 and transform.interpolation == "bicubic"
+    # 68 / 0.9 = 75.6: timm floors it
+    assert transform.resize == 75 and transform.interpolation == "bicubic"
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
