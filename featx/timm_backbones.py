@@ -138,9 +138,14 @@ def list_timm_models(pattern: str | None = None) -> list[str]:
 
 def _check_name(timm_name: str) -> None:
     timm = _timm()
-    if timm_name and timm.is_model(timm_name.split(".")[0]):
-        return
     from featx.backbones import UnknownModelError
+    arch, _, tag = timm_name.partition(".")
+    if arch and timm.is_model(arch):
+        if tag and timm_name not in timm.list_pretrained(f"{arch}.*"):
+            tags = ", ".join(n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*"))
+            raise UnknownModelError(f"timm has no pretrained tag {tag!r} for {arch}; its tags: "
+                                    f"{tags or 'none'} (or give timm:{arch} for the default).")
+        return
     close = difflib.get_close_matches(timm_name, timm.list_models(), n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(PREFIX + c for c in close)}?" if close else ""
     raise UnknownModelError(f"unknown timm model {timm_name!r}.{hint} Run `featx models --filter "

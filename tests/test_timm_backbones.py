@@ -208,6 +208,10 @@ def test_cli_wrong_timm_name_is_one_line(digits_dir):
     assert len(lines) == 1 and "timm:vit_small_patch16_224" in lines[0], r.output
     with pytest.raises(UnknownModelError):
         get_backbone("timm:no_such_model")
+    with pytest.raises(UnknownModelError, match="augreg_in21k_ft_in1k"):
+        get_backbone("timm:vit_small_patch16_224.bogus")
+    assert get_backbone("timm:vit_small_patch16_224.augreg_in1k").pretrained_cfg["tag"] == \
+        "augreg_in1k"
 
 
 def test_cli_missing_imagenet_weights_offline_is_one_line(digits_dir, tmp_path, monkeypatch):
