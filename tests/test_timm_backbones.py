@@ -190,6 +190,8 @@ def test_cli_extract_writes_a_cache_h5py_reads_with_the_timm_config(tmp_path):
         assert g["penultimate"].shape[1] == 384 and g["pool4"].shape[1] == 384 * 16
         row = {k: g[k][0] for k in ("penultimate", "pool1", "pool2", "pool4")}
         first = g["paths"][0].decode() if isinstance(g["paths"][0], bytes) else g["paths"][0]
+    info = CliRunner().invoke(main, ["info", str(files[0])])
+    assert info.exit_code == 0 and "timm_data_config" in info.output
     # one image straight through timm's own transform and model
     # (a model built with img_size keeps its pretrained config's size: ask for 56 as featx does)
     cfg = timm.data.resolve_data_config({"input_size": (3, 56, 56)}, model=ref)
