@@ -1,6 +1,7 @@
 """The backbone registry: how each model is built, its weights, and where its features are.
 
-Nothing else in featx checks model names. Each entry knows, for one torchvision model:
+Nothing else in featx checks model names. Each entry knows, for one torchvision model (or,
+through :mod:`featx.timm_backbones`, any timm model named ``timm:NAME``):
 
 * how to build it (with the same constructor arguments its ImageNet weights need);
 * ``forward_features``: the last spatial map, i.e. the tensor the model itself pools
@@ -34,6 +35,7 @@ __all__ = [
     "ResolvedWeights",
     "UnknownModelError",
     "WeightsError",
+    "backbone_provenance",
     "backbone_transform",
     "build_backbone",
     "describe_weights_availability",
@@ -41,6 +43,7 @@ __all__ = [
     "get_backbone",
     "hub_checkpoint_path",
     "import_weights",
+    "is_timm",
     "list_backbones",
     "resolve_weights",
 ]
@@ -102,6 +105,23 @@ class BackboneSpec:
     @property
     def default_image_size(self) -> int:
         return int(self.default_weights.transforms().crop_size[0])
+
+    # channels-last pays on every torchvision model once its BatchNorms are folded
+    channels_last = True
+
+    def spatial(self, model: nn.Module, fmap: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``features`` output -> ``(B, C, h, w)`` map; for torchvision models it already is."""
+        return fmap
+
+    def stage_parameter_names(self, model: nn.Module, stage: str) -> list[str]:
+        """Parameter names of ``stage`` (``""``: the whole model), for freezing."""
+        prefix = f"{stage}." if stage else ""
+        return [prefix + n for n, _ in model.get_submodule(stage).named_parameters()]
+
+    def drop_classifier(self, model: nn.Module) -> None:
+        """Replace the final ``Linear`` by ``Identity`` (fine-tuning puts a new head on)."""
+        parent, _, leaf = self.classifier.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, nn.Identity())
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -235,8 +255,20 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_timm(name: str) -> bool:
+    """Whether ``name`` is a ``timm:NAME`` model (served by :mod:`featx.timm_backbones`)."""
+    return name.startswith("timm:")
+
+
 def get_backbone(name: str) -> BackboneSpec:
-    """The registry entry for ``name``; an unknown name suggests close ones."""
+    """The registry entry for ``name``; an unknown name suggests close ones.
+
+    ``timm:NAME`` gives a :class:`~featx.timm_backbones.TimmSpec`, which has the same
+    attributes and methods.
+    """
+    if is_timm(name):
+        from featx.timm_backbones import timm_spec
+        return timm_spec(name)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -244,7 +276,7 @@ def get_backbone(name: str) -> BackboneSpec:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnknownModelError(
             f"unknown model {name!r}.{hint} Run `featx models` to list the "
-            f"{len(_REGISTRY)} available ones.") from None
+            f"{len(_REGISTRY)} available ones, or give any timm model as timm:NAME.") from None
 
 
 # --- weights ----------------------------------------------------------------------------------
@@ -295,13 +327,23 @@ def _available_imagenet(name: str):
 
 
 def describe_weights_availability(name: str) -> str | None:
-    """The ImageNet weights entry available offline for ``name`` (e.g. ``IMAGENET1K_V1``)."""
+    """The ImageNet weights entry available offline for ``name`` (e.g. ``IMAGENET1K_V1``;
+    for timm models the pretrained tag, e.g. ``augreg_in21k_ft_in1k``)."""
+    if is_timm(name):
+        from featx.timm_backbones import timm_pretrained_file
+        spec = get_backbone(name)
+        try:
+            timm_pretrained_file(spec)
+        except WeightsError:
+            return None
+        return spec.pretrained_cfg.get("tag") or "pretrained"
     w = _available_imagenet(name)
     return None if w is None else str(w).split(".")[-1]
 
 
 def weights_transform_source(name: str, weights: "ResolvedWeights"):
-    """The torchvision weights entry whose eval transform goes with ``weights``."""
+    """The torchvision weights entry whose eval transform goes with ``weights``
+    (torchvision models only; :func:`backbone_transform` serves every model)."""
     spec = get_backbone(name)
     if weights.version:
         return spec.weights_enum[weights.version.split(".")[-1]]
@@ -330,6 +372,13 @@ def resolve_weights(name: str, weights: str = "imagenet", *, seed: int = 0) -> R
     spec = get_backbone(name)
     if weights == "none":
         return ResolvedWeights("none", None, f"none-seed{seed}", f"random init (seed {seed})", seed)
+    if weights == "imagenet" and is_timm(name):
+        from featx.timm_backbones import timm_pretrained_file
+        target = timm_pretrained_file(spec, download=not _offline())
+        tag = spec.pretrained_cfg.get("tag") or "pretrained"
+        return ResolvedWeights("imagenet", str(target), _sha256(target),
+                               f"timm {spec.timm_name}.{tag} from {target}",
+                               version=f"{spec.timm_name}.{tag}")
     if weights == "imagenet":
         entry = _available_imagenet(name)
         if entry is None:
@@ -342,7 +391,8 @@ def resolve_weights(name: str, weights: str = "imagenet", *, seed: int = 0) -> R
     if not path.is_file():
         raise WeightsError(
             f"--weights {weights!r} is neither 'imagenet', 'none' nor an existing .pth file.")
-    return ResolvedWeights("file", str(path.resolve()), _sha256(path), f"state dict {path}")
+    kind = "timm state dict" if is_timm(name) else "state dict"
+    return ResolvedWeights("file", str(path.resolve()), _sha256(path), f"{kind} {path}")
 
 
 def _download(spec: BackboneSpec, target: Path) -> None:
@@ -400,6 +450,9 @@ def build_backbone(name: str, weights: ResolvedWeights | str = "imagenet", *,
     spec = get_backbone(name)
     if isinstance(weights, str):
         weights = resolve_weights(name, weights, seed=seed)
+    if is_timm(name):
+        from featx.timm_backbones import build_timm_model
+        return build_timm_model(spec, weights.path, seed=weights.seed, image_size=image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(weights.seed)
         model = spec.builder(weights=None, **spec.build_kwargs)
@@ -411,6 +464,9 @@ def build_backbone(name: str, weights: ResolvedWeights | str = "imagenet", *,
 def import_weights(path: str | Path, name: str) -> Path:
     """Check that ``path`` loads into ``name``, then copy it to where torchvision looks."""
     spec = get_backbone(name)
+    if is_timm(name):
+        raise WeightsError(f"featx weights import is for torchvision models; pass a timm file "
+                           f"directly: --model {name} --weights {path}.")
     model = spec.builder(weights=None, **spec.build_kwargs)
     _load_state_dict(spec, model, str(path))
     # keep torchvision's own file name when the file is one of its releases (e.g. V1 vs V2)
@@ -426,11 +482,31 @@ def import_weights(path: str | Path, name: str) -> Path:
 def backbone_transform(name: str, weights: ResolvedWeights, image_size: int | None = None):
     """The eval :class:`~featx.data.TransformSpec` for ``name`` with ``weights``.
 
-    torchvision: the weights entry's own transform. ``image_size`` replaces the crop (resize
-    scaled the way the model's family does it).
+    torchvision: the weights entry's own transform; timm: timm's resolved data config.
+    ``image_size`` replaces the crop (resize scaled the way the model's family does it).
     """
     from featx.data import TransformSpec
+    if is_timm(name):
+        from featx.timm_backbones import timm_transform
+        return timm_transform(get_backbone(name), image_size)[0]
     return TransformSpec.from_weights(weights_transform_source(name, weights), image_size)
+
+
+def backbone_provenance(name: str, image_size: int | None = None) -> dict:
+    """Extra provenance entries for ``name``: for timm models timm's version, the resolved
+    data config and the pretrained tag; nothing for torchvision models."""
+    if not is_timm(name):
+        return {}
+    import timm
+    from featx.timm_backbones import timm_transform
+    spec = get_backbone(name)
+    cfg = timm_transform(spec, image_size)[1]
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return {"timm_version": timm.__version__,
+            "timm_data_config": {k: list(v) if isinstance(v, tuple) else v
+                                 for k, v in cfg.items() if k in keys},
+            "timm_pretrained_tag": spec.pretrained_cfg.get("tag") or "",
+            "feature_layout": spec.layout}
 
 
 # --- the feature wrapper ----------------------------------------------------------------------
@@ -439,7 +515,8 @@ class FeatureModel(nn.Module):
     """A frozen backbone returning ``(spatial_map, penultimate)`` from one forward pass.
 
     Input ``(B, 3, H, W)`` normalised images; outputs ``(B, C, h, w)`` and
-    ``(B, penultimate_dim)``.
+    ``(B, penultimate_dim)``. For ViT-style timm models the map is the patch tokens on
+    their grid (class/register tokens dropped), while penultimate is timm's head pooling.
     """
 
     def __init__(self, spec: BackboneSpec, model: nn.Module):
@@ -457,5 +534,5 @@ class FeatureModel(nn.Module):
         return self.model.get_submodule(self.spec.classifier)(z)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.forward_features(x)
-        return fmap, self.forward_head(fmap)
+        feats = self.forward_features(x)
+        return self.spec.spatial(self.model, feats, x), self.forward_head(feats)

@@ -57,6 +57,7 @@ class StaleCacheError(CacheError):
 def cache_filename(dataset: str, model: str, weights_tag: str, image_size: int) -> str:
     """``{dataset}_{model}_{weights}_{size}.h5``: the settings that change the features."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in dataset)
+    model = model.replace(":", "-")  # timm:NAME -> timm-NAME: no colons in file names
     return f"{safe}_{model}_{weights_tag}_{image_size}.h5"
 
 
@@ -364,8 +365,9 @@ class Cache:
         lines = [f"{self.path}", f"  complete: {bool(a.get('complete'))}   schema: "
                  f"{a['featx_schema']}   featx {a.get('featx_version')}"]
         for key in ("model", "weights_source", "weights_sha256", "transform", "image_size",
-                    "precision", "store_dtype", "device", "dataset_name", "dataset_root",
-                    "dataset_layout", "dataset_fingerprint", "split_seed", "split_fractions",
+                    "timm_version", "timm_data_config", "feature_layout", "precision",
+                    "store_dtype", "device", "dataset_name", "dataset_root", "dataset_layout",
+                    "dataset_fingerprint", "split_seed", "split_fractions",
                     "created"):
             if key in a:
                 lines.append(f"  {key}: {a[key]}")

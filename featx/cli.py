@@ -89,8 +89,9 @@ def model_options(f):
                      help="Crop size in pixels; resize scaled to match [default: the "
                      "weights' own, usually 224].")(f)
     f = click.option("--weights", default="imagenet", metavar="imagenet|none|FILE",
-                     help="torchvision ImageNet weights (hub cache), random init, or a .pth "
-                     "state dict.")(f)
+                     help="ImageNet weights (torchvision's hub cache; timm: its pretrained "
+                     "file in the Hugging Face cache), random init, or a .pth state dict "
+                     "(timm: state dict or checkpoint).")(f)
     return f
 
 
@@ -119,18 +120,48 @@ def load_data_arg(data_path: Path | None, split_fractions: str, seed: int):
 # --- featx models / weights ------------------------------------------------------------------
 
 @main.command(cls=_EnvCommand)
-def models():
-    """List the backbones: feature sizes, input size, and whether ImageNet weights are here."""
+@click.option("--all", "show_all", is_flag=True,
+              help="Also list every timm model (use as --model timm:NAME).")
+@click.option("--filter", "pattern", default=None, metavar="GLOB",
+              help="Only names matching GLOB, timm's included, e.g. 'vit_*' or '*dinov2*'.")
+def models(show_all, pattern):
+    """List the backbones: feature sizes, input size, and whether ImageNet weights are here.
+
+    torchvision models are listed by default; any timm model works as timm:NAME
+    (--all or --filter list them, with whether timm's pretrained file is cached here).
+    """
+    import fnmatch
     from featx.backbones import (describe_weights_availability, get_backbone,
                                  hub_checkpoint_path, list_backbones)
-    click.echo(f"{'model':<20} {'penultimate':>11} {'spatial C':>9} {'input':>5}  weights")
-    for name in list_backbones():
+    names = [n for n in list_backbones() if pattern is None or fnmatch.fnmatch(n, pattern)]
+    if names:
+        click.echo(f"{'model':<20} {'penultimate':>11} {'spatial C':>9} {'input':>5}  weights")
+    for name in names:
         spec = get_backbone(name)
         found = describe_weights_availability(name)
         here = f"available ({found})" if found else f"missing ({hub_checkpoint_path(name).name})"
         click.echo(f"{name:<20} {spec.penultimate_dim:>11} {spec.spatial_channels:>9} "
                    f"{spec.default_image_size:>5}  {here}")
-    click.echo(f"\nweights folder: {hub_checkpoint_path(list_backbones()[0]).parent}")
+    if names:
+        click.echo(f"\nweights folder: {hub_checkpoint_path(list_backbones()[0]).parent}")
+    try:
+        from featx.timm_backbones import list_timm_models
+        timm_names = list_timm_models(pattern) if (show_all or pattern) else list_timm_models()
+    except Exception:  # timm not installed: the extra is optional
+        click.echo("timm models: pip install 'featx[timm]' to use any timm model as timm:NAME.")
+        return
+    if not (show_all or pattern):
+        click.echo(f"timm: {len(timm_names)} more models as --model timm:NAME; "
+                   f"`featx models --all` or --filter 'vit_*' lists them.")
+        return
+    from featx.timm_backbones import timm_cached_names
+    cached = timm_cached_names(timm_names)
+    if timm_names:
+        click.echo(f"\ntimm models ({len(timm_names)}; * = pretrained file in the local cache):")
+    for name in timm_names:
+        click.echo(f"timm:{name}" + (" *" if name in cached else ""))
+    if not names and not timm_names:
+        raise click.ClickException(f"no model matches --filter {pattern!r}; try e.g. 'vit_*'.")
 
 
 @main.group(cls=_Group)
@@ -152,7 +183,8 @@ def weights_import(file, model):
 
 @main.command(cls=_EnvCommand)
 @click.option("--model", "models_", multiple=True, required=True,
-              help="Backbone name (repeatable, or comma-separated). See `featx models`.")
+              help="Backbone name (repeatable, or comma-separated), or timm:NAME for any timm "
+              "model. See `featx models`.")
 @data_options
 @click.option("--pool", default="", metavar="N,N,...",
               help="AdaptiveAvgPool2d sizes to store besides penultimate, e.g. 1,2,4,8.")
@@ -297,7 +329,8 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
 
 
 @main.command(cls=_EnvCommand)
-@click.option("--model", required=True, help="Backbone name. See `featx models`.")
+@click.option("--model", required=True,
+              help="Backbone name, or timm:NAME for any timm model. See `featx models`.")
 @data_options
 @click.option("--split-from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Take the exact train/val/test files from this cache "

@@ -24,8 +24,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
 import featx
-from featx.backbones import (FeatureModel, build_backbone, get_backbone, resolve_weights,
-                             weights_transform_source)
+from featx.backbones import (FeatureModel, backbone_provenance, backbone_transform,
+                             build_backbone, get_backbone, resolve_weights)
 from featx.cache import (Cache, CacheWriter, StaleCacheError, cache_filename, diff_provenance,
                          provenance_covers)
 from featx.data import DatasetSpec, ImageFiles, TransformSpec
@@ -179,6 +179,8 @@ def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: Trans
         "torch_version": torch.__version__,
         "host": socket.gethostname(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # timm models: timm's version and resolved data config (the transform's source)
+        **backbone_provenance(cfg.model, transform.crop),
     }
 
 
@@ -197,8 +199,7 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     weights = resolve_weights(cfg.model, cfg.weights, seed=cfg.seed)
-    transform = TransformSpec.from_weights(weights_transform_source(cfg.model, weights),
-                                           cfg.image_size)
+    transform = backbone_transform(cfg.model, weights, cfg.image_size)
     prov = _provenance(cfg, data, weights, transform, precision, device)
     path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop)
 
@@ -223,7 +224,7 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     if sharded is not None:
         return sharded
 
-    model = build_backbone(cfg.model, weights).to(device)
+    model = build_backbone(cfg.model, weights, image_size=transform.crop).to(device)
     fm = _prepare_for_inference(FeatureModel(spec, model).eval())
 
     dims = {"penultimate": spec.penultimate_dim}
@@ -253,7 +254,8 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
                 prefetch_factor=4 if workers > 0 else None)
             for images, labels, idx, errors in loader:
                 feats = _forward(run, images, transform, cfg.pools, device, precision,
-                                 pad_to=cfg.batch_size if cfg.compile else None)
+                                 pad_to=cfg.batch_size if cfg.compile else None,
+                                 channels_last=spec.channels_last)
                 ok = np.array([e == "" for e in errors])
                 bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
                 writer.append(split, int(idx[-1]) + 1, {k: v[ok] for k, v in feats.items()},
@@ -276,13 +278,14 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
 
 
 def _forward(fm, images: torch.Tensor, transform: TransformSpec, pools, device, precision,
-             pad_to: int | None = None) -> dict[str, np.ndarray]:
+             pad_to: int | None = None, channels_last: bool = True) -> dict[str, np.ndarray]:
     """Features of one batch of ``(B, 3, H, W)`` uint8 images (resized and cropped)."""
     n = len(images)
     if pad_to is not None and n < pad_to:
         # a compiled model is specialised to one batch shape; another would recompile (~10 s)
         images = torch.cat([images, images[-1:].expand(pad_to - n, *images.shape[1:])])
-    x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
     with torch.inference_mode(), autocast(device, precision):
         x = transform.normalize_batch(x)
         fmap, pen = fm(x)
@@ -333,10 +336,14 @@ def _prepare_for_inference(fm: FeatureModel) -> FeatureModel:
     the 1e-5 contract with torchvision, and as close to a float64 forward as torchvision's
     own fp32 is) and together made CPU extraction 1.2x (resnet18), 1.3x (resnet50) and 2.7x
     (mobilenet_v2) faster end to end (BENCHMARKS.md). Channels-last pays on every registered
-    model once the BatchNorms are gone, depthwise ones included.
+    model once the BatchNorms are gone, depthwise ones included. timm models: folding only
+    finds plain ``Conv2d -> BatchNorm2d`` pairs (timm's fused ``BatchNormAct2d`` and
+    LayerNorms stay), and channels-last is for CNNs only (``spec.channels_last``): a ViT's
+    tokens have no channel dimension to reorder.
     """
     _fold_batchnorm(fm)
-    fm = fm.to(memory_format=torch.channels_last)
+    if fm.spec.channels_last:
+        fm = fm.to(memory_format=torch.channels_last)
     for p in fm.parameters():
         p.requires_grad_(False)
     return fm
@@ -370,6 +377,8 @@ class _Trunk(nn.Module):
 
 def _conv_bn_pairs(fm: FeatureModel) -> list[tuple[str, str]]:
     """``(conv, bn)`` module names where the bn's only input is the conv's only output."""
+    if not any(type(m) is nn.BatchNorm2d for m in fm.modules()):
+        return []  # nothing to fold (ViTs, ConvNeXt): skip the copy and the trace
     probe = copy.deepcopy(fm)
     for m in probe.modules():  # tracing runs hooks; a caller's hooks must not see it
         m._forward_hooks.clear()

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import featx
-from featx.backbones import (BackboneSpec, ResolvedWeights, build_backbone, get_backbone,
-                             resolve_weights, weights_transform_source)
+from featx.backbones import (BackboneSpec, ResolvedWeights, backbone_transform, build_backbone,
+                             get_backbone, resolve_weights)
 from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec
 from featx.extract import autocast, resolve_device, resolve_precision
 from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
@@ -205,23 +205,20 @@ def data_from_spec(spec: DatasetSpec, *, workers: int | None = None) -> Finetune
 
 # --- the model and the losses -----------------------------------------------------------------
 
-def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent, _, leaf = dotted.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
-
-
 def list_stages(name: str) -> list[str]:
     """The values ``--freeze`` accepts for model ``name``: none, backbone, then its stages."""
     return ["none", "backbone", *get_backbone(name).stages]
 
 
 class FinetuneModel(nn.Module):
-    """A torchvision backbone whose final ``Linear`` is replaced by a new one.
+    """A backbone whose final ``Linear`` is replaced by a new one.
 
     ``pool=1``: the new ``head`` reads the model's own penultimate (``spec.head``: e.g. ResNet
-    avgpool + flatten, VGG ``classifier[:-1]``), ``penultimate_dim`` inputs. ``pool=N``: it
-    reads ``AdaptiveAvgPool2d(N)`` of the last spatial map, flattened channel-major,
-    ``spatial_channels·N·N`` inputs. The old classifier becomes ``Identity``.
+    avgpool + flatten, VGG ``classifier[:-1]``, timm's ``forward_head(pre_logits=True)``),
+    ``penultimate_dim`` inputs. ``pool=N``: it reads ``AdaptiveAvgPool2d(N)`` of the last
+    spatial map (a ViT's patch tokens on their grid), flattened channel-major,
+    ``spatial_channels·N·N`` inputs. The old classifier becomes ``Identity`` (timm:
+    ``reset_classifier(0)``).
 
     Input ``(B, 3, H, W)`` normalised images; output logits ``(B, num_classes)``.
     """
@@ -231,26 +228,29 @@ class FinetuneModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.pool = pool
-        _set_submodule(backbone, spec.classifier, nn.Identity())
+        spec.drop_classifier(backbone)
         self.backbone = backbone
         self.pool_layer = nn.AdaptiveAvgPool2d(pool) if pool > 1 else None
         in_features = spec.penultimate_dim if pool == 1 else spec.spatial_channels * pool * pool
         self.head = nn.Linear(in_features, num_classes)
         self.frozen: tuple[str, ...] = ()
+        self._frozen_params: frozenset[str] = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.spec.features(self.backbone, x)
         if self.pool_layer is None:
             z = self.spec.head(self.backbone, fmap)
         else:
-            z = torch.flatten(self.pool_layer(fmap), 1)
+            z = torch.flatten(self.pool_layer(self.spec.spatial(self.backbone, fmap, x)), 1)
         return self.head(z)
 
     def freeze(self, what: str) -> "FinetuneModel":
         """Freeze ``none``, the whole ``backbone``, or the stages up to and including ``what``.
 
-        Frozen parameters get ``requires_grad=False``, and frozen modules stay in eval mode
-        during training so their BatchNorm statistics do not move either.
+        Frozen parameters get ``requires_grad=False``, and frozen modules (those whose
+        parameters are all frozen) stay in eval mode during training so their BatchNorm
+        statistics do not move either. A stage is a set of parameters (``spec``), so stages
+        that own bare parameters (a ViT's class token and position embedding) freeze too.
         """
         stages = self.spec.stages
         if what == "none":
@@ -263,26 +263,33 @@ class FinetuneModel(nn.Module):
             raise ValueError(f"--freeze {what!r} is not a stage of {self.spec.name}; use "
                              f"{', '.join(list_stages(self.spec.name))} (see `featx finetune "
                              f"--model {self.spec.name} --list-stages`).")
-        for name in self.frozen:
-            for p in self.backbone.get_submodule(name).parameters():
+        names = {n for stage in self.frozen
+                 for n in self.spec.stage_parameter_names(self.backbone, stage)}
+        for n, p in self.backbone.named_parameters():
+            if n in names:
                 p.requires_grad_(False)
+        self._frozen_params = frozenset(names)
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> "FinetuneModel":
         super().train(mode)
-        for name in self.frozen:
-            self.backbone.get_submodule(name).eval()
+        if mode and self._frozen_params:
+            for name, module in self.backbone.named_modules():
+                own = [n for n, _ in module.named_parameters(prefix=name)]
+                if own and all(n in self._frozen_params for n in own):
+                    module.eval()
         return self
 
 
 def build_model(name: str, weights: ResolvedWeights | str, num_classes: int, *, pool: int = 1,
-                freeze: str = "none", seed: int = 0) -> FinetuneModel:
+                freeze: str = "none", seed: int = 0,
+                image_size: int | None = None) -> FinetuneModel:
     """Build ``name`` with ``weights``, put a new head for ``num_classes`` on it, freeze.
 
     The new head is initialised from ``seed``, whatever the global RNG state.
     """
     spec = get_backbone(name)
-    backbone = build_backbone(name, weights, seed=seed)
+    backbone = build_backbone(name, weights, seed=seed, image_size=image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = FinetuneModel(spec, backbone, num_classes, pool=pool)
@@ -455,7 +462,7 @@ def run_dir_name(data: FinetuneData, cfg: FinetuneConfig, weights: ResolvedWeigh
     key.update(weights_sha256=weights.sha256, split=data.info["split_fingerprint"])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in data.name)
-    return (f"{safe}_{cfg.model}_finetune_{weights.tag}-{cfg.freeze}-{cfg.loss}-pool{cfg.pool}"
+    return (f"{safe}_{cfg.model.replace(':', '-')}_finetune_{weights.tag}-{cfg.freeze}-{cfg.loss}-pool{cfg.pool}"
             f"-{digest}")
 
 
@@ -596,8 +603,7 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     weights = resolve_weights(cfg.model, cfg.weights, seed=cfg.seed)
-    transform = TransformSpec.from_weights(weights_transform_source(cfg.model, weights),
-                                           cfg.image_size)
+    transform = backbone_transform(cfg.model, weights, cfg.image_size)
     workers = _default_workers() if cfg.workers is None else cfg.workers
     run_dir = Path(cfg.out_dir) / run_dir_name(data, cfg, weights)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -605,8 +611,8 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
     has_val = bool(data.splits.get("val"))
 
     model = build_model(cfg.model, weights, len(data.classes), pool=cfg.pool,
-                        freeze=cfg.freeze, seed=cfg.seed).to(device)
-    if device.type == "cuda":
+                        freeze=cfg.freeze, seed=cfg.seed, image_size=transform.crop).to(device)
+    if device.type == "cuda" and model.spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     counts = np.bincount([lab for _, lab in data.splits["train"]], minlength=len(data.classes))
     criterion = make_loss(cfg.loss, class_counts=counts, gamma=cfg.focal_gamma).to(device)

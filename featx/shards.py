@@ -324,7 +324,7 @@ def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
     try:
         for k in mine:
             if run is None:  # built only when this rank has work
-                fm = FeatureModel(spec, build_backbone(cfg.model, weights).to(device)).eval()
+                fm = FeatureModel(spec, build_backbone(cfg.model, weights, image_size=transform.crop).to(device)).eval()
                 run = _prepare_for_inference(fm)
                 run = _compiled(run, notes) if cfg.compile else run
             t_shard = time.perf_counter()
