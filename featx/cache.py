@@ -292,8 +292,10 @@ class CacheWriter:
                     return False
                 same = not diff_provenance(attrs, provenance)
                 return same and all(s in f for s in self.splits)
-        except Exception:
-            return False  # an unreadable partial is only lost work, never a result
+        except Exception as exc:  # an unreadable partial is only lost work, never a result
+            self.notes.append(f"note: the unfinished {self.tmp.name} cannot be read "
+                              f"({_first_line(exc)}); starting it afresh.")
+            return False
 
     def _create(self, provenance: dict) -> None:
         f = self.f

@@ -8,6 +8,7 @@ the test skips (read-only falls back to chmod 0o555 when not running as root).
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -111,18 +112,31 @@ def digits(tmp_path_factory):
     return write_digits(tmp_path_factory.mktemp("faults") / "d", per_class=30, size=32)
 
 
+EXTRACT32 = EXTRACT[:5] + ["--image-size", "32", *EXTRACT[7:]]
+
+
+@pytest.fixture(scope="module")
+def cache32(digits, tmp_path_factory) -> Path:
+    """A complete cache of ``digits`` (penultimate only, 32 px), made once; copy, don't edit."""
+    out = tmp_path_factory.mktemp("cache32")
+    res, _ = _cli(EXTRACT32 + ["--data", digits, "--out", out])
+    assert res.exit_code == 0, res.output
+    return out / "d_resnet18_none_32.h5"
+
+
 # --- a full disk ------------------------------------------------------------------------------
 
-def test_full_disk_during_extract_is_one_line_and_the_rerun_resumes(small_disk, digits,
-                                                                    tmp_path):
+def test_full_disk_during_extract_is_one_line_and_the_rerun_resumes(small_disk, digits):
     """8 MB: the earlier cache fits, the bigger one does not. The run stops with one line
     before HDF5 meets the full disk, the old cache is untouched, and once there is space the
-    same command resumes and writes what an uninterrupted run writes."""
+    same command resumes and ends with every row (penultimate equal to the old cache's: same
+    seeded weights, same images)."""
     _remount(small_disk, "8m")
     res, _ = _cli(EXTRACT + ["--data", digits, "--out", small_disk])
     assert res.exit_code == 0, res.output
     old = small_disk / NAME
     before = _digest(old)
+    expect = {s: Cache(old).load(s, "penultimate") for s in ("train", "val", "test")}
     bigger = EXTRACT + ["--data", digits, "--pool", "1,2,4", "--overwrite"]
     res, text = _cli(bigger + ["--out", small_disk])
     line = _one_error_line(text)
@@ -132,25 +146,22 @@ def test_full_disk_during_extract_is_one_line_and_the_rerun_resumes(small_disk, 
     _remount(small_disk, "64m")
     res, text = _cli(bigger + ["--out", small_disk])
     assert res.exit_code == 0 and "[resumed]" in text, text
-    res, _ = _cli(bigger + ["--out", tmp_path / "whole"])
-    a, b = _datasets(tmp_path / "whole" / NAME), _datasets(old)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    cache = Cache(old)
+    assert cache.attrs["pools"] == [1, 2, 4]
+    for split, pen in expect.items():
+        np.testing.assert_array_equal(cache.load(split, "penultimate"), pen)
+        np.testing.assert_allclose(cache.load(split, "pool1"), pen, rtol=1e-5, atol=1e-6)
 
 
 def test_hdf5_running_out_of_space_is_one_line_and_the_next_run_starts_cleanly(small_disk,
                                                                                 digits,
-                                                                                tmp_path):
+                                                                                cache32):
     """The per-batch space check turned off, so h5py itself meets ENOSPC (which it reports
     as a RuntimeError, and then segfaults on close). In a subprocess, so a crash fails the
     test instead of killing pytest."""
     _remount(small_disk, "6m")  # the earlier cache takes 3.5 MB (1 MiB chunks)
-    res, _ = _cli(EXTRACT[:5] + ["--image-size", "32", *EXTRACT[7:], "--data", digits,
-                                 "--out", tmp_path])
-    assert res.exit_code == 0
-    old = small_disk / "d_resnet18_none_32.h5"  # an earlier cache on that disk
-    old.write_bytes((tmp_path / old.name).read_bytes())
+    old = small_disk / cache32.name  # an earlier cache on that disk
+    old.write_bytes(cache32.read_bytes())
     before = _digest(old)
     code = ("import sys, featx.cache as c; c.free_bytes = lambda folder: 1 << 40; "
             "from featx.cli import main; sys.argv = ['featx'] + sys.argv[1:]; main()")
@@ -168,31 +179,26 @@ def test_hdf5_running_out_of_space_is_one_line_and_the_next_run_starts_cleanly(s
     assert Cache(small_disk / NAME).attrs["pools"] == [1, 2, 4]
 
 
-def test_an_unreadable_partial_is_started_afresh_with_a_note(digits, tmp_path):
-    out = tmp_path / "c"
-    out.mkdir()
-    res, _ = _cli(EXTRACT + ["--data", digits, "--out", out])
-    good = (out / NAME).read_bytes()
-    (out / NAME).unlink()
-    partial_path(out / NAME).write_bytes(good[: len(good) // 3])  # a torn write
-    res, text = _cli(EXTRACT + ["--data", digits, "--out", out])
-    assert res.exit_code == 0, text
-    assert Cache(out / NAME).attrs["complete"]
+def test_an_unreadable_partial_is_started_afresh_with_a_note(digits, cache32, tmp_path):
+    partial = partial_path(tmp_path / cache32.name)
+    partial.write_bytes(cache32.read_bytes()[: cache32.stat().st_size // 3])  # a torn write
+    res, text = _cli(EXTRACT32 + ["--data", digits, "--out", tmp_path])
+    assert res.exit_code == 0 and "starting it afresh" in text, text
+    a, b = _datasets(cache32), _datasets(tmp_path / cache32.name)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_full_disk_during_finetune_is_one_line_and_keeps_earlier_results(small_disk, digits,
-                                                                         tmp_path):
+def test_full_disk_during_finetune_is_one_line_and_keeps_earlier_results(small_disk, cache32):
     _remount(small_disk, "4m")  # a resnet18 checkpoint is ~45 MB
-    res, _ = _cli(EXTRACT[:5] + ["--image-size", "32", *EXTRACT[7:], "--data", digits,
-                                 "--out", tmp_path])
     earlier = small_disk / "earlier" / "result.json"
     earlier.parent.mkdir()
     earlier.write_text('{"schema": "featx-result/1"}')
     res, text = _cli(["finetune", "--model", "resnet18", "--weights", "none", "--split-from",
-                      tmp_path / "d_resnet18_none_32.h5", "--image-size", "32", "--epochs", "1",
+                      cache32, "--image-size", "32", "--epochs", "1",
                       "--workers", "0", "--no-progress", "--out", small_disk])
     line = _one_error_line(text)
-    assert res.exit_code == 1 and "the disk is full" in line
+    assert res.exit_code == 1 and "the disk is full" in line and "--resume" in line
     assert earlier.read_text() == '{"schema": "featx-result/1"}'
     assert not list(small_disk.rglob("*.tmp"))
 
@@ -200,19 +206,23 @@ def test_full_disk_during_finetune_is_one_line_and_keeps_earlier_results(small_d
 # --- a read-only folder -------------------------------------------------------------------
 
 def test_read_only_out_cwd_or_torch_home_is_one_line_in_every_command(read_only_dir, digits,
-                                                                      tmp_path, monkeypatch):
-    res, _ = _cli(EXTRACT + ["--data", digits, "--out", tmp_path / "c"])
-    cache = tmp_path / "c" / NAME
+                                                                      cache32, tmp_path,
+                                                                      monkeypatch):
+    cache = cache32
     before = _digest(cache)
     wfile = tmp_path / "w.pth"
-    torch.save(torch.nn.Linear(2, 2).state_dict(), wfile)
+    from torchvision import models
+    torch.save(models.shufflenet_v2_x1_0().state_dict(), wfile)  # 9 MB, the smallest here
     ro = read_only_dir
+    from tests.test_report import TILES, _dataset, _head
+    results = tmp_path / "results"
+    _head(results, _dataset("tiles", TILES), "penultimate", "logistic", [2, 2, 2])
     commands = {
-        "extract": EXTRACT + ["--data", digits, "--out", ro / "cache"],
+        "extract": EXTRACT32 + ["--data", digits, "--out", ro / "cache"],
         "fit-heads": ["fit-heads", cache, "--heads", "logistic", "--jobs", "1", "--out", ro],
         "finetune": ["finetune", "--model", "resnet18", "--weights", "none", "--split-from",
                      cache, "--epochs", "1", "--workers", "0", "--out", ro],
-        "report": ["report", tmp_path / "c", "--out", ro / "report"],
+        "report": ["report", results, "--out", ro / "report"],
         "compare": ["compare", "--data", digits, "--models", "resnet18", "--weights", "none",
                     "--finetune", "none", "--cache-dir", ro, "--out", tmp_path / "r"],
         "demo": ["demo", "--quick", "--cache-dir", ro, "--out", tmp_path / "demo"],
@@ -223,12 +233,12 @@ def test_read_only_out_cwd_or_torch_home_is_one_line_in_every_command(read_only_
         assert res.exit_code == 1 and "cannot write" in line and str(ro) in line, (name, text)
     # the current folder: the default --out is cache/ there
     monkeypatch.chdir(ro)
-    res, text = _cli(EXTRACT + ["--data", digits])
+    res, text = _cli(EXTRACT32 + ["--data", digits])
     assert res.exit_code == 1 and "cannot write" in _one_error_line(text)
     monkeypatch.chdir(tmp_path)
     # TORCH_HOME: where `weights import` puts a file
     monkeypatch.setenv("TORCH_HOME", str(ro))
-    res, text = _cli(["weights", "import", wfile, "--model", "resnet18"])
+    res, text = _cli(["weights", "import", wfile, "--model", "shufflenet_v2_x1_0"])
     assert res.exit_code == 1 and "TORCH_HOME" in _one_error_line(text), text
     assert _digest(cache) == before
 
@@ -238,7 +248,7 @@ def test_read_only_out_cwd_or_torch_home_is_one_line_in_every_command(read_only_
 def test_a_second_run_on_the_same_cache_refuses_naming_the_first(tmp_path):
     """A real `featx extract` process holds the cache; a second run (this process) refuses
     with one line naming its pid, and the first run finishes a complete file."""
-    root = write_digits(tmp_path / "d", per_class=100, size=32)
+    root = write_digits(tmp_path / "d", per_class=60, size=32)
     out = tmp_path / "c"
     args = [*EXTRACT[:5], "--image-size", "64", "--batch-size", "4", *EXTRACT[9:],
             "--data", root, "--out", out]
@@ -263,7 +273,7 @@ def test_a_second_run_on_the_same_cache_refuses_naming_the_first(tmp_path):
     assert res.exit_code == 1 and f"pid {proc.pid}" in line, text
     assert rc == 0, proc.stderr.read()
     cache = Cache(out / "d_resnet18_none_64.h5")
-    assert sum(len(cache.labels(s)) for s in cache.splits) == 300
+    assert sum(len(cache.labels(s)) for s in cache.splits) == 180
     assert not partial.exists() and not lock_path(out / "d_resnet18_none_64.h5").exists()
 
 
@@ -286,7 +296,7 @@ def test_split_from_a_cache_whose_images_are_gone(tmp_path):
     res, _ = _cli(EXTRACT[:5] + ["--image-size", "32", *EXTRACT[7:], "--data", root,
                                  "--out", tmp_path / "c"])
     cache = tmp_path / "c" / "d_resnet18_none_32.h5"
-    res, _ = _cli(["fit-heads", cache, "--heads", "logistic", "--jobs", "1",
+    res, _ = _cli(["fit-heads", cache, "--heads", "logistic,linear", "--jobs", "1",
                    "--out", tmp_path / "r"])
     assert res.exit_code == 0, res.output
     gone = Cache(cache).paths("test")[:2]
@@ -305,15 +315,16 @@ def test_split_from_a_cache_whose_images_are_gone(tmp_path):
     assert result["dataset"]["counts"]["test"] == info["counts"]["test"] - 2
     assert result["dataset"]["test_fingerprint"] != info["test_fingerprint"]
     res, _ = _cli(["report", tmp_path / "r"])
-    rows = {r["kind"]: r for r in
-            __import__("csv").DictReader(open(tmp_path / "r" / "report" / "report.csv"))}
-    assert rows["head"]["comparable"] == "True" and rows["finetune"]["comparable"] == "False"
+    rows = list(csv.DictReader(open(tmp_path / "r" / "report" / "report.csv")))
+    assert {r["comparable"] for r in rows if r["kind"] == "head"} == {"True"}
+    (ft_row,) = [r for r in rows if r["kind"] == "finetune"]
+    assert ft_row["comparable"] == "False" and ft_row["reason"] == "test set differs"
 
 
 @pytest.mark.parametrize("damage", ["attribute", "dataset"])
-def test_a_cache_missing_a_key_is_one_line_naming_it(digits, tmp_path, damage):
-    res, _ = _cli(EXTRACT + ["--data", digits, "--out", tmp_path])
-    path = tmp_path / NAME
+def test_a_cache_missing_a_key_is_one_line_naming_it(cache32, tmp_path, damage):
+    path = tmp_path / cache32.name
+    path.write_bytes(cache32.read_bytes())
     with h5py.File(path, "r+") as f:
         if damage == "attribute":
             del f.attrs["classes"]
@@ -327,8 +338,8 @@ def test_a_cache_missing_a_key_is_one_line_naming_it(digits, tmp_path, damage):
 
 
 def test_a_damaged_last_pt_on_resume_is_one_line_and_starts_afresh_only_without_resume(
-        digits, tmp_path):
-    ft = ["finetune", "--model", "resnet18", "--weights", "none", "--data", digits,
+        cache32, tmp_path):
+    ft = ["finetune", "--model", "resnet18", "--weights", "none", "--split-from", cache32,
           "--image-size", "32", "--epochs", "1", "--workers", "0", "--no-progress",
           "--out", tmp_path]
     res, _ = _cli(ft)
@@ -341,3 +352,17 @@ def test_a_damaged_last_pt_on_resume_is_one_line_and_starts_afresh_only_without_
     line = _one_error_line(text)
     assert res.exit_code == 1 and "last.pt" in line and "without --resume" in line
     assert _digest(run / "best.pt") == best
+
+
+def test_a_result_with_a_non_numeric_time_is_listed_as_unreadable_not_ranked(tmp_path):
+    from tests.test_report import TILES, _dataset, _head
+    ds = _dataset("tiles", TILES)
+    _head(tmp_path, ds, "penultimate", "logistic", [2, 2, 2])
+    bad = _head(tmp_path, ds, "pool2", "svm", [0, 0, 0])  # the better score
+    res = json.loads(bad.read_text())
+    res["timings"]["total_s"] = "fast"
+    bad.write_text(json.dumps(res))
+    result, text = _cli(["report", tmp_path])
+    assert result.exit_code == 0, text
+    assert "svm @ pool2" not in text and "logistic @ penultimate" in text
+    assert "timings.total_s" in text and "not a number" in text
