@@ -41,11 +41,16 @@ def _read_only_message(exc: OSError) -> str:
     if name is None:  # h5py puts the name into the text: "... name = '/x/y.h5', errno = 30"
         m = re.search(r"name = '([^']*)'", str(exc))
         name = m.group(1) if m else None
-    why = "read-only file system" if (exc.errno == errno.EROFS or "Read-only" in str(exc)) \
-        else "permission denied"
-    where = f"cannot write {name}" if name else "cannot write a file"
-    return (f"{where}: {why}. Nothing was changed; point --out (or the current folder, or "
-            f"TORCH_HOME for weights) at a writable folder and run again.")
+    if name is not None:
+        import os
+        name = os.path.abspath(os.fsdecode(name))  # "cache" alone would not say where
+    if exc.errno == errno.EROFS or "Read-only" in str(exc):
+        return (f"cannot write {name or 'a file'}: read-only file system. Nothing was changed; "
+                f"point --out (or the current folder, or TORCH_HOME for weights) at a writable "
+                f"folder and run again.")
+    # EACCES may also be a file that cannot be read, so this line does not say "write"
+    return (f"permission denied: {name or 'a file'}. Nothing was changed; fix its permissions, "
+            f"or point --out (or the current folder, or TORCH_HOME) at a folder you can use.")
 
 
 def user_error_message(exc: BaseException) -> str | None:

@@ -230,11 +230,12 @@ def test_read_only_out_cwd_or_torch_home_is_one_line_in_every_command(read_only_
     for name, args in commands.items():
         res, text = _cli(args)
         line = _one_error_line(text)
-        assert res.exit_code == 1 and "cannot write" in line and str(ro) in line, (name, text)
+        assert res.exit_code == 1 and str(ro) in line, (name, text)
+        assert "cannot write" in line or "permission denied" in line, (name, text)
     # the current folder: the default --out is cache/ there
     monkeypatch.chdir(ro)
     res, text = _cli(EXTRACT32 + ["--data", digits])
-    assert res.exit_code == 1 and "cannot write" in _one_error_line(text)
+    assert res.exit_code == 1 and str(ro) in _one_error_line(text)
     monkeypatch.chdir(tmp_path)
     # TORCH_HOME: where `weights import` puts a file
     monkeypatch.setenv("TORCH_HOME", str(ro))
