@@ -363,11 +363,14 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               help="Folder for the run folders.")
 @click.option("--resume", is_flag=True, help="Continue the same run from its last.pt.")
+@click.option("--allow-missing", is_flag=True,
+              help="With --split-from: fine-tune even if some of the cache's images are gone "
+              "(the result records the files used, so report marks it not comparable).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def finetune(model, data_path, split_fractions, seed, split_from, weights, image_size, device,
              precision, workers, freeze, show_stages, epochs, batch_size, optimizer, lr,
              backbone_lr_mult, weight_decay, scheduler, loss, focal_gamma, augment, pool,
-             early_stop, out, resume, progress):
+             early_stop, out, resume, allow_missing, progress):
     """Fine-tune a backbone with a new head on the same split and metrics as the heads.
 
     Writes OUT/{dataset}_{model}_finetune_{settings}/ with best.pt, last.pt, history.csv,
@@ -391,7 +394,11 @@ def finetune(model, data_path, split_fractions, seed, split_from, weights, image
     if (data_path is None) == (split_from is None):
         raise click.ClickException("give exactly one of --data PATH or --split-from CACHE.")
     if split_from is not None:
-        data = data_from_cache(split_from)
+        data = data_from_cache(split_from, allow_missing=allow_missing)
+        if data.info.get("missing_files"):
+            click.echo(f"note: {data.info['missing_files']} image(s) of {split_from} are gone; "
+                       f"fine-tuning without them (not comparable with the cache's heads)",
+                       err=True)
     else:
         data = data_from_spec(load_data_arg(data_path, split_fractions, seed), workers=workers)
     click.echo(f"data: {data.source}, classes {', '.join(data.classes)}; "

@@ -27,7 +27,7 @@ import featx
 from featx.backbones import (FeatureModel, backbone_provenance, backbone_transform,
                              build_backbone, get_backbone, resolve_weights)
 from featx.cache import (Cache, CacheWriter, StaleCacheError, cache_filename, diff_provenance,
-                         provenance_covers)
+                         lock_cache, provenance_covers)
 from featx.data import DatasetSpec, ImageFiles, TransformSpec
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "resolve_device", "resolve_precision",
@@ -189,8 +189,15 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
 
     Returns at once (status ``up-to-date``) when a complete cache with the same inputs
     exists; raises :class:`~featx.cache.StaleCacheError` naming what differs when one with
-    other inputs exists and ``cfg.overwrite`` is false.
+    other inputs exists and ``cfg.overwrite`` is false. The cache is locked from the check
+    to the final rename, so a second run on the same file refuses
+    (:class:`~featx.cache.CacheLockedError`) instead of touching the first one's ``.partial``.
     """
+    with contextlib.ExitStack() as held:
+        return _extract(data, cfg, held)
+
+
+def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractResult:
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size {cfg.batch_size}: must be at least 1.")
     if cfg.store not in ("float32", "float16"):
@@ -202,6 +209,7 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     transform = backbone_transform(cfg.model, weights, cfg.image_size)
     prov = _provenance(cfg, data, weights, transform, precision, device)
     path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop)
+    held.enter_context(lock_cache(path))
 
     if path.exists():
         try:
@@ -231,7 +239,7 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
     writer = CacheWriter(path, prov, data.splits, dims, cfg.store)
     workers = _default_workers(device) if cfg.workers is None else cfg.workers
-    notes: list[str] = []
+    notes: list[str] = list(writer.notes)
     run = _compiled(fm, notes) if cfg.compile else fm
     tf = transform.eval_transform_uint8()  # normalised per batch, in _forward
     total = sum(len(v) for v in data.splits.values())

@@ -21,6 +21,7 @@ What a run decides and why:
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ import featx
 from featx.backbones import (BackboneSpec, ResolvedWeights, backbone_transform, build_backbone,
                              get_backbone, resolve_weights)
 from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec
+from featx.errors import DiskFullError, is_disk_full
 from featx.extract import autocast, resolve_device, resolve_precision
 from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
 
@@ -150,8 +152,13 @@ class FinetuneResult:
 
 # --- the data ---------------------------------------------------------------------------------
 
-def data_from_cache(path: str | Path) -> FinetuneData:
-    """The exact train/val/test files a cache was extracted from (its readable rows)."""
+def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> FinetuneData:
+    """The exact train/val/test files a cache was extracted from (its readable rows).
+
+    Files of the cache that are no longer in place are refused, naming them; with
+    ``allow_missing`` the run goes on without them and its result records the fingerprints
+    of the files it really used, so ``report`` lists it as not comparable.
+    """
     from featx.cache import Cache
     cache = Cache(path)
     root = Path(cache.attrs["dataset_root"])
@@ -161,6 +168,18 @@ def data_from_cache(path: str | Path) -> FinetuneData:
                         f"their new location (same files give the same split).")
     splits = {s: cache.split_items(s) for s in cache.splits}
     info = cache.dataset_info()
+    missing = [f"{s}/{rel}" for s, items in splits.items() for rel, _ in items
+               if not (root / rel).is_file()]
+    if missing and not allow_missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                          else "")
+        raise DataError(f"--split-from {path}: {len(missing)} of its images are no longer in "
+                        f"{root} ({shown}). Put them back, re-extract, or pass --allow-missing "
+                        f"to fine-tune without them (the result is then not comparable).")
+    if missing:
+        splits = {s: [(rel, lab) for rel, lab in items if (root / rel).is_file()]
+                  for s, items in splits.items()}
+        info = {**info, **dataset_fingerprints(splits), "missing_files": len(missing)}
     return FinetuneData(info["name"], root, cache.classes, splits, info, f"--split-from {path}",
                         cache.skipped(), Path(path))
 
@@ -466,10 +485,41 @@ def run_dir_name(data: FinetuneData, cfg: FinetuneConfig, weights: ResolvedWeigh
             f"-{digest}")
 
 
+class _WriteErrors:
+    """A file for ``torch.save`` that remembers the first ``OSError`` of a write."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            out = _WriteErrors(f)
+            try:
+                torch.save(obj, out)
+            except (RuntimeError, OSError) as exc:
+                # torch's zip writer reports a failed write as "unexpected pos ..."; the
+                # OSError underneath (ENOSPC, EIO) is the one that says what happened
+                exc = out.error or exc
+                if is_disk_full(exc):
+                    raise DiskFullError(
+                        errno.ENOSPC, f"the disk is full: writing {path} failed. The "
+                        f"checkpoints of the finished epochs and earlier results are kept; "
+                        f"free some space and add --resume to the same command to "
+                        f"continue.") from None
+                raise exc from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -565,7 +615,15 @@ def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
 
 
 def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+            raise ValueError("not a featx checkpoint")
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else \
+            type(exc).__name__
+        raise ValueError(f"--resume: {path} cannot be read ({reason}); it is damaged. Run the "
+                         f"same command without --resume to start this run afresh.") from None
     old = {k: v for k, v in ckpt["config"].items() if k not in _RUN_INDEPENDENT}
     new = {k: v for k, v in _config_dict(cfg).items() if k not in _RUN_INDEPENDENT}
     diffs = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"

@@ -95,6 +95,12 @@ def _row_from_result(res: Any, path: Path, root: Path) -> dict:
     artifacts = res.get("artifacts") if isinstance(res.get("artifacts"), dict) else {}
     provenance = res.get("provenance") if isinstance(res.get("provenance"), dict) else {}
 
+    for key, value in timings.items():
+        # a time that is not a number would rank as 0 s (or last); the row cannot be placed
+        if key.endswith("_s") and value is not None and _num(value) is None \
+                and not isinstance(value, list):
+            raise ValueError(f"'timings.{key}' is not a number ({value!r})")
+
     extract_s = run_s = None
     cache_key = None
     if res["kind"] == "head":

@@ -156,15 +156,39 @@ def test_rerun_on_up_to_date_cache_does_nothing(digits_dir, tmp_path):
     assert _digest(path) == before
 
 
-@pytest.mark.parametrize("change", ["images", "pools", "image_size_same_name", "seed_split"])
-def test_changed_inputs_are_refused_and_the_cache_is_untouched(digits_dir, tmp_path, change):
+@pytest.mark.parametrize("change", ["images", "pools", "image_size_same_name", "seed_split",
+                                    "image_replaced_same_name", "random_weights_other_seed",
+                                    "weights_file_replaced_same_name"])
+def test_changed_inputs_are_refused_and_the_cache_is_untouched(digits_dir, tmp_path, change,
+                                                               monkeypatch):
+    weights = "none"
+    if change == "weights_file_replaced_same_name":
+        # resnet18's ImageNet file in the hub cache, then another file under the same name
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+        hub = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+        hub.parent.mkdir(parents=True)
+        torch.manual_seed(1)
+        torch.save(models.resnet18().state_dict(), hub)
+        weights = "imagenet"
     data = load_dataset(digits_dir)
-    path = extract(data, _cfg(tmp_path)).path
+    path = extract(data, _cfg(tmp_path, weights=weights)).path
     before = _digest(path)
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, weights=weights)
     if change == "images":
         Image.new("L", (32, 32), 5).save(digits_dir / "digit1" / "new.png")
         data, expect = load_dataset(digits_dir), "dataset_fingerprint"
+    elif change == "image_replaced_same_name":
+        rel = data.splits["train"][0][0]
+        size = (digits_dir / rel).stat().st_size
+        Image.new("L", (40, 40), 9).save(digits_dir / rel)  # another image, same name
+        assert (digits_dir / rel).stat().st_size != size
+        data, expect = load_dataset(digits_dir), "dataset_fingerprint"
+    elif change == "random_weights_other_seed":
+        cfg, expect = _cfg(tmp_path, seed=1), "weights_sha256"  # the split's seed stays 0
+    elif change == "weights_file_replaced_same_name":
+        torch.manual_seed(2)
+        torch.save(models.resnet18().state_dict(), hub)
+        expect = "weights_sha256"
     elif change == "pools":
         cfg, expect = _cfg(tmp_path, pools=(1, 8)), "pools"
     elif change == "image_size_same_name":
@@ -221,12 +245,16 @@ def test_not_a_featx_cache_is_refused(tmp_path):
 
 
 def test_float16_store_and_memory_layout(digits_dir, tmp_path):
-    path = extract(load_dataset(digits_dir), _cfg(tmp_path, store="float16", pools=(8,))).path
+    data = load_dataset(digits_dir)
+    path = extract(data, _cfg(tmp_path / "f16", store="float16", pools=(8,))).path
+    ref = Cache(extract(data, _cfg(tmp_path / "f32", pools=(8,))).path).load("train", "pool8")
     with h5py.File(path, "r") as f:
         ds = f["train/pool8"]
-        assert ds.dtype == np.float16 and ds.chunks is not None
-        assert ds.chunks[0] < ds.shape[0] or ds.shape[0] <= ds.chunks[0]
+        assert ds.dtype == np.float16 and ds.shape == (len(data.splits["train"]), 512 * 64)
+        # whole rows per chunk, ~1 MiB each: 16 rows of 32768 float16
+        assert ds.chunks == (16, 512 * 64)
         assert f.attrs["complete"] and f.attrs["featx_schema"] == 1
+        np.testing.assert_array_equal(ds[:], ref.astype(np.float16))
 
 
 def test_real_imagenet_weights_give_transfer_features(mobilenet_in_hub, digits_dir, tmp_path):
