@@ -28,10 +28,10 @@ from featx.backbones import (FeatureModel, build_backbone, get_backbone, resolve
                              weights_transform_source)
 from featx.cache import (Cache, CacheWriter, StaleCacheError, cache_filename, diff_provenance,
                          provenance_covers)
-from featx.data import DatasetSpec, ImageFiles, TransformSpec
+from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, cap_workers
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "resolve_device", "resolve_precision",
-           "autocast", "parse_pools"]
+           "autocast", "parse_pools", "pool_notes"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -89,6 +89,26 @@ def parse_pools(text: str) -> tuple[int, ...]:
         raise ValueError(f"--pool {text!r}: give pool sizes as integers 1..64 separated by "
                          f"commas, e.g. 1,2,4,8")
     return tuple(pools)
+
+
+def pool_notes(features, crop: int, pools, model: str, device: torch.device) -> list[str]:
+    """Notes for the pool sizes larger than the last spatial map at ``crop`` pixels.
+
+    ``features`` maps ``(B, 3, crop, crop)`` images to that map (one 1-image forward here).
+    ``AdaptiveAvgPool2d(n)`` of an ``h x w`` map with ``n > h`` repeats map values instead of
+    averaging them, so such a feature is wider without holding more. It is kept (a 1x1 map
+    at a small image size is common, and the numbers are well defined), but said.
+    """
+    if not pools or max(pools) <= 1:
+        return []
+    with torch.inference_mode():
+        h, w = features(torch.zeros(1, 3, crop, crop, device=device)).shape[-2:]
+    big = [n for n in pools if n > min(h, w)]
+    if not big:
+        return []
+    return [f"note: --pool {','.join(map(str, big))} is larger than {model}'s last spatial map "
+            f"at {crop} px ({h}x{w}): those pool features repeat the map's values and hold no "
+            f"more than pool{min(h, w)}. A larger --image-size gives a larger map."]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -218,8 +238,11 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     dims = {"penultimate": spec.penultimate_dim}
     dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
     writer = CacheWriter(path, prov, data.splits, dims, cfg.store)
+    notes: list[str] = pool_notes(fm.forward_features, transform.crop, cfg.pools, cfg.model,
+                                  device)
     workers = _default_workers(device) if cfg.workers is None else cfg.workers
-    notes: list[str] = []
+    workers, note = cap_workers(workers)
+    notes += [note] if note else []
     run = _compiled(fm, notes) if cfg.compile else fm
     tf = transform.eval_transform_uint8()  # normalised per batch, in _forward
     total = sum(len(v) for v in data.splits.values())
@@ -256,6 +279,14 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    if int(writer.f["train"].attrs["n_rows"]) == 0:
+        # a cache without a readable train image is of no use to any head: no file at all
+        writer.close()
+        writer.tmp.unlink(missing_ok=True)
+        n_train = len(data.splits["train"])
+        why = next((f" (e.g. {p}: {e})" for s, p, e in skipped if s == "train"), "")
+        raise DataError(f"{data.root}: none of the {n_train} image(s) of the train split could "
+                        f"be read{why}; no cache was written.")
     rate = (n_written + len(skipped)) / seconds if seconds > 0 else 0.0
     writer.finish({"timings": {"seconds": round(seconds, 3), "images_per_s": round(rate, 2),
                                "resumed": writer.resumed, "images": n_written}})

@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 import featx
 from featx.backbones import (BackboneSpec, ResolvedWeights, build_backbone, get_backbone,
                              resolve_weights, weights_transform_source)
-from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec
-from featx.extract import autocast, resolve_device, resolve_precision
+from featx.data import (DataError, DatasetSpec, ImageFiles, TransformSpec, cap_workers,
+                        check_seed)
+from featx.extract import autocast, pool_notes, resolve_device, resolve_precision
 from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
 
 __all__ = [
@@ -190,7 +191,7 @@ def data_from_spec(spec: DatasetSpec, *, workers: int | None = None) -> Finetune
     to 8), so the fingerprints of the result equal those of a cache extracted from the same
     data, and training never meets a bad file.
     """
-    workers = _default_workers() if workers is None else workers
+    workers = cap_workers(_default_workers() if workers is None else workers)[0]
     readable, skipped = {}, []
     for split, items in spec.splits.items():
         errors = _decode_errors(spec.root, items, workers)
@@ -537,6 +538,7 @@ def check_config(cfg: FinetuneConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_seed(cfg.seed)
     stages = list_stages(cfg.model)
     if cfg.freeze not in stages:
         raise ValueError(f"--freeze {cfg.freeze!r} is not a stage of {cfg.model}; use "
@@ -598,7 +600,9 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
     weights = resolve_weights(cfg.model, cfg.weights, seed=cfg.seed)
     transform = TransformSpec.from_weights(weights_transform_source(cfg.model, weights),
                                            cfg.image_size)
-    workers = _default_workers() if cfg.workers is None else cfg.workers
+    workers, note = cap_workers(_default_workers() if cfg.workers is None else cfg.workers)
+    if note:
+        say(note)
     run_dir = Path(cfg.out_dir) / run_dir_name(data, cfg, weights)
     run_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
@@ -608,6 +612,10 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
                         freeze=cfg.freeze, seed=cfg.seed).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    model.eval()  # a 1-image probe must not touch the BatchNorm statistics
+    for note in pool_notes(lambda x: model.spec.features(model.backbone, x),
+                           transform.crop, (cfg.pool,), cfg.model, device):
+        say(note)
     counts = np.bincount([lab for _, lab in data.splits["train"]], minlength=len(data.classes))
     criterion = make_loss(cfg.loss, class_counts=counts, gamma=cfg.focal_gamma).to(device)
     optimizer = _make_optimizer(model, cfg)
