@@ -52,9 +52,10 @@ def _imbalanced(root):
     return dataclasses.replace(data, splits={**data.splits, "train": train})
 
 
-def _logits(state: dict, data, split: str, transform: dict) -> tuple[torch.Tensor, np.ndarray]:
+def _logits(state: dict, data, split: str, transform: dict, pool: int = 1
+            ) -> tuple[torch.Tensor, np.ndarray]:
     """Logits of the checkpoint ``state`` on ``split``: eval mode, resize + center crop only."""
-    model = build_model("resnet18", "none", N_CLASSES)  # the architecture; weights from state
+    model = build_model("resnet18", "none", N_CLASSES, pool=pool)  # weights from state
     model.load_state_dict(state)
     model.eval()
     tf = T.Compose([T.Resize(transform["resize"], antialias=True),
@@ -165,9 +166,12 @@ def test_cosine_schedule_reaches_zero_after_the_last_epoch_and_lr_mult_sets_the_
 def test_focal_val_loss_uses_the_uncapped_gamma(tmp_path):
     data = _imbalanced(write_digits(tmp_path / "digits", per_class=20))
     res = finetune(data, _cfg(tmp_path / "out", epochs=1, loss="focal", focal_gamma=6.0,
-                              augment=False))
+                              augment=False, pool=2))
+    # resnet18's last map is 1x1 at 32 px: pool 2 trains, and says what it is
+    assert any("--pool 2 is larger than resnet18's last spatial map at 32 px (1x1)" in n
+               for n in res.notes)
     logits, y = _logits(_load(res.run_dir / "best.pt")["model"], data, "val",
-                        res.result["settings"]["transform"])
+                        res.result["settings"]["transform"], pool=2)
     expected = _focal(logits, y, 6.0)
     assert res.history[0]["val_loss"] == pytest.approx(expected, rel=1e-5)
     for other in (0.0, 2.0, 5.0):  # what a capped gamma (or plain CE) would give
