@@ -91,18 +91,14 @@ def parse_pools(text: str) -> tuple[int, ...]:
     return tuple(pools)
 
 
-def pool_notes(features, crop: int, pools, model: str, device: torch.device) -> list[str]:
-    """Notes for the pool sizes larger than the last spatial map at ``crop`` pixels.
+def pool_notes(map_hw: tuple[int, int], crop: int, pools, model: str) -> list[str]:
+    """Notes for the pool sizes larger than the last spatial map, ``map_hw`` = ``(h, w)``.
 
-    ``features`` maps ``(B, 3, crop, crop)`` images to that map (one 1-image forward here).
     ``AdaptiveAvgPool2d(n)`` of an ``h x w`` map with ``n > h`` repeats map values instead of
     averaging them, so such a feature is wider without holding more. It is kept (a 1x1 map
     at a small image size is common, and the numbers are well defined), but said.
     """
-    if not pools or max(pools) <= 1:
-        return []
-    with torch.inference_mode():
-        h, w = features(torch.zeros(1, 3, crop, crop, device=device)).shape[-2:]
+    h, w = map_hw
     big = [n for n in pools if n > min(h, w)]
     if not big:
         return []
@@ -238,8 +234,7 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     dims = {"penultimate": spec.penultimate_dim}
     dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
     writer = CacheWriter(path, prov, data.splits, dims, cfg.store)
-    notes: list[str] = pool_notes(fm.forward_features, transform.crop, cfg.pools, cfg.model,
-                                  device)
+    notes: list[str] = []
     workers = _default_workers(device) if cfg.workers is None else cfg.workers
     workers, note = cap_workers(workers)
     notes += [note] if note else []
@@ -248,6 +243,7 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     total = sum(len(v) for v in data.splits.values())
     done = sum(writer.next_index(s) for s in data.splits)
     n_written, skipped = 0, []
+    map_size: dict = {}  # (h, w) of the last spatial map, seen by the first batch
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=done, unit="img", desc=f"extract {cfg.model}",
                disable=not cfg.progress, dynamic_ncols=True)
@@ -265,7 +261,8 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
                 prefetch_factor=4 if workers > 0 else None)
             for images, labels, idx, errors in loader:
                 feats = _forward(run, images, transform, cfg.pools, device, precision,
-                                 pad_to=cfg.batch_size if cfg.compile else None)
+                                 pad_to=cfg.batch_size if cfg.compile else None,
+                                 map_size=map_size)
                 ok = np.array([e == "" for e in errors])
                 bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
                 writer.append(split, int(idx[-1]) + 1, {k: v[ok] for k, v in feats.items()},
@@ -279,6 +276,8 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    if map_size:
+        notes += pool_notes(map_size["hw"], transform.crop, cfg.pools, cfg.model)
     if int(writer.f["train"].attrs["n_rows"]) == 0:
         # a cache without a readable train image is of no use to any head: no file at all
         writer.close()
@@ -296,8 +295,9 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
 
 
 def _forward(fm, images: torch.Tensor, transform: TransformSpec, pools, device, precision,
-             pad_to: int | None = None) -> dict[str, np.ndarray]:
-    """Features of one batch of ``(B, 3, H, W)`` uint8 images (resized and cropped)."""
+             pad_to: int | None = None, map_size: dict | None = None) -> dict[str, np.ndarray]:
+    """Features of one batch of ``(B, 3, H, W)`` uint8 images (resized and cropped);
+    ``map_size["hw"]`` receives the last spatial map's ``(h, w)``."""
     n = len(images)
     if pad_to is not None and n < pad_to:
         # a compiled model is specialised to one batch shape; another would recompile (~10 s)
@@ -308,6 +308,8 @@ def _forward(fm, images: torch.Tensor, transform: TransformSpec, pools, device, 
         fmap, pen = fm(x)
         # pools in fp32: averaging many bf16 values loses precision for no speed gain
         fmap = fmap[:n].float()
+        if map_size is not None:
+            map_size["hw"] = tuple(fmap.shape[-2:])
         out = {"penultimate": pen[:n].float()}
         for p in pools:
             out[f"pool{p}"] = F.adaptive_avg_pool2d(fmap, p).flatten(1)

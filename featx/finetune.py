@@ -612,10 +612,12 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
                         freeze=cfg.freeze, seed=cfg.seed).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    model.eval()  # a 1-image probe must not touch the BatchNorm statistics
-    for note in pool_notes(lambda x: model.spec.features(model.backbone, x),
-                           transform.crop, (cfg.pool,), cfg.model, device):
-        say(note)
+    if cfg.pool > 1:  # one 1-image probe for the map size, in eval mode: BatchNorm untouched
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, transform.crop, transform.crop, device=device)
+            hw = tuple(model.eval().spec.features(model.backbone, probe).shape[-2:])
+        for note in pool_notes(hw, transform.crop, (cfg.pool,), cfg.model):
+            say(note)
     counts = np.bincount([lab for _, lab in data.splits["train"]], minlength=len(data.classes))
     criterion = make_loss(cfg.loss, class_counts=counts, gamma=cfg.focal_gamma).to(device)
     optimizer = _make_optimizer(model, cfg)

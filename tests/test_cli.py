@@ -166,12 +166,9 @@ def test_too_many_workers_capped_and_pool_beyond_the_map_noted(digits_dir, tmp_p
     assert "note: --workers 64 is more than the 1 CPU core(s) here; using 1." in r.output
     assert "note: --pool 2,4 is larger than resnet18's last spatial map at 32 px (1x1)" \
         in r.output
-    from torchvision.models import resnet18
-
     from featx.extract import pool_notes
-    trunk = torch.nn.Sequential(*list(resnet18().eval().children())[:-2])
-    assert pool_notes(trunk, 64, (1, 2), "resnet18", torch.device("cpu")) == []
-    assert "(2x2)" in pool_notes(trunk, 64, (1, 2, 3), "resnet18", torch.device("cpu"))[0]
+    assert pool_notes((2, 2), 64, (1, 2), "resnet18") == []
+    assert "--pool 3 is larger" in pool_notes((2, 2), 64, (1, 2, 3), "resnet18")[0]
 
 
 def test_no_readable_train_image_is_refused_and_writes_no_cache(tmp_path):
