@@ -65,9 +65,14 @@ def main():
 
 # --- options shared by several commands ----------------------------------------------------
 
+# numpy, sklearn and torch all take this range (featx.data.MAX_SEED)
+_SEED = click.IntRange(0, 2**32 - 1)
+
+
 def data_options(f):
     """``--data``, ``--split``, ``--seed``: where the images are and how they are split."""
-    f = click.option("--seed", type=int, default=0, help="Seed of the split and random init.")(f)
+    f = click.option("--seed", type=_SEED, default=0,
+                     help="Seed of the split and random init, 0..4294967295.")(f)
     f = click.option("--split", "split_fractions", default="0.7,0.15,0.15", metavar="TR,VA,TE",
                      help="Train/val/test fractions, used when the data has no split.")(f)
     f = click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
@@ -78,9 +83,9 @@ def data_options(f):
 
 def model_options(f):
     """``--weights``, ``--image-size``, ``--device``, ``--precision``, ``--workers``."""
-    f = click.option("--workers", type=int, default=None,
-                     help="DataLoader worker processes [default: CPU cores, at most 8; "
-                     "extract on the CPU: a quarter of the cores].")(f)
+    f = click.option("--workers", type=click.IntRange(0), default=None,
+                     help="DataLoader worker processes, at most one per CPU core [default: "
+                     "CPU cores, at most 8; extract on the CPU: a quarter of the cores].")(f)
     f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
                      default="auto", help="auto: bf16/fp16 on GPU; on CPU bf16 where it is native "
                      "(AMX, AVX512-BF16), else fp32.")(f)
@@ -302,7 +307,8 @@ def report(results_dir, out):
               help="Parallel fits, runs x grid points; with dask/ray and no --scheduler, "
               "the local cluster's workers [default: CPU cores].")
 @backend_options
-@click.option("--seed", type=int, default=0, help="random_state of every estimator.")
+@click.option("--seed", type=_SEED, default=0,
+              help="random_state of every estimator, 0..4294967295.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               help="Folder for results and heads_summary.csv.")
 def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pca,

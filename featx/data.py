@@ -14,22 +14,28 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import posixpath
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms as T
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
     "DataError",
+    "MAX_SEED",
     "DatasetSpec",
     "ImageFiles",
     "TransformSpec",
+    "cap_workers",
+    "check_seed",
     "load_dataset",
     "load_rgb",
     "parse_split_fractions",
@@ -37,6 +43,9 @@ __all__ = [
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm")
+# numpy's and sklearn's seeds are unsigned 32-bit; torch's would take more, but one seed
+# feeds all of them
+MAX_SEED = 2**32 - 1
 
 
 class DataError(ValueError):
@@ -113,16 +122,105 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`DataError` naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+            or not 0 <= seed <= MAX_SEED:
+        raise DataError(f"{option} {seed}: must be an integer from 0 to {MAX_SEED}.")
+    return int(seed)
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p))
+def cap_workers(requested: int, option: str = "--workers") -> tuple[int, str | None]:
+    """``(workers, note)``: ``requested`` DataLoader workers, at most one per usable core.
+
+    More processes than cores only compete for them (and each holds a copy of the dataset
+    and a prefetch queue); ``note`` says so when the number was lowered, else ``None``.
+    """
+    if requested < 0:
+        raise DataError(f"{option} {requested}: must be 0 or more (0 decodes in the main "
+                        f"process).")
+    cores = _usable_cores()
+    if requested <= cores:
+        return requested, None
+    return cores, (f"note: {option} {requested} is more than the {cores} CPU core(s) here; "
+                   f"using {cores}.")
+
+
+class _Skips:
+    """Files a folder scan leaves out, turned into notes for the user."""
+
+    def __init__(self):
+        self.not_regular: list[str] = []
+        self.bad_names: list[str] = []
+
+    def notes(self) -> list[str]:
+        out = []
+        for files, why in ((self.not_regular, "are not regular files (FIFO, socket, device, "
+                            "broken link) and were skipped"),
+                           (self.bad_names, "have names that are not valid UTF-8 and were "
+                            "skipped; rename them")):
+            files = list(dict.fromkeys(files))  # a bad class folder name shows in each split
+            if files:
+                shown = ", ".join(files[:5]) + (f", ... ({len(files)} in all)"
+                                                if len(files) > 5 else "")
+                out.append(f"{len(files)} file(s) {why}: {shown}")
+        return out
+
+
+def _printable(name: str) -> str:
+    """A file name as text even when it is not valid UTF-8 (bad bytes as ``\\xff``)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # undecodable bytes arrive as lone surrogates
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _class_dirs(folder: Path, skips: _Skips | None = None) -> list[Path]:
+    dirs = []
+    for d in sorted(folder.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        if not _utf8(d.name):
+            if skips is not None:
+                skips.bad_names.append(_printable(d.name) + "/")
+            continue
+        dirs.append(d)
+    return dirs
+
+
+def _images_in(folder: Path, root: Path, skips: _Skips) -> list[Path]:
+    """Image files under ``folder``; FIFOs, sockets, devices and names that are not UTF-8
+    go to ``skips`` instead (opening a FIFO would block the run forever)."""
+    found = []
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith("."):
+            continue
+        rel = p.relative_to(root).as_posix()
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            mode = None  # a broken link
+        if mode is not None and stat.S_ISDIR(mode):
+            continue
+        if mode is None or not stat.S_ISREG(mode):
+            skips.not_regular.append(_printable(rel))
+        elif not _utf8(rel):
+            skips.bad_names.append(_printable(rel))
+        else:
+            found.append(p)
+    return found
 
 
 def load_dataset(path: str | Path, *, split: tuple[float, float, float] = (0.7, 0.15, 0.15),
@@ -139,6 +237,7 @@ def load_dataset(path: str | Path, *, split: tuple[float, float, float] = (0.7, 
         Seed of that split.
     """
     path = Path(path)
+    seed = check_seed(seed)
     if not path.exists():
         raise DataError(f"--data {path}: no such file or folder.")
     if path.is_file():
@@ -164,9 +263,9 @@ def _check_train(spec: DatasetSpec) -> None:
 
 
 def _from_split_folders(root: Path) -> DatasetSpec:
-    notes = []
+    notes, skips = [], _Skips()
     class_names = sorted({d.name for s in SPLITS if (root / s).is_dir()
-                          for d in _class_dirs(root / s)})
+                          for d in _class_dirs(root / s, skips)})
     index = {c: i for i, c in enumerate(class_names)}
     splits: dict[str, list[tuple[str, int]]] = {}
     for s in SPLITS:
@@ -174,7 +273,7 @@ def _from_split_folders(root: Path) -> DatasetSpec:
             continue
         items = []
         for d in _class_dirs(root / s):
-            files = _images_in(d)
+            files = _images_in(d, root, skips)
             if not files:
                 notes.append(f"{s}/{d.name} holds no images")
             items += [(f.relative_to(root).as_posix(), index[d.name]) for f in files]
@@ -183,7 +282,8 @@ def _from_split_folders(root: Path) -> DatasetSpec:
     if empty:
         raise DataError(f"{root}: class(es) {', '.join(empty)} have no images in train/; add "
                         f"some or remove those folders.")
-    return DatasetSpec(root, root.name, class_names, splits, "folders-split", notes=notes)
+    return DatasetSpec(root, root.name, class_names, splits, "folders-split",
+                       notes=notes + skips.notes())
 
 
 def _split_per_class(items_by_class: dict[int, list[str]], classes: list[str],
@@ -213,14 +313,14 @@ def _split_per_class(items_by_class: dict[int, list[str]], classes: list[str],
 
 
 def _from_class_folders(root: Path, fractions, seed) -> DatasetSpec:
-    notes = []
-    dirs = _class_dirs(root)
+    notes, skips = [], _Skips()
+    dirs = _class_dirs(root, skips)
     if not dirs:
         raise DataError(f"{root}: no class folders found. Expected {root}/CLASS/*.png, "
                         f"{root}/train/CLASS/*.png, or a CSV manifest.")
     found = {}
     for d in dirs:
-        files = [f.relative_to(root).as_posix() for f in _images_in(d)]
+        files = [f.relative_to(root).as_posix() for f in _images_in(d, root, skips)]
         if files:
             found[d.name] = files
         else:
@@ -228,28 +328,71 @@ def _from_class_folders(root: Path, fractions, seed) -> DatasetSpec:
     classes = sorted(found)
     by_class = {i: found[c] for i, c in enumerate(classes)}
     splits = _split_per_class(by_class, classes, fractions, seed, root)
-    return DatasetSpec(root, root.name, classes, splits, "folders", seed, tuple(fractions), notes)
+    return DatasetSpec(root, root.name, classes, splits, "folders", seed, tuple(fractions),
+                       notes + skips.notes())
+
+
+def _read_manifest(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """The header's column names and ``(line number, row)`` for each data row.
+
+    Refuses, naming the line, a row with fewer or more fields than the header, an empty
+    path or label, and a file listed twice (the same path after normalising ``./``, ``..``
+    and doubled slashes), whether in one split or in two: such a file would be counted twice
+    or leak from one split into another.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+            reader = csv.reader(f)
+            header = next(reader, [])
+            cols = [c.strip().lower() for c in header]
+            if "path" not in cols or "label" not in cols:
+                raise DataError(f"{path}: a manifest needs a header with columns "
+                                f"path,label[,split]; found {','.join(cols) or 'nothing'}.")
+            rows, first_line = [], {}
+            for fields in reader:
+                line = reader.line_num
+                if not any(v.strip() for v in fields):
+                    continue  # blank line
+                if len(fields) != len(cols):
+                    raise DataError(
+                        f"{path}, line {line}: {len(fields)} field(s) where the header has "
+                        f"{len(cols)} ({','.join(cols)}); quote a path that holds a comma.")
+                row = {c: v.strip() for c, v in zip(cols, fields)}
+                for key in ("path", "label"):
+                    if not row[key]:
+                        raise DataError(f"{path}, line {line}: the {key} is empty; every row "
+                                        f"needs a path and a label.")
+                key = posixpath.normpath(row["path"].replace("\\", "/"))
+                if key in first_line:
+                    before, earlier = first_line[key]
+                    where = (f"in two splits ({earlier.get('split') or 'unsplit'} at line "
+                             f"{before}, {row.get('split') or 'unsplit'} here)"
+                             if earlier.get("split", "") != row.get("split", "")
+                             else f"twice (first at line {before})")
+                    raise DataError(f"{path}, line {line}: {row['path']} is listed {where}; "
+                                    f"list each file once.")
+                first_line[key] = (line, row)
+                rows.append((line, row))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save the manifest as "
+                        f"UTF-8.") from None
+    return cols, rows
 
 
 def _from_csv(path: Path, fractions, seed) -> DatasetSpec:
     root = path.parent
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "path" not in cols or "label" not in cols:
-            raise DataError(f"{path}: a manifest needs a header with columns path,label[,split]; "
-                            f"found {','.join(cols) or 'nothing'}.")
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
-    if not rows:
+    cols, numbered = _read_manifest(path)
+    if not numbered:
         raise DataError(f"{path}: the manifest lists no images.")
+    rows = [r for _, r in numbered]
     classes = sorted({r["label"] for r in rows})
     index = {c: i for i, c in enumerate(classes)}
     has_split = "split" in cols and any(r.get("split") for r in rows)
     if has_split:
-        bad = sorted({r["split"] for r in rows} - set(SPLITS))
-        if bad:
-            raise DataError(f"{path}: unknown split value(s) {', '.join(map(repr, bad))}; "
-                            f"use train, val or test.")
+        for line, r in numbered:
+            if r["split"] not in SPLITS:
+                raise DataError(f"{path}, line {line}: unknown split value {r['split']!r}; "
+                                f"use train, val or test.")
         splits = {s: sorted((r["path"], index[r["label"]]) for r in rows if r["split"] == s)
                   for s in SPLITS}
         splits = {s: v for s, v in splits.items() if v}
@@ -265,21 +408,43 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Decode ``path`` fully and return an 8-bit RGB image.
 
     Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images are converted; 16-bit
-    values are scaled by 1/257 so that 65535 maps to 255. Raises ``OSError`` (or PIL's
-    ``UnidentifiedImageError``) when the file cannot be decoded or is truncated.
+    values ``v`` become ``round(v / 257)``, so 0..65535 maps onto 0..255 with every 8-bit
+    value hit by an equal share (PIL itself reads 16-bit *RGB* PNGs by keeping the high byte).
+    Raises ``OSError`` (or PIL's ``UnidentifiedImageError``, a subclass) when the file cannot
+    be decoded or is truncated, is not a regular file (a FIFO would block ``open`` forever),
+    or is larger than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; PIL's
+    warning between 1x and 2x the limit counts too: such a file would take gigabytes).
     """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(f"not a regular file ({_file_kind(mode)}); it was not opened")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns on odd metadata; errors still raise
-        with Image.open(path) as img:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise OSError(f"decompression bomb: {exc}".split(", could be")[0]
+                          + "; raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine") from None
+        with img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = np.asarray(img, dtype=np.float32)
-                scale = 255.0 / 65535.0 if img.mode != "F" or arr.max() > 1 else 255.0
-                arr = np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
+                arr = np.asarray(img, dtype=np.float64)
+                scale = 1 / 257 if img.mode != "F" or arr.max() > 1 else 255.0
+                arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
                 return Image.fromarray(arr, "L").convert("RGB")
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
             return img.convert("RGB")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a plain file"
 
 
 @dataclass(frozen=True)
@@ -368,9 +533,11 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         rel, label = self.items[i]
         try:
+            # PIL's decoders raise more than OSError on malformed files (struct.error,
+            # IndexError, ...): whatever decoding one file raises skips that file only
             img = self.transform(load_rgb(self.root / rel))
             err = ""
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except Exception as exc:
             img = torch.zeros(3, self.crop, self.crop, dtype=self.dtype)
-            err = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            err = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:300]
         return img, label, i, err

@@ -28,10 +28,10 @@ from featx.backbones import (FeatureModel, backbone_provenance, backbone_transfo
                              build_backbone, get_backbone, resolve_weights)
 from featx.cache import (Cache, CacheWriter, StaleCacheError, cache_filename, diff_provenance,
                          lock_cache, provenance_covers)
-from featx.data import DatasetSpec, ImageFiles, TransformSpec
+from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, cap_workers
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "resolve_device", "resolve_precision",
-           "autocast", "parse_pools"]
+           "autocast", "parse_pools", "pool_notes"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -89,6 +89,22 @@ def parse_pools(text: str) -> tuple[int, ...]:
         raise ValueError(f"--pool {text!r}: give pool sizes as integers 1..64 separated by "
                          f"commas, e.g. 1,2,4,8")
     return tuple(pools)
+
+
+def pool_notes(map_hw: tuple[int, int], crop: int, pools, model: str) -> list[str]:
+    """Notes for the pool sizes larger than the last spatial map, ``map_hw`` = ``(h, w)``.
+
+    ``AdaptiveAvgPool2d(n)`` of an ``h x w`` map with ``n > h`` repeats map values instead of
+    averaging them, so such a feature is wider without holding more. It is kept (a 1x1 map
+    at a small image size is common, and the numbers are well defined), but said.
+    """
+    h, w = map_hw
+    big = [n for n in pools if n > min(h, w)]
+    if not big:
+        return []
+    return [f"note: --pool {','.join(map(str, big))} is larger than {model}'s last spatial map "
+            f"at {crop} px ({h}x{w}): those pool features repeat the map's values and hold no "
+            f"more than pool{min(h, w)}. A larger --image-size gives a larger map."]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -238,13 +254,16 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     dims = {"penultimate": spec.penultimate_dim}
     dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
     writer = CacheWriter(path, prov, data.splits, dims, cfg.store)
-    workers = _default_workers(device) if cfg.workers is None else cfg.workers
     notes: list[str] = list(writer.notes)
+    workers = _default_workers(device) if cfg.workers is None else cfg.workers
+    workers, note = cap_workers(workers)
+    notes += [note] if note else []
     run = _compiled(fm, notes) if cfg.compile else fm
     tf = transform.eval_transform_uint8()  # normalised per batch, in _forward
     total = sum(len(v) for v in data.splits.values())
     done = sum(writer.next_index(s) for s in data.splits)
     n_written, skipped = 0, []
+    map_size: dict = {}  # (h, w) of the last spatial map, seen by the first batch
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=done, unit="img", desc=f"extract {cfg.model}",
                disable=not cfg.progress, dynamic_ncols=True)
@@ -263,7 +282,7 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
             for images, labels, idx, errors in loader:
                 feats = _forward(run, images, transform, cfg.pools, device, precision,
                                  pad_to=cfg.batch_size if cfg.compile else None,
-                                 channels_last=spec.channels_last)
+                                 channels_last=spec.channels_last, map_size=map_size)
                 ok = np.array([e == "" for e in errors])
                 bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
                 writer.append(split, int(idx[-1]) + 1, {k: v[ok] for k, v in feats.items()},
@@ -277,6 +296,16 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    if map_size:
+        notes += pool_notes(map_size["hw"], transform.crop, cfg.pools, cfg.model)
+    if int(writer.f["train"].attrs["n_rows"]) == 0:
+        # a cache without a readable train image is of no use to any head: no file at all
+        writer.close()
+        writer.tmp.unlink(missing_ok=True)
+        n_train = len(data.splits["train"])
+        why = next((f" (e.g. {p}: {e})" for s, p, e in skipped if s == "train"), "")
+        raise DataError(f"{data.root}: none of the {n_train} image(s) of the train split could "
+                        f"be read{why}; no cache was written.")
     rate = (n_written + len(skipped)) / seconds if seconds > 0 else 0.0
     writer.finish({"timings": {"seconds": round(seconds, 3), "images_per_s": round(rate, 2),
                                "resumed": writer.resumed, "images": n_written}})
@@ -286,8 +315,10 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
 
 
 def _forward(fm, images: torch.Tensor, transform: TransformSpec, pools, device, precision,
-             pad_to: int | None = None, channels_last: bool = True) -> dict[str, np.ndarray]:
-    """Features of one batch of ``(B, 3, H, W)`` uint8 images (resized and cropped)."""
+             pad_to: int | None = None, channels_last: bool = True,
+             map_size: dict | None = None) -> dict[str, np.ndarray]:
+    """Features of one batch of ``(B, 3, H, W)`` uint8 images (resized and cropped);
+    ``map_size["hw"]`` receives the last spatial map's ``(h, w)``."""
     n = len(images)
     if pad_to is not None and n < pad_to:
         # a compiled model is specialised to one batch shape; another would recompile (~10 s)
@@ -299,6 +330,8 @@ def _forward(fm, images: torch.Tensor, transform: TransformSpec, pools, device, 
         fmap, pen = fm(x)
         # pools in fp32: averaging many bf16 values loses precision for no speed gain
         fmap = fmap[:n].float()
+        if map_size is not None:
+            map_size["hw"] = tuple(fmap.shape[-2:])
         out = {"penultimate": pen[:n].float()}
         for p in pools:
             out[f"pool{p}"] = F.adaptive_avg_pool2d(fmap, p).flatten(1)

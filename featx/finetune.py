@@ -42,9 +42,10 @@ from tqdm.auto import tqdm
 import featx
 from featx.backbones import (BackboneSpec, ResolvedWeights, backbone_transform, build_backbone,
                              get_backbone, resolve_weights)
-from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec
+from featx.data import (DataError, DatasetSpec, ImageFiles, TransformSpec, cap_workers,
+                        check_seed)
 from featx.errors import DiskFullError, is_disk_full
-from featx.extract import autocast, resolve_device, resolve_precision
+from featx.extract import autocast, pool_notes, resolve_device, resolve_precision
 from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
 
 __all__ = [
@@ -209,7 +210,7 @@ def data_from_spec(spec: DatasetSpec, *, workers: int | None = None) -> Finetune
     to 8), so the fingerprints of the result equal those of a cache extracted from the same
     data, and training never meets a bad file.
     """
-    workers = _default_workers() if workers is None else workers
+    workers = cap_workers(_default_workers() if workers is None else workers)[0]
     readable, skipped = {}, []
     for split, items in spec.splits.items():
         errors = _decode_errors(spec.root, items, workers)
@@ -594,6 +595,7 @@ def check_config(cfg: FinetuneConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_seed(cfg.seed)
     stages = list_stages(cfg.model)
     if cfg.freeze not in stages:
         raise ValueError(f"--freeze {cfg.freeze!r} is not a stage of {cfg.model}; use "
@@ -662,7 +664,9 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
     precision = resolve_precision(cfg.precision, device)
     weights = resolve_weights(cfg.model, cfg.weights, seed=cfg.seed)
     transform = backbone_transform(cfg.model, weights, cfg.image_size)
-    workers = _default_workers() if cfg.workers is None else cfg.workers
+    workers, note = cap_workers(_default_workers() if cfg.workers is None else cfg.workers)
+    if note:
+        say(note)
     run_dir = Path(cfg.out_dir) / run_dir_name(data, cfg, weights)
     run_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
@@ -672,6 +676,12 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
                         freeze=cfg.freeze, seed=cfg.seed, image_size=transform.crop).to(device)
     if device.type == "cuda" and model.spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.pool > 1:  # one 1-image probe for the map size, in eval mode: BatchNorm untouched
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, transform.crop, transform.crop, device=device)
+            hw = tuple(model.eval().spec.features(model.backbone, probe).shape[-2:])
+        for note in pool_notes(hw, transform.crop, (cfg.pool,), cfg.model):
+            say(note)
     counts = np.bincount([lab for _, lab in data.splits["train"]], minlength=len(data.classes))
     criterion = make_loss(cfg.loss, class_counts=counts, gamma=cfg.focal_gamma).to(device)
     optimizer = _make_optimizer(model, cfg)

@@ -137,3 +137,48 @@ def test_corrupt_files_are_reported_after_the_run(digits_dir, tmp_path):
     r = run(*EXTRACT, "--data", digits_dir, "--out", tmp_path)
     assert r.exit_code == 0
     assert "skipped 1 unreadable file(s)" in r.output and "oops.png" in r.output
+
+
+@pytest.mark.parametrize("command", [["extract", "--model", "resnet18"],
+                                     ["finetune", "--model", "resnet18"],
+                                     ["compare", "--models", "resnet18"],
+                                     ["fit-heads", "x.h5"]])
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "10" * 20])
+def test_seed_out_of_range_is_one_line_naming_option_and_range(digits_dir, command, seed):
+    data = [] if command[0] == "fit-heads" else ["--data", digits_dir]
+    assert_one_line_error(run(*command, *data, "--seed", seed), "'--seed'", seed,
+                          "0<=x<=4294967295")
+
+
+def test_negative_workers_is_one_line(digits_dir):
+    assert_one_line_error(run(*EXTRACT[:-3], "--data", digits_dir, "--workers", "-1"),
+                          "'--workers'", "-1")
+
+
+def test_too_many_workers_capped_and_pool_beyond_the_map_noted(digits_dir, tmp_path,
+                                                                monkeypatch):
+    import featx.data
+    monkeypatch.setattr(featx.data, "_usable_cores", lambda: 1)
+    # resnet18's last map is 1x1 at 32 px, 2x2 at 64 px
+    r = run(*EXTRACT[:-3], "--workers", "64", "--no-progress", "--data", digits_dir,
+            "--pool", "1,2,4", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "note: --workers 64 is more than the 1 CPU core(s) here; using 1." in r.output
+    assert "note: --pool 2,4 is larger than resnet18's last spatial map at 32 px (1x1)" \
+        in r.output
+    from featx.extract import pool_notes
+    assert pool_notes((2, 2), 64, (1, 2), "resnet18") == []
+    assert "--pool 3 is larger" in pool_notes((2, 2), 64, (1, 2, 3), "resnet18")[0]
+
+
+def test_no_readable_train_image_is_refused_and_writes_no_cache(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_text("not an image")
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{i}.png,{'ab'[i % 2]}\n"
+                                                             for i in range(4)))
+    out = tmp_path / "cache"
+    assert_one_line_error(run(*EXTRACT, "--split", "1,0,0", "--data", tmp_path / "m.csv",
+                              "--out", out),
+                          "none of the 4 image(s) of the train split could be read",
+                          "0.png: UnidentifiedImageError", "no cache was written")
+    assert not list(out.glob("*"))

@@ -427,8 +427,9 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(digits_dir, tmp_path,
     monkeypatch.setattr(torch, "compile", broken_compile)
     res = extract(data, _cfg(tmp_path / "c", compile=True))
     assert res.status == "written" and res.n_images == 90
-    assert len(res.notes) == 1 and "torch.compile failed" in res.notes[0]
-    assert "C++ compiler" in res.notes[0] and "--no-compile" in res.notes[0]
+    compile_notes = [n for n in res.notes if "torch.compile" in n]  # pool 4 > the 2x2 map
+    assert len(compile_notes) == 1 and "torch.compile failed" in compile_notes[0]
+    assert "C++ compiler" in compile_notes[0] and "--no-compile" in compile_notes[0]
     eager = extract(data, _cfg(tmp_path / "e"))
     np.testing.assert_array_equal(Cache(res.path).load("test", "pool2"),
                                   Cache(eager.path).load("test", "pool2"))
