@@ -46,7 +46,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 
 from featx.cache import Cache, CacheError, partial_path
-from featx.metrics import classification_metrics, make_result, write_json
+from featx.metrics import _jsonable, classification_metrics, make_result, write_json
 
 __all__ = [
     "DEFAULT_HEADS",
@@ -571,6 +571,7 @@ class HeadsConfig:
     out_dir: Path = Path("results")
     memory_limit_mb: float | None = None
     pca: int = 0
+    refit: bool = False  # fit again even where a current result exists
 
 
 @dataclass
@@ -727,6 +728,7 @@ def _run_task(task: _Task) -> tuple[dict, dict]:
         settings["cv"] = cfg.cv
     if plan.mode == "stream":
         settings["replaces_heads"] = list(cfg.heads)
+    settings["request"] = _request(task)
     model_file = task.out_json.with_suffix(".joblib")
     _dump_atomic(saved, model_file)
     result = make_result(
@@ -736,6 +738,32 @@ def _run_task(task: _Task) -> tuple[dict, dict]:
         artifacts={"model": model_file.name, "cache": str(cache.path)})
     write_json(task.out_json, result)
     return result, _summary_row(result, task, plan)
+
+
+def _request(task: _Task) -> dict:
+    """Everything a result depends on besides the cache: an equal request on the same cache
+    finds the result current (:func:`_current_result`). JSON-normalised, as stored."""
+    cfg, plan = task.config, task.plan
+    req = {"head": task.head, "feature": task.feature, "mode": plan.mode, "pca": plan.pca,
+           "select": task.select_on, "cv": cfg.cv, "standardize": cfg.standardize,
+           "class_weight": cfg.class_weight, "seed": cfg.seed,
+           "heads": list(cfg.heads) if plan.mode == "stream" else [task.head],
+           "grid": _STREAM_GRID if plan.mode == "stream" else get_head(task.head).grid}
+    return json.loads(json.dumps(req))
+
+
+def _current_result(task: _Task) -> dict | None:
+    """The result at ``task.out_json`` when it was made from this very cache file (its
+    provenance, creation time included) with the same request and its model is there."""
+    try:
+        res = json.loads(task.out_json.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or not task.out_json.with_suffix(".joblib").is_file():
+        return None
+    same_cache = res.get("provenance") == json.loads(json.dumps(_jsonable(task.cache.attrs)))
+    same_request = (res.get("settings") or {}).get("request") == _request(task)
+    return res if same_cache and same_request else None
 
 
 def _dump_atomic(obj, path: Path) -> None:
@@ -875,6 +903,13 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
                 pca_jobs.append(group)
             tasks.extend(group)
 
+    # a re-run reuses every result that is current: nothing is loaded, reduced or fitted
+    reused = {} if config.refit else {id(t): r for t in tasks
+                                      if (r := _current_result(t)) is not None}
+    if reused:
+        say(f"note: {len(reused)} of {len(tasks)} result(s) are current for these caches and "
+            f"settings, reused without fitting (--refit fits them again).")
+    pca_jobs = [g for g in pca_jobs if any(id(t) not in reused for t in g)]
     for group in pca_jobs:  # reduce once per (cache, feature), shared by its heads
         t = group[0]
         t0 = time.perf_counter()
@@ -888,14 +923,19 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
         for task in group:
             task.reduced = reduced
 
-    in_memory = [t.plan.need_mb * _MB for t in tasks if t.plan.mode == "memory"]
-    outer, inner = _n_jobs(config.jobs, len(tasks), limit, max(in_memory, default=1.0))
-    for t in tasks:
+    todo = [t for t in tasks if id(t) not in reused]
+    in_memory = [t.plan.need_mb * _MB for t in todo if t.plan.mode == "memory"]
+    outer, inner = _n_jobs(config.jobs, len(todo), limit, max(in_memory, default=1.0))
+    for t in todo:
         t.inner_jobs = inner
     if outer == 1:
-        pairs = [_run_task(t) for t in tasks]
+        fitted = [_run_task(t) for t in todo]
     else:
-        pairs = joblib.Parallel(n_jobs=outer)(joblib.delayed(_run_task)(t) for t in tasks)
+        fitted = joblib.Parallel(n_jobs=outer)(joblib.delayed(_run_task)(t) for t in todo)
+    done = dict(zip(map(id, todo), fitted))
+    pairs = [done[id(t)] if id(t) in done else (reused[id(t)], _summary_row(reused[id(t)], t,
+                                                                           t.plan))
+             for t in tasks]
     for (result, row), task in zip(pairs, tasks):
         run.results.append(result)
         run.rows.append(row)
@@ -906,8 +946,12 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
         rows = [r for r in run.rows if r["cache"] == cache.path.stem]
         ran = {r["feature"] for r in rows}
         if len(ran) >= 2 and any(f.startswith("pool") for f in ran):  # a pool-size comparison
-            from featx.plots import plot_pool_sizes
             run.matrices.append(format_pool_matrix(rows, title=cache.path.name))
+            png = config.out_dir / cache.path.stem / "pool_sizes.png"
+            if png.is_file() and all(id(t) in reused for t in tasks if t.cache is cache):
+                run.plots.append(png)  # drawn from these very results before
+                continue
+            from featx.plots import plot_pool_sizes
             scores: dict[str, dict[str, float]] = {}
             for r in rows:
                 scores.setdefault(r["head"], {})[r["feature"]] = r["test_balanced_accuracy"]
