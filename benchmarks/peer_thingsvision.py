@@ -76,6 +76,12 @@ def rate_ratio(n: int, featx_s: list[float], ref_s: list[float]) -> tuple[float,
 
 # --- the two children -------------------------------------------------------------------------
 
+def _cpu_s() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _rss_kb(field: str = "VmRSS") -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status")
                 if line.startswith(field))
@@ -90,7 +96,7 @@ def child_thingsvision(a: dict) -> dict:
     from thingsvision.utils.storing import save_features
     t_import = time.perf_counter() - t0
     rss_import = _rss_kb()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu_s()
     name = a["model"]
     if a["weights"] == "imagenet":
         ex = get_extractor(model_name=name, source="torchvision", pretrained=True,
@@ -111,7 +117,7 @@ def child_thingsvision(a: dict) -> dict:
         feats = ex.extract_features(batches=batches, module_name=TV_MODULE[name],
                                     flatten_acts=True)
         save_features(feats, out_path=str(out), file_format="npy")
-    return {"seconds": time.perf_counter() - t1, "import_s": t_import,
+    return {"seconds": time.perf_counter() - t1, "cpu_s": _cpu_s() - c1, "import_s": t_import,
             "rss_import_kb": rss_import, "maxrss_kb": _rss_kb("VmHWM")}
 
 
@@ -121,12 +127,12 @@ def child_featx(a: dict) -> dict:
     from featx.extract import ExtractConfig, extract
     t_import = time.perf_counter() - t0
     rss_import = _rss_kb()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu_s()
     spec = load_dataset(a["images"])
     res = extract(spec, ExtractConfig(model=a["model"], weights=a["weights"],
                                       batch_size=a["batch_size"], precision=a["precision"],
                                       device="cpu", out_dir=a["out"], progress=False))
-    return {"seconds": time.perf_counter() - t1, "import_s": t_import,
+    return {"seconds": time.perf_counter() - t1, "cpu_s": _cpu_s() - c1, "import_s": t_import,
             "rss_import_kb": rss_import, "maxrss_kb": _rss_kb("VmHWM"), "path": str(res.path),
             "precision": res.precision}
 
@@ -312,7 +318,8 @@ def main(argv=None) -> int:
                     r["out"] = out
                     runs[kind].append(r)
                     print(f"  {name} rep {rep} {kind}: {n / r['seconds']:.1f} images/s "
-                          f"(pass {r['seconds']:.1f} s, process {r['process_s']:.1f} s)",
+                          f"(pass {r['seconds']:.1f} s, CPU {r['cpu_s']:.1f} s, process "
+                          f"{r['process_s']:.1f} s)",
                           flush=True)
             tv_keys, tv_X = read_thingsvision(runs["thingsvision"][0]["out"], images, splits)
             auto = runs["auto"][0]["precision"]
@@ -324,6 +331,11 @@ def main(argv=None) -> int:
                                 f"{label} vs thingsvision fp32 (images/s, whole pass)",
                                 f"{fx:.1f}", f"{ref:.1f}", _fmt_ratio(ratio),
                                 f">= {target:g}x", _met(ratio >= target),
+                                f"CPU seconds of the pass (user+sys, all threads; less "
+                                f"sensitive to a loaded machine): featx "
+                                f"{min(r['cpu_s'] for r in runs[kind]):.1f}, thingsvision "
+                                f"{min(r['cpu_s'] for r in runs['thingsvision']):.1f} "
+                                f"({min(r['cpu_s'] for r in runs['thingsvision']) / min(r['cpu_s'] for r in runs[kind]):.2f}x); "
                                 "process wall incl. imports: featx "
                                 f"{min(r['process_s'] for r in runs[kind]):.1f} s, thingsvision "
                                 f"{min(r['process_s'] for r in runs['thingsvision']):.1f} s"))
