@@ -711,7 +711,7 @@ def bench_noop(ctx: Context) -> list[Row]:
     }
     _timed_child(featx + commands["compare"], env)  # the work, done once
     base = [sys.executable, "-c", "import torch, torchvision"]
-    reps = 2 if s.quick else 3
+    reps = max(3, s.reps)  # each re-run takes seconds: the best of three at least
     times: dict[str, list] = {k: [] for k in ["import", *commands]}
     for _ in range(reps):  # alternate, so slow phases of a shared machine hit every side
         times["import"].append(_timed_child(base, env))
