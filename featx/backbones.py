@@ -350,12 +350,74 @@ def weights_transform_source(name: str, weights: "ResolvedWeights"):
     return spec.default_weights
 
 
-def _sha256(path: Path) -> str:
+_HASH_MEMO: dict[str, tuple[list, str]] = {}
+_HASH_MEMO_FILE = "featx-sha256.json"  # in torch's hub folder, beside the checkpoints
+_HASH_MEMO_MAX = 256
+
+
+def _file_identity(path: Path) -> list:
+    """What changes whenever the file's bytes may have: any write moves mtime and ctime,
+    and ctime cannot be set back by the user (``touch -d`` can only reset mtime)."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a weights file, computed once per file identity (:func:`_file_identity`).
+
+    Every command resolves its weights to record and compare the hash, so a re-run that
+    finds everything done would otherwise read the whole file each time (resnet50: 98 MB).
+    The hash is memoised in this process and in ``{torch hub dir}/featx-sha256.json``;
+    writing that memo is best effort (a read-only folder only means hashing again).
+    """
+    key = str(Path(path).resolve())
+    ident = _file_identity(path)
+    memo_path = Path(torch.hub.get_dir()) / _HASH_MEMO_FILE
+    if key not in _HASH_MEMO or _HASH_MEMO[key][0] != ident:
+        _HASH_MEMO.update(_read_hash_memo(memo_path))
+    hit = _HASH_MEMO.get(key)
+    if hit is not None and hit[0] == ident:
+        return hit[1]
+    digest = _hash_file(path)
+    if _file_identity(path) == ident:  # not rewritten while it was read
+        _HASH_MEMO[key] = (ident, digest)
+        _write_hash_memo(memo_path, key, ident, digest)
+    return digest
+
+
+def _read_hash_memo(memo_path: Path) -> dict[str, tuple[list, str]]:
+    import json
+    try:
+        raw = json.loads(memo_path.read_text())
+        return {k: (list(v["id"]), str(v["sha256"])) for k, v in raw.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}  # absent or damaged: the hash is only recomputed
+
+
+def _write_hash_memo(memo_path: Path, key: str, ident: list, digest: str) -> None:
+    import json
+    memo = _read_hash_memo(memo_path)
+    memo.pop(key, None)
+    memo[key] = (ident, digest)
+    keep = list(memo.items())[-_HASH_MEMO_MAX:]  # newest last; old entries fall off
+    tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({k: {"id": i, "sha256": d} for k, (i, d) in keep}))
+        os.replace(tmp, memo_path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _offline() -> bool:

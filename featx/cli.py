@@ -311,12 +311,15 @@ def report(results_dir, out):
               help="random_state of every estimator, 0..4294967295.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               help="Folder for results and heads_summary.csv.")
+@click.option("--refit", is_flag=True, help="Fit again even where OUT already holds a result "
+              "made from the same cache with the same settings (reused by default).")
 def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pca,
-              memory_limit_mb, jobs, backend, scheduler_address, seed, out):
+              memory_limit_mb, jobs, backend, scheduler_address, seed, out, refit):
     """Fit classical heads on cached features; choose on val, score once on test.
 
     Writes OUT/{cache}/heads/{feature}__{head}.json and .joblib per run, merges
-    OUT/heads_summary.csv, and prints a table sorted by test balanced accuracy.
+    OUT/heads_summary.csv, and prints a table sorted by test balanced accuracy. A result
+    already made from the same cache file with the same settings is reused, not refitted.
     """
     from featx.heads import (HeadsConfig, fit_heads as run_fit_heads, format_summary)
     cfg = HeadsConfig(heads=tuple(heads.split(",")), features=tuple(features.split(",")),
@@ -324,7 +327,7 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
                       class_weight=None if class_weight == "none" else class_weight,
                       standardize=standardize, jobs=jobs or os.cpu_count() or 1, seed=seed,
                       out_dir=out, memory_limit_mb=memory_limit_mb, pca=pca,
-                      backend=backend, scheduler=scheduler_address)
+                      backend=backend, scheduler=scheduler_address, refit=refit)
     run = run_fit_heads(caches, cfg, log=lambda line: click.echo(line, err=True))
     click.echo(format_summary(run.rows))
     for matrix in run.matrices:

@@ -16,10 +16,12 @@ from featx.cache import Cache
 from featx.data import DatasetSpec
 from featx.extract import ExtractConfig, extract
 from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
-from featx.heads import (HeadsConfig, check_backend, fit_heads, heads_backend, parse_heads,
-                         resolve_features)
 from featx.metrics import read_result
 from featx.shards import is_main_process
+
+# featx.heads (sklearn, scipy: about half of torch's import time) and featx.report (matplotlib)
+# are imported only when there is something to fit or to draw: a re-run of a finished
+# comparison then costs little more than importing torch.
 
 __all__ = ["CompareConfig", "CompareRun", "FINETUNE_MODES", "run_compare"]
 
@@ -108,9 +110,14 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     """
     if cfg.finetune not in FINETUNE_MODES:
         raise ValueError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
-    heads = parse_heads(cfg.heads)
-    check_backend(cfg.backend, cfg.scheduler)  # before any extraction
+    heads = _head_names(cfg.heads)
+    if cfg.backend != "loky":  # before any extraction; loky needs no check (nor the import)
+        from featx.heads import check_backend
+        check_backend(cfg.backend, cfg.scheduler)
     out = Path(cfg.out)
+    if not all(any(out.glob(f"*/heads/*__{h}.json")) for h in heads):
+        from featx.heads import parse_heads
+        heads = parse_heads(cfg.heads)  # a fresh run: bad names fail before extracting
     run = CompareRun()
 
     for model in cfg.models:
@@ -133,7 +140,9 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     for path in run.caches:
         cache = Cache(path)
         # what this comparison asked for, even when the cache holds more pool sizes
-        features = resolve_features(cache, ["penultimate"] + [f"pool{n}" for n in cfg.pools])
+        features = ["penultimate"] + [f"pool{n}" for n in cfg.pools]
+        for feature in features:
+            cache.check_feature(feature)
         current = _heads_up_to_date(cache, features, heads, out, cfg)
         todo = [f for f in features if f not in current]
         if not todo:
@@ -142,6 +151,8 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
         else:
             todo_by_cache.append((path, todo))
     if todo_by_cache:  # one cluster (or loky pool) for every cache's heads
+        from featx.heads import HeadsConfig, fit_heads, heads_backend, parse_heads
+        heads = parse_heads(heads)
         with heads_backend(cfg.backend, scheduler=cfg.scheduler, jobs=cfg.jobs):
             for path, todo in todo_by_cache:
                 fit_heads([path], HeadsConfig(
@@ -168,9 +179,36 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
             res = finetune(ft_data, fcfg, log=log)
             run.done.append(f"finetune {model} freeze={freeze}: {res.run_dir}")
 
-    from featx.report import write_report
-    run.report = write_report(out, out / "report")
+    run.report = _current_report(out) if not run.done else None
+    if run.report is None:
+        from featx.report import write_report
+        run.report = write_report(out, out / "report")
     return run
+
+
+def _head_names(heads) -> list[str]:
+    """``--heads`` as names, unchecked (checking imports the head registry and sklearn)."""
+    items = heads.split(",") if isinstance(heads, str) else list(heads)
+    return list(dict.fromkeys(h.strip() for h in items if h and h.strip()))
+
+
+def _current_report(out: Path) -> dict | None:
+    """What :func:`~featx.report.write_report` would return, without drawing anything, when
+    ``out/report/report.md`` is newer than every file and folder of the results under ``out``
+    (a result added, changed or removed since makes it stale)."""
+    report = out / "report"
+    md, csv = report / "report.md", report / "report.csv"
+    try:
+        written = min(md.stat().st_mtime_ns, csv.stat().st_mtime_ns)
+        newest = max([out.stat().st_mtime_ns] + [p.stat().st_mtime_ns for p in out.rglob("*")
+                                                 if report not in p.parents and p != report])
+    except OSError:
+        return None
+    if newest > written:
+        return None
+    from featx.report import format_table, load_results, rank_results
+    return {"table": format_table(rank_results(load_results(out))), "markdown": md,
+            "csv": csv, "plot": sorted(report.rglob("*.png")), "note": []}
 
 
 def _finished(path: Path) -> bool:

@@ -56,7 +56,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 
 from featx.cache import Cache, CacheError, partial_path
-from featx.metrics import classification_metrics, make_result, write_json
+from featx.metrics import _jsonable, classification_metrics, make_result, write_json
 
 __all__ = [
     "BACKENDS",
@@ -728,6 +728,7 @@ class HeadsConfig:
     pca: int = 0
     backend: str = "loky"
     scheduler: str | None = None
+    refit: bool = False  # fit again even where a current result exists
 
 
 @dataclass
@@ -891,6 +892,7 @@ def _run_task(task: _Task, X_train: np.ndarray | None = None, X_val: np.ndarray 
         settings["cv"] = cfg.cv
     if plan.mode == "stream":
         settings["replaces_heads"] = list(cfg.heads)
+    settings["request"] = _request(task)
     model_file = task.out_json.with_suffix(".joblib")
     result = make_result(
         kind="head", method=f"{head} @ {task.feature}{suffix}", model=cache.attrs["model"],
@@ -910,6 +912,32 @@ def _write_run(task: _Task, result: dict, model: Pipeline) -> None:
     task.out_json.unlink(missing_ok=True)
     _dump_atomic(model, task.out_json.with_suffix(".joblib"))
     write_json(task.out_json, result)
+
+
+def _request(task: _Task) -> dict:
+    """Everything a result depends on besides the cache: an equal request on the same cache
+    finds the result current (:func:`_current_result`). JSON-normalised, as stored."""
+    cfg, plan = task.config, task.plan
+    req = {"head": task.head, "feature": task.feature, "mode": plan.mode, "pca": plan.pca,
+           "select": task.select_on, "cv": cfg.cv, "standardize": cfg.standardize,
+           "class_weight": cfg.class_weight, "seed": cfg.seed,
+           "heads": list(cfg.heads) if plan.mode == "stream" else [task.head],
+           "grid": _STREAM_GRID if plan.mode == "stream" else get_head(task.head).grid}
+    return json.loads(json.dumps(req))
+
+
+def _current_result(task: _Task) -> dict | None:
+    """The result at ``task.out_json`` when it was made from this very cache file (its
+    provenance, creation time included) with the same request and its model is there."""
+    try:
+        res = json.loads(task.out_json.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or not task.out_json.with_suffix(".joblib").is_file():
+        return None
+    same_cache = res.get("provenance") == json.loads(json.dumps(_jsonable(task.cache.attrs)))
+    same_request = (res.get("settings") or {}).get("request") == _request(task)
+    return res if same_cache and same_request else None
 
 
 def _dump_atomic(obj, path: Path) -> None:
@@ -1050,6 +1078,14 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
                 pca_jobs.append(group)
             tasks.extend(group)
 
+    # a re-run reuses every result that is current: nothing is loaded, reduced or fitted
+    reused = {} if config.refit else {id(t): r for t in tasks
+                                      if (r := _current_result(t)) is not None}
+    if reused:
+        say(f"note: {len(reused)} of {len(tasks)} result(s) are current for these caches and "
+            f"settings, reused without fitting (--refit fits them again).")
+    pca_jobs = [g for g in pca_jobs if any(id(t) not in reused for t in g)]
+    todo = [(i, t) for i, t in enumerate(tasks) if id(t) not in reused]
     arrays = {id(t): () for t in tasks}
     for group in pca_jobs:  # reduce once per (cache, feature), shared by its heads
         t = group[0]
@@ -1065,27 +1101,31 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
             task.reducer, task.reduce_s = reducer, reduce_s
             arrays[id(task)] = reduced  # the same array objects: sent to workers once
 
-    with heads_backend(config.backend, scheduler=config.scheduler, jobs=config.jobs):
-        if config.backend == "loky":
-            in_memory = [t.plan.need_mb * _MB for t in tasks if t.plan.mode == "memory"]
-            outer, inner = _n_jobs(config.jobs, len(tasks), limit, max(in_memory, default=1.0))
-        else:  # the cluster's cores; dask sends a run's grid points back to the cluster
-            outer, inner = -1, -1 if config.backend == "dask" else 1
-        for t in tasks:
-            t.inner_jobs = inner
-        if outer == 1:
-            done = (_run_indexed(i, t, *arrays[id(t)]) for i, t in enumerate(tasks))
-        else:  # results as they finish, so each is written as soon as it exists (ray's
-            # multiprocessing-style backend only returns the whole list)
-            done = joblib.Parallel(
-                n_jobs=outer,
-                return_as="list" if config.backend == "ray" else "generator_unordered")(
-                joblib.delayed(_run_indexed)(i, t, *arrays[id(t)]) for i, t in enumerate(tasks))
-        finished = {}
-        for i, result, row, model in done:
-            _write_run(tasks[i], result, model)
-            finished[i] = (result, row)
+    finished = {}
+    if todo:
+        with heads_backend(config.backend, scheduler=config.scheduler, jobs=config.jobs):
+            if config.backend == "loky":
+                in_memory = [t.plan.need_mb * _MB for _, t in todo if t.plan.mode == "memory"]
+                outer, inner = _n_jobs(config.jobs, len(todo), limit,
+                                       max(in_memory, default=1.0))
+            else:  # the cluster's cores; dask sends a run's grid points back to the cluster
+                outer, inner = -1, -1 if config.backend == "dask" else 1
+            for _, t in todo:
+                t.inner_jobs = inner
+            if outer == 1:
+                done = (_run_indexed(i, t, *arrays[id(t)]) for i, t in todo)
+            else:  # results as they finish, so each is written as soon as it exists (ray's
+                # multiprocessing-style backend only returns the whole list)
+                done = joblib.Parallel(
+                    n_jobs=outer,
+                    return_as="list" if config.backend == "ray" else "generator_unordered")(
+                    joblib.delayed(_run_indexed)(i, t, *arrays[id(t)]) for i, t in todo)
+            for i, result, row, model in done:
+                _write_run(tasks[i], result, model)
+                finished[i] = (result, row)
     for i, task in enumerate(tasks):
+        if id(task) in reused:
+            finished[i] = (reused[id(task)], _summary_row(reused[id(task)], task, task.plan))
         run.results.append(finished[i][0])
         run.rows.append(finished[i][1])
         run.json_paths.append(task.out_json)
@@ -1095,8 +1135,12 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
         rows = [r for r in run.rows if r["cache"] == cache.path.stem]
         ran = {r["feature"] for r in rows}
         if len(ran) >= 2 and any(f.startswith("pool") for f in ran):  # a pool-size comparison
-            from featx.plots import plot_pool_sizes
             run.matrices.append(format_pool_matrix(rows, title=cache.path.name))
+            png = config.out_dir / cache.path.stem / "pool_sizes.png"
+            if png.is_file() and all(id(t) in reused for t in tasks if t.cache is cache):
+                run.plots.append(png)  # drawn from these very results before
+                continue
+            from featx.plots import plot_pool_sizes
             scores: dict[str, dict[str, float]] = {}
             for r in rows:
                 scores.setdefault(r["head"], {})[r["feature"]] = r["test_balanced_accuracy"]

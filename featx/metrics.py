@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from sklearn import metrics as skm
 
 __all__ = [
     "RESULT_SCHEMA",
@@ -50,6 +49,9 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
     when undefined), ``per_class_recall`` ({class: recall or None when absent from y_true}),
     ``confusion_matrix`` (rows = true, columns = predicted, in ``classes`` order), ``n``.
     """
+    # imported here, not at the top: the cache imports this module, and a no-op `featx
+    # extract` re-run must not pay for sklearn and scipy (as long again as torch to import)
+    from sklearn import metrics as skm
     y_true = np.asarray(y_true, dtype=int)
     y_pred = np.asarray(y_pred, dtype=int)
     labels = list(range(len(classes)))
@@ -71,6 +73,7 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
 
 
 def _roc_auc(y_true: np.ndarray, y_score: np.ndarray | None, n_classes: int):
+    from sklearn import metrics as skm
     if y_score is None:
         return None, "the method gives no scores"
     y_score = np.asarray(y_score, dtype=np.float64)
