@@ -111,7 +111,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     if cfg.finetune not in FINETUNE_MODES:
         raise ValueError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
     heads = _head_names(cfg.heads)
-    if cfg.backend != "loky":  # before any extraction; loky needs no check (nor the import)
+    if cfg.backend != "loky" or cfg.scheduler:  # before any extraction; plain loky: no import
         from featx.heads import check_backend
         check_backend(cfg.backend, cfg.scheduler)
     out = Path(cfg.out)
