@@ -4,6 +4,10 @@ Every step skips work that is already done, so re-running after an interruption 
 where it stopped: extraction reuses up-to-date caches and resumes ``.partial`` ones, heads
 whose result JSON matches the current cache and settings are not refitted, fine-tuning runs
 with a ``result.json`` are not retrained (an unfinished one resumes from ``last.pt``).
+
+Under ``torchrun`` the fine-tuning runs use every process (DistributedDataParallel, see
+:func:`featx.finetune.finetune`); extraction, the heads and the report run on rank 0 alone
+while the other processes wait, and every process returns the same :class:`CompareRun`.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from featx import ddp
 from featx.backbones import resolve_weights
 from featx.cache import Cache
 from featx.data import DatasetSpec
@@ -101,9 +106,39 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     if cfg.finetune not in FINETUNE_MODES:
         raise ValueError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
     heads = parse_heads(cfg.heads)
+    env = ddp.setup(cfg.device)
+    say = log if env.is_main else (lambda message: None)
+    run = ddp.run_on_main(lambda: _extract_and_fit_heads(data, cfg, heads, log))
+    out = Path(cfg.out)
+
+    for model, path in zip(cfg.models, run.caches):
+        ft_data = ddp.run_on_main(lambda: data_from_cache(path))  # the heads' very files
+        for freeze in FINETUNE_MODES[cfg.finetune]:
+            fcfg = FinetuneConfig(
+                model=model, weights=cfg.weights, freeze=freeze, epochs=cfg.epochs,
+                batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, loss=cfg.loss,
+                image_size=cfg.image_size, precision=cfg.precision, device=cfg.device,
+                workers=cfg.workers, seed=cfg.seed, out_dir=out, resume=True,
+                progress=cfg.progress)
+            run_dir = out / run_dir_name(ft_data, fcfg, resolve_weights(model, cfg.weights,
+                                                                        seed=cfg.seed))
+            if ddp.run_on_main(lambda: _finished(run_dir / "result.json")):
+                run.skipped.append(f"finetune {model} freeze={freeze}: done ({run_dir})")
+                say(f"finetune {model} freeze={freeze}: up to date")
+                continue
+            res = finetune(ft_data, fcfg, log=log)
+            run.done.append(f"finetune {model} freeze={freeze}: {res.run_dir}")
+
+    from featx.report import write_report
+    run.report = ddp.run_on_main(lambda: write_report(out, out / "report"))
+    return run
+
+
+def _extract_and_fit_heads(data: DatasetSpec, cfg: CompareConfig, heads: list[str],
+                           log: Callable[[str], None]) -> CompareRun:
+    """The frozen half of the comparison: one cache per model, every head on its features."""
     out = Path(cfg.out)
     run = CompareRun()
-
     for model in cfg.models:
         ex = extract(data, ExtractConfig(
             model=model, weights=cfg.weights, pools=cfg.pools, image_size=cfg.image_size,
@@ -129,27 +164,6 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
                                       class_weight=cfg.class_weight, jobs=cfg.jobs,
                                       seed=cfg.seed, out_dir=out), log=log)
         run.done.append(f"heads on {path.name}: {', '.join(todo)}")
-
-    for model, path in zip(cfg.models, run.caches):
-        ft_data = data_from_cache(path)  # the very same files the heads were scored on
-        for freeze in FINETUNE_MODES[cfg.finetune]:
-            fcfg = FinetuneConfig(
-                model=model, weights=cfg.weights, freeze=freeze, epochs=cfg.epochs,
-                batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, loss=cfg.loss,
-                image_size=cfg.image_size, precision=cfg.precision, device=cfg.device,
-                workers=cfg.workers, seed=cfg.seed, out_dir=out, resume=True,
-                progress=cfg.progress)
-            run_dir = out / run_dir_name(ft_data, fcfg, resolve_weights(model, cfg.weights,
-                                                                        seed=cfg.seed))
-            if _finished(run_dir / "result.json"):
-                run.skipped.append(f"finetune {model} freeze={freeze}: done ({run_dir})")
-                log(f"finetune {model} freeze={freeze}: up to date")
-                continue
-            res = finetune(ft_data, fcfg, log=log)
-            run.done.append(f"finetune {model} freeze={freeze}: {res.run_dir}")
-
-    from featx.report import write_report
-    run.report = write_report(out, out / "report")
     return run
 
 
