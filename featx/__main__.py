@@ -1,3 +1,2 @@
 from featx.cli import main
-
 main()

@@ -216,3 +216,24 @@ def test_python_dash_m_featx_is_the_cli():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "torchrun --nproc-per-node" in r.stdout and "per process" in r.stdout
+
+
+def test_cuda_under_torchrun_without_a_gpu_for_this_rank_is_one_line(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from featx.cli import main
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK 1 has no GPU: this node sees 1"):
+        ddp.setup("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(main, ["finetune", "--model", "resnet18", "--data", str(tmp_path),
+                                  "--device", "cuda", "--no-progress"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "Error: --device cuda: no CUDA device is available here; use --device cpu (gloo) or "
+        "run where GPUs are.")
+    assert not torch.distributed.is_initialized()
