@@ -350,7 +350,8 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
 @click.option("--list-stages", "show_stages", is_flag=True,
               help="Print the values --freeze accepts for --model, then exit.")
 @click.option("--epochs", type=int, default=30)
-@click.option("--batch-size", type=int, default=32)
+@click.option("--batch-size", type=int, default=32,
+              help="Images per step; under torchrun per process (global = this x processes).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
               help="SGD uses momentum 0.9.")
 @click.option("--lr", type=float, default=1e-3, help="Learning rate of the new head.")
@@ -384,7 +385,13 @@ def finetune(model, data_path, split_fractions, seed, split_from, weights, image
 
     Writes OUT/{dataset}_{model}_finetune_{settings}/ with best.pt, last.pt, history.csv,
     curves.png and result.json, and prints the result's path.
+
+    \b
+    Several GPUs or machines: start it with torchrun (DistributedDataParallel),
+      torchrun --nproc-per-node 4 -m featx finetune ...
+    --batch-size is then per process; only rank 0 prints and writes files.
     """
+    from featx import ddp
     from featx.finetune import (FinetuneConfig, check_config, data_from_cache, data_from_spec,
                                 finetune as run_finetune, list_stages)
     if show_stages:
@@ -402,23 +409,32 @@ def finetune(model, data_path, split_fractions, seed, split_from, weights, image
     check_config(cfg)  # bad settings fail before any image is read
     if (data_path is None) == (split_from is None):
         raise click.ClickException("give exactly one of --data PATH or --split-from CACHE.")
+    env = ddp.setup(device)  # under torchrun: join the process group; else nothing
+    # under torchrun rank 0 reads the split (and decodes every image once) for all ranks
     if split_from is not None:
-        data = data_from_cache(split_from, allow_missing=allow_missing)
-        if data.info.get("missing_files"):
+        data = ddp.run_on_main(lambda: data_from_cache(split_from,
+                                                       allow_missing=allow_missing))
+        if data.info.get("missing_files") and env.is_main:
             click.echo(f"note: {data.info['missing_files']} image(s) of {split_from} are gone; "
                        f"fine-tuning without them (not comparable with the cache's heads)",
                        err=True)
     else:
-        data = data_from_spec(load_data_arg(data_path, split_fractions, seed), workers=workers)
-    click.echo(f"data: {data.source}, classes {', '.join(data.classes)}; "
-               + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
-               + (f"; {len(data.skipped)} unreadable file(s) left out" if data.skipped else ""),
-               err=True)
+        data = ddp.run_on_main(lambda: data_from_spec(
+            load_data_arg(data_path, split_fractions, seed), workers=workers))
+    if env.is_main:
+        click.echo(f"data: {data.source}, classes {', '.join(data.classes)}; "
+                   + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
+                   + (f"; {len(data.skipped)} unreadable file(s) left out" if data.skipped
+                      else "")
+                   + (f"; {env.world_size} processes ({env.backend}), global batch "
+                      f"{batch_size * env.world_size}" if env.distributed else ""), err=True)
     try:
         res = run_finetune(data, cfg, log=lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
         raise click.ClickException("interrupted. best.pt and last.pt of the finished epochs are "
                                    "kept; add --resume to the same command to continue.")
+    if not env.is_main:
+        return
     m, sel = res.result["metrics"], res.result["selection"]
     click.echo(f"best epoch {sel['best_epoch']} ({sel['criterion']}); {sel['scored_split']} "
                f"accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
@@ -562,14 +578,20 @@ def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mod
 
     Work already done (an up-to-date cache, current head results, finished fine-tuning
     runs) is reused, so running it again after an interruption picks up where it stopped.
+
+    \b
+    Under torchrun the fine-tuning runs use every process (DDP; --batch-size per process);
+    extraction, heads and the report run on rank 0 while the others wait.
     """
+    from featx import ddp
     from featx.backbones import get_backbone
     from featx.compare import CompareConfig, run_compare
     from featx.extract import parse_pools
     models = tuple(m for m in models_.split(",") if m)
     for name in models:
         get_backbone(name)
-    data = load_data_arg(data_path, split_fractions, seed)
+    env = ddp.setup(device)
+    data = ddp.run_on_main(lambda: load_data_arg(data_path, split_fractions, seed))
     cfg = CompareConfig(models=models, pools=parse_pools(pool),
                         heads=tuple(h for h in heads.split(",") if h),
                         finetune=finetune_mode, epochs=epochs, weights=weights,
@@ -579,7 +601,9 @@ def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mod
                         loss=loss, lr=lr, optimizer=optimizer, jobs=jobs, backend=backend,
                         scheduler=scheduler_address, cache_dir=cache_dir, out=out,
                         overwrite=overwrite, progress=progress)
-    _print_compare(run_compare(data, cfg, log=lambda m: click.echo(m, err=True)))
+    run = run_compare(data, cfg, log=lambda m: click.echo(m, err=True))
+    if env.is_main:
+        _print_compare(run)
 
 
 @main.command(cls=_EnvCommand)

@@ -4,6 +4,10 @@ Every step skips work that is already done, so re-running after an interruption 
 where it stopped: extraction reuses up-to-date caches and resumes ``.partial`` ones, heads
 whose result JSON matches the current cache and settings are not refitted, fine-tuning runs
 with a ``result.json`` are not retrained (an unfinished one resumes from ``last.pt``).
+
+Under ``torchrun`` the extraction (shards, see :mod:`featx.shards`) and the fine-tuning runs
+(DistributedDataParallel, see :func:`featx.finetune.finetune`) use every process; the heads
+and the report run on rank 0 alone while the other processes wait.
 """
 from __future__ import annotations
 
@@ -11,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from featx import ddp
 from featx.backbones import resolve_weights
 from featx.cache import Cache
 from featx.data import DatasetSpec
 from featx.extract import ExtractConfig, extract
 from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
 from featx.metrics import read_result
-from featx.shards import is_main_process
 
 # featx.heads (sklearn, scipy: about half of torch's import time) and featx.report (matplotlib)
 # are imported only when there is something to fit or to draw: a re-run of a finished
@@ -105,8 +109,9 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
                 log: Callable[[str], None] = print) -> CompareRun:
     """Extract each model, fit the heads on every feature, fine-tune, and write the report.
 
-    Under ``torchrun`` all ranks share the extraction (featx/shards.py); the other ranks
-    then return, and rank 0 does the rest.
+    Under ``torchrun`` every process shares the extraction (featx/shards.py) and the
+    fine-tuning (DDP, featx/ddp.py); the heads and the report run once, on rank 0, while
+    the others wait.
     """
     if cfg.finetune not in FINETUNE_MODES:
         raise ValueError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
@@ -118,9 +123,11 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     if not all(any(out.glob(f"*/heads/*__{h}.json")) for h in heads):
         from featx.heads import parse_heads
         heads = parse_heads(cfg.heads)  # a fresh run: bad names fail before extracting
+    env = ddp.setup(cfg.device)
+    say = log if env.is_main else (lambda message: None)
     run = CompareRun()
 
-    for model in cfg.models:
+    for model in cfg.models:  # every rank: its shards of the images
         ex = extract(data, ExtractConfig(
             model=model, weights=cfg.weights, pools=cfg.pools, image_size=cfg.image_size,
             batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device,
@@ -128,16 +135,49 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
             seed=cfg.seed, progress=cfg.progress))
         (run.skipped if ex.status == "up-to-date" else run.done).append(
             f"extract {model}: {ex.status} ({ex.path})")
-        log(f"extract {model}: {ex.status} -> {ex.path}")
+        say(f"extract {model}: {ex.status} -> {ex.path}")
         run.caches.append(ex.path)
 
-    if not is_main_process():
-        # under torchrun every rank extracts its shards (above); heads, fine-tuning and
-        # the report run once, on rank 0, from the joined caches
-        return run
+    done, skipped = ddp.run_on_main(lambda: _fit_heads(run.caches, heads, cfg, out, log))
+    run.done += done
+    run.skipped += skipped
 
-    todo_by_cache = []
-    for path in run.caches:
+    for model, path in zip(cfg.models, run.caches):  # every rank: DDP under torchrun
+        ft_data = ddp.run_on_main(lambda: data_from_cache(path))  # the heads' very files
+        for freeze in FINETUNE_MODES[cfg.finetune]:
+            fcfg = FinetuneConfig(
+                model=model, weights=cfg.weights, freeze=freeze, epochs=cfg.epochs,
+                batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, loss=cfg.loss,
+                image_size=cfg.image_size, precision=cfg.precision, device=cfg.device,
+                workers=cfg.workers, seed=cfg.seed, out_dir=out, resume=True,
+                progress=cfg.progress)
+            run_dir = out / run_dir_name(ft_data, fcfg, resolve_weights(model, cfg.weights,
+                                                                        seed=cfg.seed))
+            if ddp.run_on_main(lambda: _finished(run_dir / "result.json")):
+                run.skipped.append(f"finetune {model} freeze={freeze}: done ({run_dir})")
+                say(f"finetune {model} freeze={freeze}: up to date")
+                continue
+            res = finetune(ft_data, fcfg, log=log)
+            run.done.append(f"finetune {model} freeze={freeze}: {res.run_dir}")
+
+    run.report = ddp.run_on_main(lambda: _report(out, fresh=not run.done))
+    return run
+
+
+def _report(out: Path, *, fresh: bool) -> Path:
+    """The report, rewritten only when something was done or a result is newer than it."""
+    report = _current_report(out) if fresh else None
+    if report is None:
+        from featx.report import write_report
+        report = write_report(out, out / "report")
+    return report
+
+
+def _fit_heads(caches: list[Path], heads: list[str], cfg: CompareConfig, out: Path,
+               log: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    """Every head on every feature that lacks a current result; ``(done, skipped)`` lines."""
+    done, skipped, todo_by_cache = [], [], []
+    for path in caches:
         cache = Cache(path)
         # what this comparison asked for, even when the cache holds more pool sizes
         features = ["penultimate"] + [f"pool{n}" for n in cfg.pools]
@@ -146,7 +186,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
         current = _heads_up_to_date(cache, features, heads, out, cfg)
         todo = [f for f in features if f not in current]
         if not todo:
-            run.skipped.append(f"heads on {path.name}: all results current")
+            skipped.append(f"heads on {path.name}: all results current")
             log(f"heads on {path.name}: up to date")
         else:
             todo_by_cache.append((path, todo))
@@ -159,56 +199,8 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
                     heads=tuple(heads), features=tuple(todo), class_weight=cfg.class_weight,
                     jobs=cfg.jobs, seed=cfg.seed, out_dir=out, backend=cfg.backend,
                     scheduler=cfg.scheduler), log=log)
-                run.done.append(f"heads on {path.name}: {', '.join(todo)}")
-
-    for model, path in zip(cfg.models, run.caches):
-        ft_data = data_from_cache(path)  # the very same files the heads were scored on
-        for freeze in FINETUNE_MODES[cfg.finetune]:
-            fcfg = FinetuneConfig(
-                model=model, weights=cfg.weights, freeze=freeze, epochs=cfg.epochs,
-                batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, loss=cfg.loss,
-                image_size=cfg.image_size, precision=cfg.precision, device=cfg.device,
-                workers=cfg.workers, seed=cfg.seed, out_dir=out, resume=True,
-                progress=cfg.progress)
-            run_dir = out / run_dir_name(ft_data, fcfg, resolve_weights(model, cfg.weights,
-                                                                        seed=cfg.seed))
-            if _finished(run_dir / "result.json"):
-                run.skipped.append(f"finetune {model} freeze={freeze}: done ({run_dir})")
-                log(f"finetune {model} freeze={freeze}: up to date")
-                continue
-            res = finetune(ft_data, fcfg, log=log)
-            run.done.append(f"finetune {model} freeze={freeze}: {res.run_dir}")
-
-    run.report = _current_report(out) if not run.done else None
-    if run.report is None:
-        from featx.report import write_report
-        run.report = write_report(out, out / "report")
-    return run
-
-
-def _head_names(heads) -> list[str]:
-    """``--heads`` as names, unchecked (checking imports the head registry and sklearn)."""
-    items = heads.split(",") if isinstance(heads, str) else list(heads)
-    return list(dict.fromkeys(h.strip() for h in items if h and h.strip()))
-
-
-def _current_report(out: Path) -> dict | None:
-    """What :func:`~featx.report.write_report` would return, without drawing anything, when
-    ``out/report/report.md`` is newer than every file and folder of the results under ``out``
-    (a result added, changed or removed since makes it stale)."""
-    report = out / "report"
-    md, csv = report / "report.md", report / "report.csv"
-    try:
-        written = min(md.stat().st_mtime_ns, csv.stat().st_mtime_ns)
-        newest = max([out.stat().st_mtime_ns] + [p.stat().st_mtime_ns for p in out.rglob("*")
-                                                 if report not in p.parents and p != report])
-    except OSError:
-        return None
-    if newest > written:
-        return None
-    from featx.report import format_table, load_results, rank_results
-    return {"table": format_table(rank_results(load_results(out))), "markdown": md,
-            "csv": csv, "plot": sorted(report.rglob("*.png")), "note": []}
+                done.append(f"heads on {path.name}: {', '.join(todo)}")
+    return done, skipped
 
 
 def _finished(path: Path) -> bool:

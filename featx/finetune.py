@@ -17,6 +17,12 @@ What a run decides and why:
   history, and ``resume`` ends where an uninterrupted run ends.
 * Checkpoints (``best.pt``, ``last.pt``) are written to a temporary file and renamed, best
   before last, so an interrupted run always leaves a complete previous best behind.
+* Under ``torchrun`` (see :mod:`featx.ddp`) the model is wrapped in DistributedDataParallel:
+  ``batch_size`` is per process (global batch = ``batch_size x world size``, as in
+  torchvision's reference script) and ``lr`` is used as given. Each process trains on its
+  shard of the train split; val and test are split by index without padding and the
+  predictions of all processes are gathered, so every image is scored exactly once and every
+  process takes the same checkpoint decision. Only rank 0 prints and writes files.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import featx
+from featx import ddp
 from featx.backbones import (BackboneSpec, ResolvedWeights, backbone_transform, build_backbone,
                              get_backbone, resolve_weights)
 from featx.data import (DataError, DatasetSpec, ImageFiles, TransformSpec, cap_workers,
@@ -87,7 +94,8 @@ class FinetuneConfig:
     ``AdaptiveAvgPool2d(pool)`` of the last spatial map (``C·pool·pool`` inputs); ``1`` uses the
     model's own penultimate. ``early_stop``: patience in epochs on the val loss, ``0`` = off.
     ``lr`` is the head's learning rate; the backbone gets ``lr * backbone_lr_mult``.
-    ``workers=None``: one DataLoader worker per CPU core (at most 8).
+    ``batch_size`` is per process under torchrun. ``workers=None``: one DataLoader worker
+    per CPU core (at most 8; under torchrun the node's cores shared among its processes).
     """
 
     model: str
@@ -186,7 +194,9 @@ def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> Finetun
 
 
 def _default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
+    # torchrun's processes on one node share its cores
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, (os.cpu_count() or 1) // per_node))
 
 
 def _no_transform(img):
@@ -416,15 +426,28 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             "images_per_s": n / seconds if seconds > 0 else 0.0}
 
 
+def _join_train_stats(stats: dict) -> dict:
+    """:func:`train_one_epoch`'s numbers over every process's shard (images/s summed)."""
+    if not ddp.current().distributed:
+        return stats
+    parts = ddp.all_gather_object(stats)
+    n = sum(p["n"] for p in parts)
+    return {"loss": sum(p["loss"] * p["n"] for p in parts) / max(n, 1),
+            "acc": sum(p["acc"] * p["n"] for p in parts) / max(n, 1), "n": n,
+            "images_per_s": sum(p["images_per_s"] for p in parts)}
+
+
 def evaluate(model: nn.Module, criterion: nn.Module, loader, device: torch.device,
              precision: str) -> dict:
-    """Mean ``loss`` and ``acc`` over ``loader``, with ``y_true``, ``y_pred`` and softmax
-    ``scores`` ``(n, n_classes)`` as numpy arrays, and the wall ``seconds``."""
+    """Mean ``loss`` and ``acc`` over ``loader``, with ``y_true``, ``y_pred``, softmax
+    ``scores`` ``(n, n_classes)`` and each row's ``index`` in the dataset as numpy arrays,
+    and the wall ``seconds``."""
     model.eval()
     t0 = time.perf_counter()
-    total_loss, ys, scores = 0.0, [], []
+    total_loss, ys, scores, index = 0.0, [], [], []
     with torch.inference_mode():
-        for images, labels, _, errors in loader:
+        for images, labels, idx, errors in loader:
+            index.append(idx[torch.tensor([e == "" for e in errors], dtype=torch.bool)])
             images, labels = _batch_to(images, labels, errors, device)
             if len(labels) == 0:
                 continue
@@ -441,25 +464,71 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, device: torch.devic
     return {"loss": total_loss / n if n else float("nan"),
             "acc": float((y_pred == y_true).mean()) if n else float("nan"), "n": n,
             "y_true": y_true, "y_pred": y_pred, "scores": score,
+            "index": torch.cat(index).numpy() if index else np.zeros(0, dtype=np.int64),
             "seconds": time.perf_counter() - t0}
 
 
+def _evaluate_all(model: nn.Module, criterion: nn.Module, loader, device: torch.device,
+                  precision: str) -> dict:
+    """:func:`evaluate` on this process's shard, joined with every other process's shard.
+
+    The shards split the images by index without padding, so the joined arrays hold each
+    image once, in dataset order, as a single process computes them; every process gets the
+    same numbers (``loss`` summed in rank order), hence the same checkpoint decisions.
+    """
+    local = evaluate(model, criterion, loader, device, precision)
+    if not ddp.current().distributed:
+        return local
+    keys = ("y_true", "scores", "index", "n", "loss", "seconds")
+    gathered = ddp.all_gather_object({k: local[k] for k in keys})
+    seconds = max(p["seconds"] for p in gathered)
+    parts = [p for p in gathered if p["n"]]
+    n = sum(p["n"] for p in parts)
+    if not n:
+        return {**local, "seconds": seconds}
+    order = np.argsort(np.concatenate([p["index"] for p in parts]), kind="stable")
+    y_true = np.concatenate([p["y_true"] for p in parts])[order]
+    score = np.concatenate([p["scores"] for p in parts])[order]
+    y_pred = score.argmax(1)
+    return {"loss": sum(p["loss"] * p["n"] for p in parts) / n,
+            "acc": float((y_pred == y_true).mean()), "n": n, "y_true": y_true,
+            "y_pred": y_pred, "scores": score,
+            "index": np.concatenate([p["index"] for p in parts])[order], "seconds": seconds}
+
+
 def load_data(data: FinetuneData, transform: TransformSpec, *, batch_size: int, workers: int,
-              augment: bool, device: torch.device, generator: torch.Generator) -> dict:
-    """DataLoaders per split: train shuffled by ``generator`` (augmented when ``augment``),
-    val and test in file order with the eval transform."""
+              augment: bool, device: torch.device, generator: torch.Generator,
+              rank: int = 0, world_size: int = 1) -> dict:
+    """DataLoaders per split for process ``rank`` of ``world_size`` (``0`` of ``1`` alone).
+
+    train: a ``DistributedSampler`` shard (padded to equal size, as DDP needs), reshuffled
+    each epoch by ``loader.sampler.set_epoch(seed)``, augmented when ``augment``; ``generator``
+    seeds the worker processes. val and test: the eval transform, images ``rank``,
+    ``rank + world_size``, ... in file order, no padding (see :func:`_evaluate_all`).
+    Batch ``k`` of every rank together are images ``k·B·W .. (k+1)·B·W`` of the epoch's
+    permutation, which is the single process's batch ``k`` at batch size ``B·W``.
+    """
     loaders = {}
     for split, items in data.splits.items():
         if not items:
             continue
         train = split == "train"
         tf = transform.train_transform() if train and augment else transform.eval_transform()
+        ds = ImageFiles(data.root, items, tf, transform.crop)
+        sampler, n_local = None, len(items)
+        if train:
+            # seed 0 here: set_epoch passes the whole (seed, epoch) seed in every epoch
+            sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size,
+                                                          rank=rank, shuffle=True, seed=0)
+            n_local = len(sampler)
+        elif world_size > 1:
+            ds = torch.utils.data.Subset(ds, range(rank, len(items), world_size))
         loaders[split] = torch.utils.data.DataLoader(
-            ImageFiles(data.root, items, tf, transform.crop), batch_size=batch_size,
-            shuffle=train, generator=generator if train else None, num_workers=workers,
+            ds, batch_size=batch_size, sampler=sampler,
+            generator=generator if train else None, num_workers=workers,
             pin_memory=device.type == "cuda",
             # BatchNorm cannot train on a last batch of one image
-            drop_last=train and len(items) % batch_size == 1 and len(items) > batch_size,
+            drop_last=train and n_local % batch_size == 1 and n_local > batch_size,
             # fresh workers each epoch: their seeds then come from this epoch's generator
             persistent_workers=False)
     return loaders
@@ -544,13 +613,20 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _seed_epoch(seed: int, epoch: int, generator: torch.Generator) -> None:
-    """Seed everything random in an epoch from (seed, epoch) alone."""
+def _seed_epoch(seed: int, epoch: int, generator: torch.Generator, rank: int = 0) -> int:
+    """Seed everything random in an epoch from (seed, epoch) alone; return the shuffle's seed.
+
+    Under torchrun the other ranks add their rank, so they augment their images differently;
+    the returned seed of the train permutation is the same on every rank.
+    """
     s = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    generator.manual_seed(s)
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
+    local = s if rank == 0 else int(np.random.SeedSequence([seed, epoch, rank])
+                                    .generate_state(1)[0])
+    generator.manual_seed(local)
+    torch.manual_seed(local)
+    np.random.seed(local)
+    random.seed(local)
+    return s
 
 
 _HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_s")
@@ -649,18 +725,23 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
     each epoch's checkpoints are on disk (a hook for tests and callers that watch a run).
     Returns a :class:`FinetuneResult`; the result record's metrics are those of the best
     checkpoint on the test split.
+
+    Under torchrun every process calls this with the same arguments; it joins the process
+    group (:func:`featx.ddp.setup`), trains with DistributedDataParallel, and only rank 0
+    logs and writes files. Every process returns the same result.
     """
     t_start = time.perf_counter()
     notes: list[str] = []
+    env = ddp.setup(cfg.device)
 
     def say(message: str) -> None:
         notes.append(message)
-        if log is not None:
+        if log is not None and env.is_main:
             log(message)
 
     check_config(cfg)
     _check_data(data, cfg)
-    device = resolve_device(cfg.device)
+    device = ddp.local_device(resolve_device(cfg.device), env)
     precision = resolve_precision(cfg.precision, device)
     weights = resolve_weights(cfg.model, cfg.weights, seed=cfg.seed)
     transform = backbone_transform(cfg.model, weights, cfg.image_size)
@@ -668,7 +749,8 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
     if note:
         say(note)
     run_dir = Path(cfg.out_dir) / run_dir_name(data, cfg, weights)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     has_val = bool(data.splits.get("val"))
 
@@ -689,13 +771,16 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     generator = torch.Generator()
     loaders = load_data(data, transform, batch_size=cfg.batch_size, workers=workers,
-                        augment=cfg.augment, device=device, generator=generator)
+                        augment=cfg.augment, device=device, generator=generator,
+                        rank=env.rank, world_size=env.world_size)
 
     history: list[dict] = []
     best = {"epoch": None, "val_loss": None, "val_acc": None}
     start_epoch, stopped, resumed = 1, False, False
-    if cfg.resume and last_path.is_file():
-        ckpt = _load_resume(last_path, cfg, data)
+    # rank 0 reads it and hands it on: only rank 0 needs to see the output folder
+    ckpt = ddp.run_on_main(lambda: _load_resume(last_path, cfg, data)
+                           if cfg.resume and last_path.is_file() else None)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None:
@@ -705,6 +790,11 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
         history, best, stopped = ckpt["history"], ckpt["best"], ckpt["stopped_early"]
         start_epoch, resumed = ckpt["epoch"] + 1, True
         say(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+        was = ckpt.get("world_size", 1)
+        if was != env.world_size:
+            say(f"the checkpoint was made by {was} process(es), this run has "
+                f"{env.world_size}: the global batch changes from {cfg.batch_size * was} to "
+                f"{cfg.batch_size * env.world_size}")
     elif cfg.resume:
         say(f"--resume: no last.pt in {run_dir}; starting afresh")
     if not has_val:
@@ -717,17 +807,29 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
                 "rng": _rng_state(), "best": dict(best), "history": list(history),
                 "stopped_early": stopped, "classes": list(data.classes),
                 "split_fingerprint": data.info["split_fingerprint"],
-                "featx_version": featx.__version__}
+                "world_size": env.world_size, "featx_version": featx.__version__}
+
+    net: nn.Module = model
+    if env.distributed:
+        # pool > 1 bypasses the model's own head (e.g. VGG's classifier Linears): DDP must
+        # then not wait for their gradients
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.pool > 1)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopped:
             break
-        _seed_epoch(cfg.seed, epoch, generator)
+        loaders["train"].sampler.set_epoch(_seed_epoch(cfg.seed, epoch, generator, env.rank))
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(model, criterion, optimizer, loaders["train"], device, precision,
-                             scaler, desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress)
-        va = evaluate(model, criterion, loaders["val"], device, precision) if has_val else None
+        tr = train_one_epoch(net, criterion, optimizer, loaders["train"], device, precision,
+                             scaler, desc=f"epoch {epoch}/{cfg.epochs}",
+                             progress=cfg.progress and env.is_main)
+        tr = _join_train_stats(tr)
+        ddp.broadcast_module(model)  # one model (rank 0's BatchNorm statistics) to evaluate
+        va = _evaluate_all(model, criterion, loaders["val"], device, precision) if has_val \
+            else None
         if scheduler is not None:
             scheduler.step()
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
@@ -742,13 +844,18 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
         if has_val and cfg.early_stop and epoch - best["epoch"] >= cfg.early_stop \
                 and epoch < cfg.epochs:
             stopped = True
-        state = checkpoint(epoch)
-        if improved:  # best before last: last.pt never names a best that is not on disk
-            # best.pt is for scoring and use, so it skips the optimizer state (2x the model)
-            _save_atomic({**state, "optimizer": None, "scheduler": None, "scaler": None},
-                         best_path)
-        _save_atomic(state, last_path)
-        _write_history(history, run_dir / "history.csv")
+        # the same inputs give every rank the same decision; rank 0's is made binding so a
+        # disagreement can never leave ranks waiting at different barriers
+        improved, best, stopped = ddp.broadcast_object((improved, best, stopped))
+        if env.is_main:
+            state = checkpoint(epoch)
+            if improved:  # best before last: last.pt never names a best that is not on disk
+                # best.pt is for scoring and use, so it skips the optimizer state (2x the model)
+                _save_atomic({**state, "optimizer": None, "scheduler": None, "scaler": None},
+                             best_path)
+            _save_atomic(state, last_path)
+            _write_history(history, run_dir / "history.csv")
+        ddp.barrier()
         say(f"epoch {epoch}/{cfg.epochs}: train loss {tr['loss']:.4f} acc {tr['acc']:.3f}"
             + (f", val loss {va['loss']:.4f} acc {va['acc']:.3f}" if va else "")
             + f", {row['epoch_s']:.1f} s ({tr['images_per_s']:.0f} images/s)"
@@ -760,11 +867,17 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
                 f"{cfg.early_stop} epochs (best epoch {best['epoch']})")
 
     # score the chosen checkpoint, once, on the test split
-    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(ddp.run_on_main(
+        lambda: torch.load(best_path, map_location="cpu", weights_only=True)["model"]))
     scored = next(s for s in ("test", "val", "train") if s in loaders)
     if scored != "test":
         say(f"no test split: the metrics are on the {scored} split")
-    te = evaluate(model, criterion, loaders[scored], device, precision)
+    if scored == "train":  # as val and test are read: eval transform, each image once
+        loaders["train"] = load_data(
+            replace(data, splits={"scored": data.splits["train"]}), transform,
+            batch_size=cfg.batch_size, workers=workers, augment=False, device=device,
+            generator=generator, rank=env.rank, world_size=env.world_size)["scored"]
+    te = _evaluate_all(model, criterion, loaders[scored], device, precision)
     fit_s = sum(row["epoch_s"] for row in history)
     earlier_s = sum(row["epoch_s"] for row in history[:start_epoch - 1])  # before a resume
     timings = {"total_s": round(time.perf_counter() - t_start + earlier_s, 3),
@@ -779,12 +892,17 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
                  "stopped_early": stopped, "scored_split": scored, "resumed": resumed,
                  "notes": [n for n in notes if not n.startswith("epoch ")]}
     used = {"workers": workers, "device_used": str(device), "precision_used": precision,
-            "image_size_used": transform.crop, "transform": transform.to_dict()}
+            "image_size_used": transform.crop, "transform": transform.to_dict(),
+            "world_size": env.world_size, "global_batch_size": cfg.batch_size * env.world_size,
+            "distributed_backend": env.backend}
     result = _result_record(data, cfg, model, weights, metrics, timings, selection, used)
-    from featx.plots import plot_training_curves
-    plot_training_curves(history, run_dir / "curves.png",
-                         title=f"{cfg.model} on {data.name} ({run_dir.name})")
-    result_path = write_json(run_dir / "result.json", result)
+    result_path = run_dir / "result.json"
+    if env.is_main:
+        from featx.plots import plot_training_curves
+        plot_training_curves(history, run_dir / "curves.png",
+                             title=f"{cfg.model} on {data.name} ({run_dir.name})")
+        write_json(result_path, result)
+    ddp.barrier()
     return FinetuneResult(run_dir, result_path, result, history, best["epoch"], stopped,
                           resumed, notes)
 
