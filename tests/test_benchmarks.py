@@ -56,8 +56,11 @@ def check_row(row: dict) -> bool:
 
 
 def test_quick_pools_run_prints_rows_whose_ratios_match_their_numbers(tmp_path, capsys):
+    from tests.conftest import write_digits
+    data = write_digits(tmp_path / "digits", per_class=8, size=28, layout="split")
     out = tmp_path / "bench.md"
-    assert bench.main(["--quick", "--only", "pools", "--images", "12", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--only", "pools", "--images", "12", "--data", str(data),
+                       "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = bench.parse_table(printed.split("## all rows", 1)[1])
     assert [r["measured"].split(" (")[0] for r in rows] == [
