@@ -225,7 +225,9 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     transform = backbone_transform(cfg.model, weights, cfg.image_size)
     prov = _provenance(cfg, data, weights, transform, precision, device)
     path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop)
-    held.enter_context(lock_cache(path))
+    from featx.shards import dist_env
+    if dist_env().rank == 0:  # under torchrun rank 0 holds it for the whole job
+        held.enter_context(lock_cache(path))
 
     if path.exists():
         try:
