@@ -7,8 +7,6 @@ Every option can also be set from the environment as ``FEATX_<OPTION>`` (e.g.
 """
 from __future__ import annotations
 
-import errno
-import functools
 import os
 from pathlib import Path
 

@@ -164,7 +164,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     return run
 
 
-def _report(out: Path, *, fresh: bool) -> Path:
+def _report(out: Path, *, fresh: bool) -> dict:
     """The report, rewritten only when something was done or a result is newer than it."""
     report = _current_report(out) if fresh else None
     if report is None:
@@ -201,6 +201,32 @@ def _fit_heads(caches: list[Path], heads: list[str], cfg: CompareConfig, out: Pa
                     scheduler=cfg.scheduler), log=log)
                 done.append(f"heads on {path.name}: {', '.join(todo)}")
     return done, skipped
+
+
+def _head_names(heads) -> list[str]:
+    """``--heads`` as names, unchecked (checking imports the head registry and sklearn)."""
+    items = heads.split(",") if isinstance(heads, str) else list(heads)
+    return list(dict.fromkeys(h.strip() for h in items if h and h.strip()))
+
+
+def _current_report(out: Path) -> dict | None:
+    """What :func:`~featx.report.write_report` would return, without drawing anything, when
+    ``out/report/report.md`` is newer than every file and folder of the results under ``out``
+    (a result added, changed or removed since makes it stale)."""
+    report = out / "report"
+    md, csv = report / "report.md", report / "report.csv"
+    try:
+        written = min(md.stat().st_mtime_ns, csv.stat().st_mtime_ns)
+        newest = max([out.stat().st_mtime_ns] + [p.stat().st_mtime_ns for p in out.rglob("*")
+                                                 if report not in p.parents and p != report])
+    except OSError:
+        return None
+    if newest > written:
+        return None
+    from featx.report import format_table, load_results, rank_results
+    return {"table": format_table(rank_results(load_results(out))), "markdown": md,
+            "csv": csv, "plot": sorted(report.rglob("*.png")), "note": []}
+
 
 
 def _finished(path: Path) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import platform
 import socket
 import time
 from dataclasses import dataclass, field
