@@ -38,6 +38,7 @@ __all__ = [
     "backbone_provenance",
     "backbone_transform",
     "build_backbone",
+    "check_state_dict",
     "describe_weights_availability",
     "weights_transform_source",
     "get_backbone",
@@ -471,17 +472,9 @@ def _download(spec: BackboneSpec, target: Path) -> None:
         raise WeightsError(f"{message} (download failed: {type(exc).__name__})") from None
 
 
-def _load_state_dict(spec: BackboneSpec, model: nn.Module, path: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"cannot read weights file {path}: {exc}".splitlines()[0]) from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a featx/torchvision-reference checkpoint
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__}).")
-    state = {k.removeprefix("module."): v for k, v in state.items()
-             if not k.startswith(spec.ignore_keys or ("\0",))}
+def check_state_dict(model: nn.Module, state: dict, path, name: str) -> None:
+    """Raise one :class:`WeightsError` line when ``state`` (from the file ``path``) does not
+    fit ``model``: counts of shape mismatches, missing and unexpected keys, with an example."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -496,7 +489,21 @@ def _load_state_dict(spec: BackboneSpec, model: nn.Module, path: str) -> None:
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise WeightsError(f"{path} does not fit {spec.name}: " + "; ".join(parts) + ".")
+        raise WeightsError(f"{path} does not fit {name}: " + "; ".join(parts) + ".")
+
+
+def _load_state_dict(spec: BackboneSpec, model: nn.Module, path: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read weights file {path}: {exc}".splitlines()[0]) from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a featx/torchvision-reference checkpoint
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__}).")
+    state = {k.removeprefix("module."): v for k, v in state.items()
+             if not k.startswith(spec.ignore_keys or ("\0",))}
+    check_state_dict(model, state, path, spec.name)
     model.load_state_dict(state)
 
 

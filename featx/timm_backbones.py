@@ -386,7 +386,7 @@ def build_timm_model(spec: TimmSpec, path: str | None, *, seed: int = 0,
     embedding resampled by timm's checkpoint filter on load, as ``pretrained=True`` does).
     The classifier gets as many classes as the file's, so a fine-tuned file loads as it is.
     """
-    from featx.backbones import WeightsError
+    from featx.backbones import check_state_dict
     state = load_timm_state(path) if path is not None else None
     kwargs: dict = {}
     if state is not None:
@@ -402,21 +402,7 @@ def build_timm_model(spec: TimmSpec, path: str | None, *, seed: int = 0,
     except Exception:
         model = _create_seeded(spec.timm_name, kwargs, seed, "cpu")
     state = _filtered(model, state)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: file "
-                         f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise WeightsError(f"{path} does not fit {spec.name}: " + "; ".join(parts) + ".")
+    check_state_dict(model, state, path, spec.name)
     model.load_state_dict(state, assign=True)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         # a buffer computed in __init__ and not saved (e.g. Swin's relative position index)
