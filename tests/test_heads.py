@@ -394,8 +394,10 @@ def _loky_workers(parent: int) -> list[int]:
 def test_killing_fit_heads_kills_its_workers_and_writes_nothing_after(tmp_path):
     """kill -9 of the parent: its loky workers are gone within seconds (they used to fit
     on for minutes and write results), and no result file appears after the kill."""
-    path = write_cache(tmp_path / "slow.h5", blob_splits(d=64, n=(600, 150, 100),
-                                                          pools=(1, 2)))
+    # ~55 s of fitting on 2 cores: the kill comes a few seconds in, so the size only
+    # has to outlast the workers' start on a fast machine (600 rows of d=64 did not)
+    path = write_cache(tmp_path / "slow.h5", blob_splits(d=128, n=(4000, 400, 100),
+                                                          pools=(1, 2, 4)))
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     log = open(tmp_path / "log.txt", "w")
@@ -410,7 +412,8 @@ def test_killing_fit_heads_kills_its_workers_and_writes_nothing_after(tmp_path):
             time.sleep(0.2)
         assert len(workers) >= 2, "no loky workers started"
         # past their imports (~1-2 s of CPU) and into their fits
-        while min(map(_cpu_seconds, workers)) < 3.0 and time.monotonic() < deadline:
+        while (min(map(_cpu_seconds, workers)) < 3.0 and time.monotonic() < deadline
+               and proc.poll() is None):
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before the kill: give it more work"
     finally:
