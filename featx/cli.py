@@ -319,7 +319,8 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
     OUT/heads_summary.csv, and prints a table sorted by test balanced accuracy. A result
     already made from the same cache file with the same settings is reused, not refitted.
     """
-    from featx.heads import (HeadsConfig, fit_heads as run_fit_heads, format_summary)
+    from featx.heads import HeadsConfig, fit_heads as run_fit_heads
+    from featx.tables import format_summary
     cfg = HeadsConfig(heads=tuple(heads.split(",")), features=tuple(features.split(",")),
                       select=select, cv=cv,
                       class_weight=None if class_weight == "none" else class_weight,

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import featx.backbones as backbones
 import featx.extract as extract_mod
-import featx.heads as heads_mod
+import featx.heads.task as heads_task
 from featx.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_fit_heads_rerun_reuses_current_results_and_refits_when_asked(
     before = {p: p.stat().st_mtime_ns for p in jsons}
     scores = {p: json.loads(p.read_text())["metrics"]["balanced_accuracy"] for p in jsons}
 
-    monkeypatch.setattr(heads_mod, "select_and_fit", _boom)
+    monkeypatch.setattr(heads_task, "select_and_fit", _boom)
     again = _fit(cache, out)
     assert again.exit_code == 0, again.output
     assert "4 of 4 result(s) are current" in again.output

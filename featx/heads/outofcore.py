@@ -1,0 +1,265 @@
+"""Features that do not fit in memory: the memory plan, HDF5 row blocks, PCA, streamed SGD.
+
+A feature whose rows would not fit in memory is either reduced with an IncrementalPCA
+fitted on train in row blocks (``pca=N``), or streamed: an ``SGDClassifier(log_loss)`` is
+trained with ``partial_fit`` over shuffled HDF5 row blocks after a streaming
+``StandardScaler.partial_fit`` pass.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+from sklearn.decomposition import IncrementalPCA
+from sklearn.linear_model import SGDClassifier
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.class_weight import compute_class_weight
+
+from featx.cache import Cache
+from featx.heads.registry import _STREAM_GRID, get_head
+from featx.heads.selection import SELECTION_METRIC, _quiet
+
+__all__ = ["STREAM_EPOCHS", "MemoryPlan", "memory_limit", "plan_memory"]
+
+STREAM_EPOCHS = 5                       # passes over train per streamed SGD fit
+_MB = 2 ** 20
+
+
+def memory_limit(limit_mb: float | None = None) -> tuple[int, str]:
+    """Bytes a fit may use, and where that number came from.
+
+    ``limit_mb`` if given, else ``$FEATX_MEMORY_LIMIT_MB``, else 80% of the memory available
+    now (``MemAvailable`` of /proc/meminfo, else ``os.sysconf``), capped by a cgroup limit.
+    """
+    if limit_mb is not None:
+        return int(float(limit_mb) * _MB), f"--memory-limit-mb {limit_mb:g}"
+    env = os.environ.get("FEATX_MEMORY_LIMIT_MB")
+    if env:
+        try:
+            return int(float(env) * _MB), f"FEATX_MEMORY_LIMIT_MB={env}"
+        except ValueError:
+            raise ValueError(f"FEATX_MEMORY_LIMIT_MB={env!r}: give megabytes as a number, "
+                             f"e.g. 4096.") from None
+    avail = _meminfo_available()
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        avail = min(avail, cgroup)
+    return int(avail * 0.8), "80% of available memory"
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        return max(0, int(limit) - used)
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How one feature of one cache is fitted: ``mode`` is ``memory``, ``pca`` or ``stream``.
+
+    ``need_mb`` estimates a fit of the train+val rows as they are (rows x dims x 4 bytes x
+    the largest ``memory_factor`` of the heads); ``block_rows`` is the HDF5 read size used
+    for streaming passes and test predictions.
+    """
+
+    mode: str
+    rows: int
+    dims: int
+    need_mb: float
+    limit_mb: float
+    limit_source: str
+    block_rows: int
+    pca: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "rows": self.rows, "dims": self.dims,
+                "need_mb": round(self.need_mb, 2), "limit_mb": round(self.limit_mb, 2),
+                "limit_source": self.limit_source, "block_rows": self.block_rows,
+                "pca_components": self.pca}
+
+
+def plan_memory(rows: int, dims: int, heads: Sequence[str], *, limit_bytes: int,
+                limit_source: str = "", pca: int = 0) -> MemoryPlan:
+    """Decide whether ``rows`` x ``dims`` float32 features are fitted in memory.
+
+    If the estimate exceeds ``limit_bytes``: ``pca`` components (IncrementalPCA) when
+    ``0 < pca < dims`` and the reduced rows fit, otherwise ``stream``.
+    """
+    factor = max(get_head(h).memory_factor for h in heads)
+    need = rows * dims * 4 * factor
+    # streaming blocks: a quarter of the limit for the block and its few working copies
+    block = int(np.clip(limit_bytes / 4 / (max(dims, 1) * 4 * 4), 64, 8192))
+    common = dict(rows=rows, dims=dims, need_mb=need / _MB, limit_mb=limit_bytes / _MB,
+                  limit_source=limit_source, block_rows=block)
+    if need <= limit_bytes:
+        return MemoryPlan("memory", **common)
+    if 0 < pca < dims and rows * pca * 4 * factor <= limit_bytes:
+        return MemoryPlan("pca", **{**common, "block_rows": max(block, pca)}, pca=pca)
+    return MemoryPlan("stream", **common)
+
+
+def _describe_plan(plan: MemoryPlan, heads: Sequence[str], name: str, holdout: str = ""
+                   ) -> str:
+    head = (f"{name}: ~{plan.need_mb:.1f} MB needed to fit {plan.rows} x {plan.dims} features "
+            f"in memory, limit {plan.limit_mb:.1f} MB ({plan.limit_source}); ")
+    if plan.mode == "pca":
+        return head + (f"reduced to {plan.pca} PCA components (IncrementalPCA fitted on "
+                       f"train in {plan.block_rows}-row blocks), then fitting "
+                       f"{', '.join(heads)}.")
+    return head + (f"streaming instead: SGDClassifier(log_loss) with partial_fit over "
+                   f"shuffled {plan.block_rows}-row HDF5 blocks ({STREAM_EPOCHS} epochs"
+                   f"{holdout}) replaces heads {', '.join(heads)}; pass --pca N to reduce instead.")
+
+
+# --- reading rows -----------------------------------------------------------------------------
+
+def _blocks(cache: Cache, split: str, feature: str, rows: int) -> Iterator[np.ndarray]:
+    for _, X in cache.iter_rows(split, feature, rows):
+        yield X
+
+
+def _shuffled_blocks(cache: Cache, split: str, feature: str, index: np.ndarray, rows: int,
+                     rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows_index, X)`` batches of ``index`` in random order: caches are sorted by class,
+    so SGD must not see them in file order."""
+    order = rng.permutation(index)
+    with h5py.File(cache.path, "r") as f:
+        ds = f[f"{split}/{feature}"]
+        for start in range(0, len(order), rows):
+            idx = np.sort(order[start:start + rows])  # h5py reads increasing indices
+            X = ds[idx].astype(np.float32, copy=False)
+            perm = rng.permutation(len(idx))
+            yield idx[perm], X[perm]
+
+
+# --- PCA and streaming for features that do not fit -------------------------------------------
+
+def _fit_reducer(cache: Cache, feature: str, n_components: int, standardize: bool,
+                 rows: int) -> Pipeline:
+    """StandardScaler (optional) then IncrementalPCA, both fitted on train in row blocks."""
+    n_train, dims = cache.shape("train", feature)
+    if n_components > min(n_train, dims):
+        raise ValueError(f"--pca {n_components}: must be at most min(train rows, feature "
+                         f"width) = {min(n_train, dims)} for {cache.path.name} {feature}.")
+    scaler = StandardScaler() if standardize else "passthrough"
+    if standardize:
+        for X in _blocks(cache, "train", feature, rows):
+            scaler.partial_fit(X)
+    pca = IncrementalPCA(n_components=n_components)
+    prev = None
+    for X in _blocks(cache, "train", feature, rows):
+        X = scaler.transform(X) if standardize else X
+        if prev is not None and len(X) < n_components:  # a short last block joins the one before
+            X, prev = np.concatenate([prev, X]), None
+        if prev is not None:
+            pca.partial_fit(prev)
+        prev = X
+    pca.partial_fit(prev)
+    return Pipeline([("prescale", scaler), ("pca", pca)])
+
+
+def _reduce(reducer: Pipeline, cache: Cache, split: str, feature: str, rows: int) -> np.ndarray:
+    return np.concatenate([reducer.transform(X).astype(np.float32)
+                           for X in _blocks(cache, split, feature, rows)])
+
+
+def _fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standardize: bool,
+                   class_weight: str | None, seed: int, rows: int
+                   ) -> tuple[Pipeline, dict, dict]:
+    """SGDClassifier(log_loss) by partial_fit over shuffled HDF5 blocks; alpha chosen on val
+    (streamed) or, without val, on one stratified holdout fold (1/cv) of train."""
+    n_classes = len(cache.classes)
+    classes = np.arange(n_classes)
+    y = cache.labels("train")
+    all_rows = np.arange(len(y))
+    if select == "val":
+        fit_rows, hold = all_rows, None
+        y_val = cache.labels("val")
+    else:
+        fit_rows, hold = next(StratifiedKFold(cv, shuffle=True, random_state=seed).split(
+            all_rows.reshape(-1, 1), y))
+    weights = np.ones(n_classes)
+    if class_weight == "balanced":
+        present = np.unique(y)
+        weights[present] = compute_class_weight("balanced", classes=present, y=y)
+
+    t0 = time.perf_counter()
+    scaler = StandardScaler() if standardize else "passthrough"
+    if standardize:  # on all of train: unsupervised, and the final model needs it anyway
+        for X in _blocks(cache, "train", feature, rows):
+            scaler.partial_fit(X)
+
+    def transform(X):
+        return scaler.transform(X) if standardize else X
+
+    def train(alpha, index):
+        clf = SGDClassifier(loss="log_loss", alpha=alpha, random_state=seed)
+        for epoch in range(STREAM_EPOCHS):
+            rng = np.random.default_rng([seed, epoch])
+            for idx, X in _shuffled_blocks(cache, "train", feature, index, rows, rng):
+                clf.partial_fit(transform(X), y[idx], classes=classes,
+                                sample_weight=weights[y[idx]])
+        return clf
+
+    def holdout_score(clf):
+        if hold is None:
+            pred = np.concatenate([clf.predict(transform(X))
+                                   for X in _blocks(cache, "val", feature, rows)])
+            return balanced_accuracy_score(y_val, pred)
+        with h5py.File(cache.path, "r") as f:
+            ds = f[f"train/{feature}"]
+            pred = np.concatenate([clf.predict(transform(ds[hold[s:s + rows]].astype(np.float32)))
+                                   for s in range(0, len(hold), rows)])
+        return balanced_accuracy_score(y[hold], pred)
+
+    grid, fitted = [], []
+    with _quiet():
+        for alpha in _STREAM_GRID["alpha"]:
+            clf = train(alpha, fit_rows)
+            grid.append({"params": {"alpha": alpha}, "score": float(holdout_score(clf))})
+            fitted.append(clf)
+    best = int(np.argmax([g["score"] for g in grid]))
+    select_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if hold is None:
+        clf = fitted[best]  # already fitted on exactly the train rows
+    else:
+        with _quiet():
+            clf = train(grid[best]["params"]["alpha"], all_rows)
+    fit_s = time.perf_counter() - t0
+    model = Pipeline([("scaler", scaler), ("head", clf)])
+    selection = {"on": "val" if hold is None else "holdout", "metric": SELECTION_METRIC,
+                 "chosen": grid[best]["params"], "score": grid[best]["score"], "grid": grid,
+                 "refit": "train", "epochs": STREAM_EPOCHS}
+    if hold is not None:
+        selection["holdout_fraction"] = round(len(hold) / len(y), 4)
+    return model, selection, {"select_s": select_s, "fit_s": fit_s}

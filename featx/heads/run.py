@@ -1,0 +1,392 @@
+"""The ``fit-heads`` run: inputs checked, tasks planned, fitted in parallel, files written.
+
+One *run* is one (cache, feature, head); its files::
+
+    {out}/{cache stem}/heads/{feature}__{head}.json      result, schema featx-result/1
+    {out}/{cache stem}/heads/{feature}__{head}.joblib    the fitted sklearn Pipeline
+    {out}/{cache stem}/pool_sizes.png                    when 2+ pool sizes were run
+    {out}/heads_summary.csv                              one row per run (merged over calls)
+
+Only this process writes files, so a killed run leaves no worker writing behind it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import joblib
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from featx.cache import Cache, CacheError, partial_path
+from featx.heads.backends import check_backend, heads_backend
+from featx.heads.outofcore import (_MB, _describe_plan, _fit_reducer, _reduce, memory_limit,
+                                   plan_memory)
+from featx.heads.registry import DEFAULT_HEADS, get_head, parse_heads
+from featx.heads.task import SUMMARY_COLUMNS, _run_indexed, _request, _summary_row, _Task
+from featx.metrics import _jsonable, write_json
+from featx.tables import format_pool_matrix, plot_pool_summary
+
+__all__ = ["HeadsConfig", "HeadsRun", "fit_heads", "load_head", "open_cache",
+           "resolve_features"]
+
+
+@dataclass
+class HeadsConfig:
+    """What ``featx fit-heads`` does, independent of the CLI.
+
+    ``features``: names, or ``("all",)`` for penultimate and every pool{n}. ``select``:
+    ``"val"`` (falls back to CV when a cache has no val split) or ``"cv"``. ``jobs``: the cap
+    on parallel fits (runs x grid points) with loky, the local cluster's size with dask or
+    ray and no ``scheduler``. ``backend``/``scheduler``: where the fits run (see
+    :func:`heads_backend`). ``pca``: components for features that do not fit (0: stream
+    them instead). ``memory_limit_mb``: None = measured (see :func:`memory_limit`).
+    """
+
+    heads: tuple[str, ...] = DEFAULT_HEADS
+    features: tuple[str, ...] = ("penultimate",)
+    select: str = "val"
+    cv: int = 5
+    class_weight: str | None = None
+    standardize: bool = True
+    jobs: int = 1
+    seed: int = 0
+    out_dir: Path = Path("results")
+    memory_limit_mb: float | None = None
+    pca: int = 0
+    backend: str = "loky"
+    scheduler: str | None = None
+    refit: bool = False  # fit again even where a current result exists
+
+
+@dataclass
+class HeadsRun:
+    """What :func:`fit_heads` did: results, the summary rows and files, notes for the user."""
+
+    results: list[dict] = field(default_factory=list)
+    json_paths: list[Path] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    summary_csv: Path | None = None
+    plots: list[Path] = field(default_factory=list)
+    matrices: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def open_cache(path: str | Path) -> Cache:
+    """:class:`Cache` for ``path``, also recognising a path whose extraction is unfinished."""
+    path = Path(path)
+    if not path.exists() and partial_path(path).exists():
+        raise CacheError(f"{path} is not finished: only {partial_path(path).name} exists; run "
+                         f"the same `featx extract` command again to complete it.")
+    return Cache(path)
+
+
+def resolve_features(cache: Cache, features: Sequence[str]) -> list[str]:
+    """Feature names to fit: ``["all"]`` -> penultimate + every pool{n}; others checked."""
+    names = [f.strip() for f in features if f and f.strip()]
+    if not names:
+        raise ValueError(f"--features: name at least one of {', '.join(cache.features)}, or all.")
+    if "all" in names:
+        return cache.features
+    for name in names:
+        cache.check_feature(name)
+    return list(dict.fromkeys(names))
+
+
+def _check_labels(cache: Cache, select_on: str, cv: int) -> list[str]:
+    """Refuse caches heads cannot be fitted on; warnings for ones that only lose metrics."""
+    name, classes = cache.path.name, cache.classes
+    for split in ("train", "test"):
+        if split not in cache.splits or len(cache.labels(split)) == 0:
+            raise CacheError(f"{name} has no {split} rows; heads are fitted on train and "
+                             f"scored on test, so the data needs both splits.")
+    counts = np.bincount(cache.labels("train"), minlength=len(classes))
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        raise ValueError(f"{name}: the train split has a single class "
+                         f"({classes[present[0]]!r}, {counts[present[0]]} rows); a head needs "
+                         f"at least two classes to learn anything.")
+    if select_on == "cv" and counts[present].min() < cv:
+        small = classes[present[np.argmin(counts[present])]]
+        raise ValueError(f"{name}: train class {small!r} has {counts[present].min()} rows, "
+                         f"fewer than --cv {cv} folds; lower --cv.")
+    notes = []
+    absent_train = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if absent_train:
+        notes.append(f"warning: {name}: class(es) {', '.join(absent_train)} absent from the "
+                     f"train split; heads can never predict them.")
+    test_counts = np.bincount(cache.labels("test"), minlength=len(classes))
+    absent_test = [classes[i] for i in np.flatnonzero(test_counts == 0)]
+    if absent_test:
+        notes.append(f"warning: {name}: class(es) {', '.join(absent_test)} absent from the "
+                     f"test split; their recall and ROC-AUC are reported as null.")
+    return notes
+
+
+def _write_run(task: _Task, result: dict, model: Pipeline) -> None:
+    """The model, then its result JSON; an older JSON goes first, so no JSON ever sits
+    beside a model it did not describe, and a run killed half-way reads as not done."""
+    task.out_json.unlink(missing_ok=True)
+    _dump_atomic(model, task.out_json.with_suffix(".joblib"))
+    write_json(task.out_json, result)
+
+
+def _current_result(task: _Task) -> dict | None:
+    """The result at ``task.out_json`` when it was made from this very cache file (its
+    provenance, creation time included) with the same request and its model is there."""
+    try:
+        res = json.loads(task.out_json.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or not task.out_json.with_suffix(".joblib").is_file():
+        return None
+    same_cache = res.get("provenance") == json.loads(json.dumps(_jsonable(task.cache.attrs)))
+    same_request = (res.get("settings") or {}).get("request") == _request(task)
+    return res if same_cache and same_request else None
+
+
+def _dump_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    joblib.dump(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_summary(path: Path, rows: list[dict]) -> Path:
+    """Merge ``rows`` into the CSV at ``path`` (keyed by ``json``), atomically."""
+    old = []
+    if path.exists():
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    new_keys = {r["json"] for r in rows}
+    merged = [r for r in old if r.get("json") not in new_keys] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in merged:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_COLUMNS})
+    os.replace(tmp, path)
+    return path
+
+
+def _n_jobs(jobs: int, n_tasks: int, limit_bytes: int, need_bytes: float) -> tuple[int, int]:
+    """(outer, inner): runs in parallel, and grid points per run, with outer x inner <= jobs
+    and never more concurrent in-memory fits than the memory limit allows."""
+    fits = max(1, int(limit_bytes // max(need_bytes, 1)))
+    outer = max(1, min(jobs, n_tasks, fits))
+    inner = max(1, min(jobs // outer, fits // outer)) if n_tasks < jobs else 1
+    return outer, inner
+
+
+def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
+              log: Callable[[str], None] | None = None) -> HeadsRun:
+    """Fit every head on every feature of every cache; write results, summary and plots.
+
+    Every input is checked before any fit starts, so a bad cache, feature or head fails
+    fast with one message. ``log`` receives ``note: ...`` / ``warning: ...`` lines as they
+    arise (they are also in ``HeadsRun.notes``). Results do not depend on ``config.jobs``:
+    every estimator gets ``random_state=config.seed``.
+    """
+    run = HeadsRun()
+
+    def say(msg):
+        run.notes.append(msg)
+        if log is not None:
+            log(msg)
+
+    config = _check_config(caches, config)
+    limit, source = memory_limit(config.memory_limit_mb)
+    prepared = _open_caches(caches, config, say)
+    tasks, pca_groups = _plan_tasks(prepared, config, limit, source, say)
+    reused = _current_results(tasks, config, say)
+    finished = _fit_todo(tasks, pca_groups, reused, config, limit)
+    for i, task in enumerate(tasks):
+        if id(task) in reused:
+            finished[i] = (reused[id(task)], _summary_row(reused[id(task)], task, task.plan))
+        run.results.append(finished[i][0])
+        run.rows.append(finished[i][1])
+        run.json_paths.append(task.out_json)
+    run.summary_csv = _write_summary(config.out_dir / "heads_summary.csv", run.rows)
+    _compare_pool_sizes(run, prepared, tasks, reused, config)
+    return run
+
+
+def _check_config(caches: Sequence[str | Path], config: HeadsConfig) -> HeadsConfig:
+    """``config`` with its heads parsed; a bad setting raises before anything is read."""
+    heads = parse_heads(config.heads)
+    config = replace(config, heads=tuple(heads), out_dir=Path(config.out_dir))
+    if config.select not in ("val", "cv"):
+        raise ValueError(f"--select {config.select!r}: use val or cv.")
+    if config.class_weight not in (None, "balanced"):
+        raise ValueError(f"--class-weight {config.class_weight!r}: use none or balanced.")
+    if config.cv < 2:
+        raise ValueError(f"--cv {config.cv}: need at least 2 folds.")
+    if config.jobs < 1:
+        raise ValueError(f"--jobs {config.jobs}: must be at least 1.")
+    check_backend(config.backend, config.scheduler)
+    if not caches:
+        raise ValueError("give at least one cache file.")
+    return config
+
+
+def _open_caches(caches: Sequence[str | Path], config: HeadsConfig,
+                 say: Callable[[str], None]) -> list[tuple[Cache, list[str], str]]:
+    """``(cache, features, select_on)`` per cache, each checked; notes go to ``say``."""
+    prepared = []
+    stems = [Path(p).stem for p in caches]
+    if len(set(stems)) < len(stems):
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        raise ValueError(f"two caches share the name {twice[0]!r}; their results would land "
+                         f"in the same folder under --out. Fit them in separate runs with "
+                         f"different --out folders.")
+    for path in caches:
+        cache = open_cache(path)
+        features = resolve_features(cache, config.features)
+        has_val = "val" in cache.splits and len(cache.labels("val")) > 0
+        select_on = config.select if has_val else "cv"
+        for note in _check_labels(cache, select_on, config.cv):
+            say(note)
+        if config.select == "val" and not has_val:
+            say(f"note: {cache.path.name} has no val split; choosing hyperparameters by "
+                f"{config.cv}-fold stratified CV on train.")
+        prepared.append((cache, features, select_on))
+    if config.class_weight == "balanced":
+        for h in config.heads:
+            if not get_head(h).supports_class_weight:
+                say(f"note: --class-weight balanced: {h} does not support class weights; "
+                    f"it is fitted unweighted.")
+    return prepared
+
+
+def _plan_tasks(prepared, config: HeadsConfig, limit: int, source: str,
+                say: Callable[[str], None]) -> tuple[list[_Task], list[list[_Task]]]:
+    """One task per (cache, feature, head), or one sgd task per streamed feature; and the
+    tasks of each PCA-reduced (cache, feature), which share one reduction."""
+    heads = config.heads
+    tasks, pca_groups = [], []
+    for cache, features, select_on in prepared:
+        dataset = cache.dataset_info()
+        n_rows = sum(len(cache.labels(s)) for s in ("train", "val") if s in cache.splits)
+        for feature in features:
+            dims = cache.shape("train", feature)[1]
+            plan = plan_memory(n_rows, dims, heads, limit_bytes=limit, limit_source=source,
+                               pca=config.pca)
+            if plan.mode != "memory":
+                holdout = (f", alpha chosen on a stratified 1/{config.cv} holdout of train"
+                           if select_on == "cv" else "")
+                say("note: " + _describe_plan(plan, heads, f"{cache.path.name} {feature}",
+                                              holdout))
+            out = config.out_dir / cache.path.stem / "heads"
+            if plan.mode == "stream":
+                tasks.append(_Task(cache, dataset, feature, "sgd", plan, select_on, config,
+                                   out / f"{feature}__sgd.json"))
+                continue
+            group = [_Task(cache, dataset, feature, h, plan, select_on, config,
+                           out / f"{feature}__{h}.json") for h in heads]
+            if plan.mode == "pca":
+                pca_groups.append(group)
+            tasks.extend(group)
+    return tasks, pca_groups
+
+
+def _current_results(tasks: list[_Task], config: HeadsConfig,
+                     say: Callable[[str], None]) -> dict[int, dict]:
+    """``id(task) -> result`` for every task whose stored result is current."""
+    # a re-run reuses every result that is current: nothing is loaded, reduced or fitted
+    reused = {} if config.refit else {id(t): r for t in tasks
+                                      if (r := _current_result(t)) is not None}
+    if reused:
+        say(f"note: {len(reused)} of {len(tasks)} result(s) are current for these caches and "
+            f"settings, reused without fitting (--refit fits them again).")
+    return reused
+
+
+def _reduce_features(pca_groups: list[list[_Task]], config: HeadsConfig
+                     ) -> dict[int, tuple]:
+    """``id(task) -> (train, val, test)`` reduced rows, one PCA per (cache, feature)."""
+    arrays = {}
+    for group in pca_groups:  # reduce once per (cache, feature), shared by its heads
+        t = group[0]
+        t0 = time.perf_counter()
+        reducer = _fit_reducer(t.cache, t.feature, t.plan.pca, config.standardize,
+                               t.plan.block_rows)
+        has_val = "val" in t.cache.splits and len(t.cache.labels("val")) > 0
+        reduced = tuple(_reduce(reducer, t.cache, split, t.feature, t.plan.block_rows)
+                        if split != "val" or has_val else None
+                        for split in ("train", "val", "test"))
+        reduce_s = time.perf_counter() - t0
+        for task in group:
+            task.reducer, task.reduce_s = reducer, reduce_s
+            arrays[id(task)] = reduced  # the same array objects: sent to workers once
+    return arrays
+
+
+def _fit_todo(tasks: list[_Task], pca_groups: list[list[_Task]], reused: dict[int, dict],
+              config: HeadsConfig, limit: int) -> dict[int, tuple[dict, dict]]:
+    """Fit the tasks without a current result on the backend; ``i -> (result, row)``.
+
+    Each result is written as soon as it exists."""
+    pca_groups = [g for g in pca_groups if any(id(t) not in reused for t in g)]
+    todo = [(i, t) for i, t in enumerate(tasks) if id(t) not in reused]
+    arrays = _reduce_features(pca_groups, config)
+    finished = {}
+    if todo:
+        with heads_backend(config.backend, scheduler=config.scheduler, jobs=config.jobs):
+            for i, result, row, model in _dispatch(todo, arrays, config, limit):
+                _write_run(tasks[i], result, model)
+                finished[i] = (result, row)
+    return finished
+
+
+def _dispatch(todo: list[tuple[int, _Task]], arrays: dict[int, tuple], config: HeadsConfig,
+              limit: int) -> Iterator[tuple[int, dict, dict, Pipeline]]:
+    """``(i, result, row, model)`` of each task, inside the open joblib backend."""
+    if config.backend == "loky":
+        in_memory = [t.plan.need_mb * _MB for _, t in todo if t.plan.mode == "memory"]
+        outer, inner = _n_jobs(config.jobs, len(todo), limit, max(in_memory, default=1.0))
+    else:  # the cluster's cores; dask sends a run's grid points back to the cluster
+        outer, inner = -1, -1 if config.backend == "dask" else 1
+    for _, t in todo:
+        t.inner_jobs = inner
+    if outer == 1:
+        return (_run_indexed(i, t, *arrays.get(id(t), ())) for i, t in todo)
+    # results as they finish, so each is written as soon as it exists (ray's
+    # multiprocessing-style backend only returns the whole list)
+    return joblib.Parallel(
+        n_jobs=outer, return_as="list" if config.backend == "ray" else "generator_unordered")(
+        joblib.delayed(_run_indexed)(i, t, *arrays.get(id(t), ())) for i, t in todo)
+
+
+def _compare_pool_sizes(run: HeadsRun, prepared, tasks: list[_Task], reused: dict[int, dict],
+                        config: HeadsConfig) -> None:
+    """Where a cache ran 2+ features including a pool: its matrix and pool_sizes.png."""
+    for cache, features, _ in prepared:
+        rows = [r for r in run.rows if r["cache"] == cache.path.stem]
+        ran = {r["feature"] for r in rows}
+        if len(ran) >= 2 and any(f.startswith("pool") for f in ran):  # a pool-size comparison
+            run.matrices.append(format_pool_matrix(rows, title=cache.path.name))
+            png = config.out_dir / cache.path.stem / "pool_sizes.png"
+            if png.is_file() and all(id(t) in reused for t in tasks if t.cache is cache):
+                run.plots.append(png)  # drawn from these very results before
+                continue
+            run.plots.append(plot_pool_summary(
+                rows, png, title=f"{cache.attrs['model']} on {cache.attrs['dataset_name']}"))
+
+
+def load_head(path: str | Path) -> Pipeline:
+    """The fitted pipeline of a result: ``path`` is its JSON (or the .joblib itself).
+
+    ``load_head(p).predict(X)`` takes raw cached features of shape (n_samples, n_features).
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        with open(path) as f:
+            path = path.with_name(json.load(f)["artifacts"]["model"])
+    return joblib.load(path)
