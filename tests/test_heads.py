@@ -146,6 +146,17 @@ def test_val_not_test_decides_hyperparameters(tmp_path):
     assert run.results[0]["metrics"]["val_balanced_accuracy"] == pytest.approx(on_val[15])
 
 
+def test_knn_searches_only_neighbour_counts_a_fit_can_take():
+    rng = np.random.default_rng(3)
+    X, y = blobs(rng, 6, np.array([[-3.0, 0.0], [3.0, 0.0]]), noise=0.3)  # 12 rows
+    assert get_head("knn").grid_for(6) == {"n_neighbors": [5, 1]}
+    assert get_head("knn").grid_for(0) == {"n_neighbors": [1]}
+    # 2-fold CV fits on 6 rows: k=15 would make sklearn raise
+    model, sel, _ = select_and_fit("knn", X, y, select="cv", cv=2)
+    assert [g["params"]["n_neighbors"] for g in sel["grid"]] == [5, 1]
+    assert balanced_accuracy_score(y, model.predict(X)) == 1.0
+
+
 def test_without_a_val_split_selection_is_stratified_cv_on_train(tmp_path):
     path = write_cache(tmp_path / "noval.h5", blob_splits(val=False, pools=()))
     res = ok(run_cli(path, "--heads", "linear", "--cv", "3", "--jobs", "1",
