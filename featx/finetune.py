@@ -51,8 +51,8 @@ from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_b
 from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, check_seed
 from featx.errors import DiskFullError, is_disk_full
 from featx.extract import pool_notes
-from featx.runtime import autocast, cap_workers, finetune_workers, setup
 from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
+from featx.runtime import autocast, cap_workers, finetune_workers, setup
 
 __all__ = [
     "LOSSES",

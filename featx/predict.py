@@ -182,7 +182,7 @@ class Predictor:
         m = re.fullmatch(r"pool(\d+)", self.feature)
         pools = (int(m.group(1)),) if m else ()
         X = forward_batch(self.network, images, self.transform, pools, self.device,
-                     self.precision)[self.feature]
+                          self.precision)[self.feature]
         pred = np.asarray(self.pipeline.predict(X), dtype=int)
         scores = class_scores(self.pipeline, X, len(self.classes))
         if scores.ndim == 1:  # a binary decision: positive means classes[1]
