@@ -67,8 +67,8 @@ if str(ROOT) not in sys.path:
 from featx.backbones import FeatureModel, build_backbone, get_backbone  # noqa: E402
 from featx.cache import Cache, cache_filename  # noqa: E402
 from featx.data import DatasetSpec, load_dataset  # noqa: E402
-from featx.extract import (ExtractConfig, _prepare_for_inference, cpu_has_native_bf16,  # noqa: E402,E501
-                           extract, resolve_precision)
+from featx.extract import ExtractConfig, extract, prepare_for_inference  # noqa: E402
+from featx.runtime import cpu_has_native_bf16, extract_workers, resolve_precision  # noqa: E402
 
 PNEUMONIA = ROOT.parent / "shared" / "data" / "pneumoniamnist"
 BENCHMARKS = ("extract", "ceiling", "bf16", "compile", "pools", "loop", "memory", "heads",
@@ -289,8 +289,7 @@ def _logistic_predictions(X: np.ndarray, spec: DatasetSpec) -> tuple[np.ndarray,
 
 
 def _default_workers(device: str) -> int:
-    from featx.extract import _default_workers as featx_default
-    return featx_default(torch.device(device))
+    return extract_workers(torch.device(device))
 
 
 def _best(times: list[float]) -> float:
@@ -352,11 +351,12 @@ def _model_only_rate(name: str, size: int, bs: int, n: int, device: str,
                      precision: str = "fp32", compile: bool = False) -> tuple[float, float]:
     """(images/s, seconds of the first call) of featx's prepared model on random tensors
     already on the device: what extraction could reach if decoding and writing were free."""
-    from featx.extract import _compiled, autocast
+    from featx.extract import compile_model
+    from featx.runtime import autocast
     dev = torch.device(device)
-    fm = _prepare_for_inference(FeatureModel(get_backbone(name),
-                                             build_backbone(name, "none").to(dev)).eval())
-    run = _compiled(fm, []) if compile else fm
+    fm = prepare_for_inference(FeatureModel(get_backbone(name),
+                                            build_backbone(name, "none").to(dev)).eval())
+    run = compile_model(fm, []) if compile else fm
     x = torch.randn(bs, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     batches = max(1, n // bs)
 

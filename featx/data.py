@@ -34,7 +34,6 @@ __all__ = [
     "DatasetSpec",
     "ImageFiles",
     "TransformSpec",
-    "cap_workers",
     "check_seed",
     "load_dataset",
     "load_rgb",
@@ -128,29 +127,6 @@ def check_seed(seed: int, option: str = "--seed") -> int:
             or not 0 <= seed <= MAX_SEED:
         raise DataError(f"{option} {seed}: must be an integer from 0 to {MAX_SEED}.")
     return int(seed)
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def cap_workers(requested: int, option: str = "--workers") -> tuple[int, str | None]:
-    """``(workers, note)``: ``requested`` DataLoader workers, at most one per usable core.
-
-    More processes than cores only compete for them (and each holds a copy of the dataset
-    and a prefetch queue); ``note`` says so when the number was lowered, else ``None``.
-    """
-    if requested < 0:
-        raise DataError(f"{option} {requested}: must be 0 or more (0 decodes in the main "
-                        f"process).")
-    cores = _usable_cores()
-    if requested <= cores:
-        return requested, None
-    return cores, (f"note: {option} {requested} is more than the {cores} CPU core(s) here; "
-                   f"using {cores}.")
 
 
 class _Skips:

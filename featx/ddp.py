@@ -2,25 +2,24 @@
 
 featx never starts processes itself: ``torchrun`` (directly, or from ``srun`` on SLURM) starts
 one process per GPU (or per CPU slot) and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
-rendezvous address. :func:`setup` joins the process group those variables describe: NCCL when
-the run uses CUDA (each process on ``cuda:LOCAL_RANK``), gloo on the CPU. Outside torchrun
-every function here acts on a world of one process, so callers keep one code path.
+rendezvous address. :func:`setup` (:func:`featx.runtime.init_process_group`) joins the process
+group those variables describe: NCCL when the run uses CUDA (each process on
+``cuda:LOCAL_RANK``), gloo on the CPU. Outside torchrun every function here acts on a world of
+one process, so callers keep one code path.
 
 The helpers move small Python objects (pickled) or a module's tensors; none of them reads or
 writes files, so only rank 0 needs to see the output folder.
 """
 from __future__ import annotations
 
-import atexit
-import os
 import pickle
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from featx.runtime import DistEnv, current, init_process_group, local_device, torchrun_env
 
 __all__ = [
     "DistEnv",
@@ -37,110 +36,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Ranks other than 0 wait at a collective while rank 0 alone does file work (compare's
-# extraction and heads); torch's default (10 min NCCL, 30 min gloo) would kill a long wait.
-# torchrun stops every process when one fails, so a long timeout does not hide a crash.
-_TIMEOUT_ENV = "FEATX_DDP_TIMEOUT_S"
-_DEFAULT_TIMEOUT_S = 6 * 3600
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process stands: ``rank`` of ``world_size``, ``local_rank`` on its node.
-
-    ``backend`` is ``"gloo"`` or ``"nccl"`` when a process group is joined, else ``None``
-    (a plain ``python -m featx`` run: rank 0 of 1).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-
-    @property
-    def distributed(self) -> bool:
-        """True inside a joined process group (even of one process)."""
-        return self.backend is not None
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that prints and writes files."""
-        return self.rank == 0
-
-
-def _env_int(name: str) -> int:
-    raw = os.environ[name]
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: torchrun sets it to an integer; start featx with "
-                         f"torchrun, or unset it for a single process.") from None
-
-
-def torchrun_env() -> DistEnv | None:
-    """``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as torchrun sets them, or ``None`` when absent."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
-    local = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE.")
-    return DistEnv(rank, world, local)
-
-
-def current() -> DistEnv:
-    """This process's place in the joined process group (rank 0 of 1 when there is none)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistEnv()
-    local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local, str(dist.get_backend()))
-
-
-def _wants_cuda(device: str) -> bool:
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-
-
-def setup(device: str = "auto") -> DistEnv:
-    """Join the process group torchrun describes, once; a no-op outside torchrun.
-
-    ``device`` is the run's ``--device``: with CUDA (``cuda`` or ``auto`` on a GPU machine)
-    the backend is NCCL and this process uses ``cuda:LOCAL_RANK``; on the CPU it is gloo.
-    The group is left at interpreter exit.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return current()
-    env = torchrun_env()
-    if env is None:
-        return DistEnv()
-    if not dist.is_available():
-        raise ValueError("torchrun started featx, but this torch build has no "
-                         "torch.distributed; run a single process (python -m featx ...).")
-    cuda = _wants_cuda(device)
-    if cuda:
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available here; use "
-                             f"--device cpu (gloo) or run where GPUs are.")
-        if env.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {env.local_rank} has no GPU: this node sees "
-                             f"{torch.cuda.device_count()}; start at most that many processes "
-                             f"per node (torchrun --nproc-per-node).")
-        torch.cuda.set_device(env.local_rank)
-    timeout = float(os.environ.get(_TIMEOUT_ENV, _DEFAULT_TIMEOUT_S))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
-    atexit.register(_teardown)
-    return current()
-
-
-def _teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def local_device(device: torch.device, env: DistEnv) -> torch.device:
-    """``device`` for this process: under torchrun a CUDA device is ``cuda:LOCAL_RANK``."""
-    if env.distributed and device.type == "cuda":
-        return torch.device("cuda", env.local_rank)
-    return device
+# the process group itself (joining it, this process's rank) lives in featx/runtime.py
+setup = init_process_group
 
 
 def barrier() -> None:

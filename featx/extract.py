@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -23,16 +22,17 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
 import featx
-from featx.backbones import (FeatureModel, backbone_provenance, backbone_transform,
-                             build_backbone, get_backbone, resolve_weights)
+from featx.backbones import FeatureModel, backbone_provenance, build_backbone, get_backbone
 from featx.cache import (Cache, CacheWriter, StaleCacheError, cache_filename, diff_provenance,
                          lock_cache, provenance_covers)
-from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, cap_workers
+from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec
+from featx.runtime import (autocast, cap_workers, extract_workers, resolve_device,
+                           resolve_precision, setup)
 
-__all__ = ["ExtractConfig", "ExtractResult", "extract", "resolve_device", "resolve_precision",
-           "autocast", "parse_pools", "pool_notes"]
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+__all__ = ["ExtractConfig", "ExtractResult", "compile_model", "extract", "forward_batch",
+           "parse_pools", "pool_notes", "prepare_for_inference",
+           # moved to featx.runtime; kept here for callers of the old path
+           "autocast", "resolve_device", "resolve_precision"]
 
 
 @dataclass
@@ -106,61 +106,6 @@ def pool_notes(map_hw: tuple[int, int], crop: int, pools, model: str) -> list[st
             f"more than pool{min(h, w)}. A larger --image-size gives a larger map."]
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"--device {device!r}: use auto, cpu or cuda.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here; use cpu or auto.")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that support it, fp16 on older GPUs; on the CPU bf16 where the
-    cores compute in bf16 natively (AMX or AVX512-BF16), else fp32.
-
-    Native bf16 made CPU extraction 2-3x faster than fp32; emulated bf16 (AVX2, plain
-    AVX512) is ~8x slower, so there fp32 stays. bf16 moves features by ~3e-3 relative,
-    which did not change a logistic head's test accuracy (BENCHMARKS.md); ``fp32`` gives
-    torchvision's numbers to 1e-5. The resolved precision is recorded in the cache.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ValueError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU.")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16)."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch >= 2.1
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast context for ``precision`` (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _default_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
-    if device.type == "cpu":
-        # The forward already keeps every core busy; worker processes only steal cycles
-        # from it. On 2 cores decoding in the main process measured faster even for
-        # 1024x1024 JPEGs (BENCHMARKS.md); bigger CPUs get a few workers (not measured).
-        return min(8, cores // 4)
-    return min(8, cores)
-
-
 def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: TransformSpec,
                 precision: str, device: torch.device) -> dict:
     spec = get_backbone(cfg.model)
@@ -218,10 +163,10 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     if cfg.store not in ("float32", "float16"):
         raise ValueError(f"--store {cfg.store!r}: use float32 or float16.")
     spec = get_backbone(cfg.model)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    weights = resolve_weights(cfg.model, cfg.weights, seed=cfg.seed)
-    transform = backbone_transform(cfg.model, weights, cfg.image_size)
+    ready = setup(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
+                  image_size=cfg.image_size, seed=cfg.seed)
+    device, precision, weights, transform = (ready.device, ready.precision, ready.weights,
+                                             ready.transform)
     prov = _provenance(cfg, data, weights, transform, precision, device)
     path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop)
     from featx.shards import dist_env
@@ -250,16 +195,16 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
         return sharded
 
     model = build_backbone(cfg.model, weights, image_size=transform.crop).to(device)
-    fm = _prepare_for_inference(FeatureModel(spec, model).eval())
+    fm = prepare_for_inference(FeatureModel(spec, model).eval())
 
     dims = {"penultimate": spec.penultimate_dim}
     dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
     writer = CacheWriter(path, prov, data.splits, dims, cfg.store)
     notes: list[str] = list(writer.notes)
-    workers = _default_workers(device) if cfg.workers is None else cfg.workers
+    workers = extract_workers(device) if cfg.workers is None else cfg.workers
     workers, note = cap_workers(workers)
     notes += [note] if note else []
-    run = _compiled(fm, notes) if cfg.compile else fm
+    run = compile_model(fm, notes) if cfg.compile else fm
     tf = transform.eval_transform_uint8()  # normalised per batch, in _forward
     total = sum(len(v) for v in data.splits.values())
     done = sum(writer.next_index(s) for s in data.splits)
@@ -281,7 +226,7 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
                 pin_memory=device.type == "cuda", persistent_workers=False,
                 prefetch_factor=4 if workers > 0 else None)
             for images, labels, idx, errors in loader:
-                feats = _forward(run, images, transform, cfg.pools, device, precision,
+                feats = forward_batch(run, images, transform, cfg.pools, device, precision,
                                  pad_to=cfg.batch_size if cfg.compile else None,
                                  channels_last=spec.channels_last, map_size=map_size)
                 ok = np.array([e == "" for e in errors])
@@ -315,7 +260,7 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
                          Cache(path).skipped(), notes, precision)
 
 
-def _forward(fm, images: torch.Tensor, transform: TransformSpec, pools, device, precision,
+def forward_batch(fm, images: torch.Tensor, transform: TransformSpec, pools, device, precision,
              pad_to: int | None = None, channels_last: bool = True,
              map_size: dict | None = None) -> dict[str, np.ndarray]:
     """Features of one batch of ``(B, 3, H, W)`` uint8 images (resized and cropped);
@@ -339,7 +284,7 @@ def _forward(fm, images: torch.Tensor, transform: TransformSpec, pools, device, 
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 
-def _compiled(fm: FeatureModel, notes: list[str]):
+def compile_model(fm: FeatureModel, notes: list[str]):
     """``torch.compile`` with frozen weights: inductor then prepacks the oneDNN conv weights
     and fuses bias/ReLU/residual adds into the convolutions, which eager mode cannot.
 
@@ -371,7 +316,7 @@ def _compiled(fm: FeatureModel, notes: list[str]):
     return run
 
 
-def _prepare_for_inference(fm: FeatureModel) -> FeatureModel:
+def prepare_for_inference(fm: FeatureModel) -> FeatureModel:
     """Frozen, BatchNorm folded into the convolutions, channels-last: the fast eval form.
 
     Both are exact up to float rounding (features move by ~1e-7 to 4e-6 relative, inside

@@ -47,13 +47,12 @@ from tqdm.auto import tqdm
 
 import featx
 from featx import ddp
-from featx.backbones import (BackboneSpec, ResolvedWeights, backbone_transform, build_backbone,
-                             get_backbone, resolve_weights)
-from featx.data import (DataError, DatasetSpec, ImageFiles, TransformSpec, cap_workers,
-                        check_seed)
+from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
+from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, check_seed
 from featx.errors import DiskFullError, is_disk_full
-from featx.extract import autocast, pool_notes, resolve_device, resolve_precision
+from featx.extract import pool_notes
 from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
+from featx.runtime import autocast, cap_workers, finetune_workers, setup
 
 __all__ = [
     "LOSSES",
@@ -193,12 +192,6 @@ def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> Finetun
                         cache.skipped(), Path(path))
 
 
-def _default_workers() -> int:
-    # torchrun's processes on one node share its cores
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, (os.cpu_count() or 1) // per_node))
-
-
 def _no_transform(img):
     return torch.zeros(3, 1, 1)  # decoding is the check; the pixels are not needed
 
@@ -220,7 +213,7 @@ def data_from_spec(spec: DatasetSpec, *, workers: int | None = None) -> Finetune
     to 8), so the fingerprints of the result equal those of a cache extracted from the same
     data, and training never meets a bad file.
     """
-    workers = cap_workers(_default_workers() if workers is None else workers)[0]
+    workers = cap_workers(finetune_workers() if workers is None else workers)[0]
     readable, skipped = {}, []
     for split, items in spec.splits.items():
         errors = _decode_errors(spec.root, items, workers)
@@ -741,11 +734,11 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
 
     check_config(cfg)
     _check_data(data, cfg)
-    device = ddp.local_device(resolve_device(cfg.device), env)
-    precision = resolve_precision(cfg.precision, device)
-    weights = resolve_weights(cfg.model, cfg.weights, seed=cfg.seed)
-    transform = backbone_transform(cfg.model, weights, cfg.image_size)
-    workers, note = cap_workers(_default_workers() if cfg.workers is None else cfg.workers)
+    ready = setup(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
+                  image_size=cfg.image_size, seed=cfg.seed, env=env)
+    device, precision, weights, transform = (ready.device, ready.precision, ready.weights,
+                                             ready.transform)
+    workers, note = cap_workers(finetune_workers() if cfg.workers is None else cfg.workers)
     if note:
         say(note)
     run_dir = Path(cfg.out_dir) / run_dir_name(data, cfg, weights)

@@ -27,9 +27,9 @@ from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbo
 from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
 # extract's own batch forward and fast eval form: new images get the very features the
 # cache holds (same BatchNorm folding, memory format, precision handling)
-from featx.extract import (_forward, _prepare_for_inference, autocast, resolve_device,
-                           resolve_precision)
+from featx.extract import forward_batch, prepare_for_inference
 from featx.metrics import classification_metrics, read_result, write_json
+from featx.runtime import autocast, resolve_device, resolve_precision
 
 __all__ = [
     "NewImages",
@@ -181,8 +181,8 @@ class Predictor:
         from featx.heads import class_scores
         m = re.fullmatch(r"pool(\d+)", self.feature)
         pools = (int(m.group(1)),) if m else ()
-        X = _forward(self.network, images, self.transform, pools, self.device,
-                     self.precision)[self.feature]
+        X = forward_batch(self.network, images, self.transform, pools, self.device,
+                          self.precision)[self.feature]
         pred = np.asarray(self.pipeline.predict(X), dtype=int)
         scores = class_scores(self.pipeline, X, len(self.classes))
         if scores.ndim == 1:  # a binary decision: positive means classes[1]
@@ -280,7 +280,7 @@ def _head_predictor(path: Path, result: dict, *, weights: str | None, device: to
                                   f"for {model}, the cache recorded {prov['transform']}.")
     notes: list[str] = []
     prec = _recorded_precision(prov.get("precision"), precision, device, notes)
-    network = _prepare_for_inference(
+    network = prepare_for_inference(
         FeatureModel(spec, build_backbone(model, w, image_size=transform.crop)).eval())
     outputs = "prob" if hasattr(pipeline, "predict_proba") else "score"
     return Predictor("head", path, result, model, feature, list(result["dataset"]["classes"]),

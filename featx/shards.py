@@ -22,13 +22,11 @@ single-process cache picked up by ``torchrun`` becomes shard 0 of 1.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import re
 import shutil
 import signal
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from tqdm.auto import tqdm
 
 from featx.cache import (SCHEMA_VERSION, Cache, CacheWriter, _read_attrs, diff_provenance,
                          partial_path)
+from featx.runtime import DistEnv, extract_workers, join_group
 
 __all__ = ["DistEnv", "dist_env", "extract_sharded", "is_main_process", "shard_bounds",
            "shard_dir", "shard_path"]
@@ -54,17 +53,9 @@ _JOIN_BYTES = 64 << 20  # rows copied per block when joining shards
 _KILL_ENV = "FEATX_TEST_KILL_AFTER_BATCHES"
 
 
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place in a ``torchrun`` job (``0, 1, 0`` outside one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-
 def dist_env() -> DistEnv:
-    """Rank, world size and local rank from the variables ``torchrun`` sets."""
+    """Rank, world size and local rank from the variables ``torchrun`` sets (``0, 1, 0``
+    outside torchrun; unlike :func:`featx.runtime.torchrun_env`, a missing one is a default)."""
     try:
         return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                        int(os.environ.get("LOCAL_RANK", 0)))
@@ -108,14 +99,8 @@ def _init(env: DistEnv, device: torch.device) -> torch.device:
     if env.world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's barrier and object collectives use it
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_TIMEOUT)
-        atexit.register(_destroy)
+        join_group("nccl" if device.type == "cuda" else "gloo", _TIMEOUT)
     return device
-
-
-def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _from_rank0(value, env: DistEnv):
@@ -212,7 +197,7 @@ def _fill(writer: CacheWriter, root: Path, splits: dict, run, transform, cfg, de
     The same loop as :func:`featx.extract.extract`, over one shard's file lists.
     """
     from featx.data import ImageFiles
-    from featx.extract import _forward
+    from featx.extract import forward_batch
     tf = transform.eval_transform_uint8()
     written = skipped = 0
     for split, items in splits.items():
@@ -225,7 +210,7 @@ def _fill(writer: CacheWriter, root: Path, splits: dict, run, transform, cfg, de
             ds, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
             pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
         for images, labels, idx, errors in loader:
-            feats = _forward(run, images, transform, cfg.pools, device, precision,
+            feats = forward_batch(run, images, transform, cfg.pools, device, precision,
                              pad_to=cfg.batch_size if cfg.compile else None)
             ok = np.array([e == "" for e in errors])
             bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
@@ -286,8 +271,7 @@ def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
     rank 0's counts cover all ranks, another rank's its own shards.
     """
     from featx.backbones import FeatureModel, build_backbone, get_backbone
-    from featx.extract import (ExtractResult, _compiled, _default_workers,
-                               _prepare_for_inference)
+    from featx.extract import ExtractResult, compile_model, prepare_for_inference
     env = dist_env()
     if env.world_size == 1 and not shard_dir(path).is_dir():
         return None
@@ -320,13 +304,13 @@ def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
                desc=f"extract {cfg.model} [rank {env.rank}/{env.world_size}]",
                disable=not cfg.progress or env.rank != 0)
     run = None
-    workers = _default_workers(device) if cfg.workers is None else cfg.workers
+    workers = extract_workers(device) if cfg.workers is None else cfg.workers
     try:
         for k in mine:
             if run is None:  # built only when this rank has work
                 fm = FeatureModel(spec, build_backbone(cfg.model, weights, image_size=transform.crop).to(device)).eval()
-                run = _prepare_for_inference(fm)
-                run = _compiled(run, notes) if cfg.compile else run
+                run = prepare_for_inference(fm)
+                run = compile_model(run, notes) if cfg.compile else run
             t_shard = time.perf_counter()
             splits = _shard_splits(data.splits, k, n_shards)
             writer = CacheWriter(shard_path(path, k, n_shards),

@@ -10,7 +10,7 @@ from torchvision import models
 
 from featx.backbones import (FeatureModel, UnknownModelError, WeightsError, build_backbone,
                              get_backbone, import_weights, list_backbones, resolve_weights)
-from featx.extract import _prepare_for_inference
+from featx.extract import prepare_for_inference
 
 ALL = list_backbones()
 
@@ -53,7 +53,7 @@ def test_the_fast_form_extraction_runs_keeps_the_contract(name):
     with torch.inference_mode():
         ref = _torchvision_pre_logits(model, spec.classifier, x)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    fast = _prepare_for_inference(FeatureModel(spec, model).eval())
+    fast = prepare_for_inference(FeatureModel(spec, model).eval())
     left = sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     if n_bn:  # densenet's pre-activation BNs (BN before conv) cannot fold: about half stay
         assert left <= 0.55 * n_bn, f"{name}: only {n_bn - left} of {n_bn} BatchNorms folded"

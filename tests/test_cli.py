@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from featx.cli import main
-from featx.extract import resolve_precision
+from featx.runtime import resolve_precision
 
 EXTRACT = ["extract", "--model", "resnet18", "--weights", "none", "--image-size", "32",
            "--workers", "0", "--no-progress"]
@@ -157,8 +157,8 @@ def test_negative_workers_is_one_line(digits_dir):
 
 def test_too_many_workers_capped_and_pool_beyond_the_map_noted(digits_dir, tmp_path,
                                                                 monkeypatch):
-    import featx.data
-    monkeypatch.setattr(featx.data, "_usable_cores", lambda: 1)
+    import featx.runtime
+    monkeypatch.setattr(featx.runtime, "_usable_cores", lambda: 1)
     # resnet18's last map is 1x1 at 32 px, 2x2 at 64 px
     r = run(*EXTRACT[:-3], "--workers", "64", "--no-progress", "--data", digits_dir,
             "--pool", "1,2,4", "--out", tmp_path)

@@ -332,13 +332,3 @@ def test_seed_outside_the_valid_range_names_the_option():
                                             rf"4294967295"):
             check_seed(bad)
     assert check_seed(2**32 - 1) == 2**32 - 1
-
-
-def test_workers_are_capped_at_the_cores_with_a_note(monkeypatch):
-    import featx.data as data
-    monkeypatch.setattr(data, "_usable_cores", lambda: 4)
-    assert data.cap_workers(3) == (3, None)
-    n, note = data.cap_workers(500)
-    assert n == 4 and "--workers 500 is more than the 4 CPU core(s) here; using 4" in note
-    with pytest.raises(DataError, match="--workers -1"):
-        data.cap_workers(-1)

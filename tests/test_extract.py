@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -378,28 +377,6 @@ def test_compiled_extraction_gives_the_same_features(digits_dir, tmp_path):
             got = compiled.load(split, name)
             assert got.shape == ref.shape
             assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4, (split, name)
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_is_bf16_only_where_the_cpu_has_it(native, monkeypatch):
-    import featx.extract as ex
-    monkeypatch.setattr(ex, "cpu_has_native_bf16", lambda: native)
-    assert ex.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
-    assert ex.resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    with pytest.raises(ValueError, match="fp16 needs a GPU"):
-        ex.resolve_precision("fp16", torch.device("cpu"))
-
-
-@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux /proc/cpuinfo")
-def test_native_bf16_detection_agrees_with_the_cpu_flags():
-    """torch's private probes are read with a fallback; a rename must not silently mean fp32."""
-    from featx.extract import cpu_has_native_bf16
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    assert cpu_has_native_bf16() == bool(flags & {"amx_tile", "avx512_bf16"})
 
 
 def test_bf16_features_are_close_to_fp32_and_recorded(digits_dir, tmp_path):

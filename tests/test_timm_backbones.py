@@ -20,7 +20,7 @@ timm = pytest.importorskip("timm")
 from featx.backbones import (WeightsError, backbone_transform, build_backbone,  # noqa: E402
                              get_backbone, resolve_weights, UnknownModelError)
 from featx.cli import main  # noqa: E402
-from featx.extract import _forward, _prepare_for_inference  # noqa: E402
+from featx.extract import forward_batch, prepare_for_inference  # noqa: E402
 from featx.backbones import FeatureModel  # noqa: E402
 
 from .conftest import write_digits  # noqa: E402
@@ -76,11 +76,11 @@ def test_features_equal_timms_own_forward_through_a_weights_file(timm_name, size
     transform = backbone_transform(name, weights, size)
     assert transform.crop == size
     # the form extraction runs: BN folded, channels-last for CNNs only, uint8 batches
-    fm = _prepare_for_inference(FeatureModel(spec, build_backbone(name, weights,
+    fm = prepare_for_inference(FeatureModel(spec, build_backbone(name, weights,
                                                                    image_size=size)).eval())
     images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(1))
-    got = _forward(fm, images, transform, POOLS, torch.device("cpu"), "fp32",
+    got = forward_batch(fm, images, transform, POOLS, torch.device("cpu"), "fp32",
                    channels_last=spec.channels_last)
     cfg = timm.data.resolve_data_config({}, model=ref)
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)

@@ -1,0 +1,81 @@
+"""featx/runtime.py: device, precision, worker defaults, the shared setup step, one DistEnv."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import featx.runtime as rt
+from featx.backbones import backbone_transform, resolve_weights
+from featx.data import DataError
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(native, monkeypatch):
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
+    assert rt.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert rt.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        rt.resolve_precision("fp16", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux /proc/cpuinfo")
+def test_native_bf16_detection_agrees_with_the_cpu_flags():
+    """torch's private probes are read with a fallback; a rename must not silently mean fp32."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert rt.cpu_has_native_bf16() == bool(flags & {"amx_tile", "avx512_bf16"})
+
+
+def test_workers_are_capped_at_the_cores_with_a_note(monkeypatch):
+    monkeypatch.setattr(rt, "_usable_cores", lambda: 4)
+    assert rt.cap_workers(3) == (3, None)
+    n, note = rt.cap_workers(500)
+    assert n == 4 and "--workers 500 is more than the 4 CPU core(s) here; using 4" in note
+    with pytest.raises(DataError, match="--workers -1"):
+        rt.cap_workers(-1)
+
+
+def test_default_workers_by_purpose(monkeypatch):
+    monkeypatch.setattr(rt.os, "cpu_count", lambda: 32)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    # extraction on the CPU leaves the cores to the forward; a GPU run feeds it from 8
+    assert rt.extract_workers(torch.device("cpu")) == 8
+    assert rt.extract_workers(torch.device("cuda")) == rt.DEFAULT_MAX_WORKERS == 8
+    monkeypatch.setattr(rt.os, "cpu_count", lambda: 2)
+    assert rt.extract_workers(torch.device("cpu")) == 0
+    assert rt.finetune_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 torchrun processes share the 2 cores
+    assert rt.finetune_workers() == 1
+
+
+def test_setup_resolves_device_precision_weights_transform_in_order(tmp_path):
+    ready = rt.setup("resnet18", "none", device="cpu", precision="fp32", image_size=48, seed=3)
+    assert (ready.device, ready.precision) == (torch.device("cpu"), "fp32")
+    want = resolve_weights("resnet18", "none", seed=3)
+    assert ready.weights.tag == want.tag and ready.weights.source == want.source
+    assert ready.transform.to_dict() == backbone_transform("resnet18", want, 48).to_dict()
+    assert ready.transform.crop == 48
+    # the first bad option is the one reported: the device before precision and weights
+    missing = str(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="--device 'tpu'"):
+        rt.setup("resnet18", missing, device="tpu", precision="nope")
+    with pytest.raises(ValueError, match="--precision 'nope'"):
+        rt.setup("resnet18", missing, device="cpu", precision="nope")
+
+
+def test_one_distenv_for_extraction_and_finetuning(monkeypatch):
+    from featx import ddp, shards
+    assert shards.DistEnv is ddp.DistEnv is rt.DistEnv
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert shards.dist_env() == rt.DistEnv() and rt.torchrun_env() is None
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert shards.dist_env() == rt.torchrun_env() == rt.DistEnv(1, 2, 1)
+    assert not shards.is_main_process()
