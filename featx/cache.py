@@ -37,6 +37,9 @@ from featx.errors import DiskFullError, is_disk_full
 from featx.metrics import dataset_fingerprints
 
 __all__ = [
+    "PENULTIMATE",
+    "feature_name",
+    "pool_of",
     "PROVENANCE_KEYS",
     "SCHEMA_VERSION",
     "Cache",
@@ -67,6 +70,22 @@ def free_bytes(folder: Path) -> int:
     """Bytes a write into ``folder`` may still use (``statvfs``; cheap, so asked per batch)."""
     import shutil
     return shutil.disk_usage(folder).free
+
+
+PENULTIMATE = "penultimate"
+
+
+def feature_name(pool: int) -> str:
+    """The cache's name for the ``pool`` x ``pool`` average-pooled last map: ``pool{n}``."""
+    return f"pool{int(pool)}"
+
+
+def pool_of(feature: str) -> int | None:
+    """``n`` of a ``pool{n}`` feature name; ``None`` for ``penultimate`` or any other name."""
+    digits = feature[4:] if isinstance(feature, str) and feature.startswith("pool") else ""
+    if digits.isascii() and digits.isdigit():
+        return int(digits)
+    return None
 
 
 class CacheError(RuntimeError):

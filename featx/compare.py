@@ -17,7 +17,7 @@ from typing import Callable
 
 from featx import ddp
 from featx.backbones import resolve_weights
-from featx.cache import Cache
+from featx.cache import PENULTIMATE, Cache, feature_name
 from featx.data import DatasetSpec
 from featx.extract import ExtractConfig, extract
 from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
@@ -180,7 +180,7 @@ def _fit_heads(caches: list[Path], heads: list[str], cfg: CompareConfig, out: Pa
     for path in caches:
         cache = Cache(path)
         # what this comparison asked for, even when the cache holds more pool sizes
-        features = ["penultimate"] + [f"pool{n}" for n in cfg.pools]
+        features = [PENULTIMATE] + [feature_name(n) for n in cfg.pools]
         for feature in features:
             cache.check_feature(feature)
         current = _heads_up_to_date(cache, features, heads, out, cfg)

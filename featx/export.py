@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from featx.cache import pool_of
 
 __all__ = ["ExportedClassifier", "HeadLayers", "UnsupportedHeadError", "export_result",
            "head_module", "read_export_info"]
@@ -193,9 +194,9 @@ def _module_for(predictor) -> tuple[ExportedClassifier, str]:
     if predictor.kind == "finetune":
         return (ExportedClassifier(predictor.network, nn.Softmax(1), t.mean, t.std), "prob")
     head = head_module(predictor.pipeline, len(predictor.classes))
-    m = re.fullmatch(r"pool(\d+)", predictor.feature)
+    pool = pool_of(predictor.feature)
     return (ExportedClassifier(predictor.network, head, t.mean, t.std,
-                               pool=int(m.group(1)) if m else 0, penultimate=not m),
+                               pool=pool or 0, penultimate=pool is None),
             "prob" if head.output != "none" else "score")
 
 

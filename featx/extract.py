@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 import featx
 from featx.backbones import FeatureModel, backbone_provenance, build_backbone, get_backbone
-from featx.cache import (Cache, CacheWriter, StaleCacheError, cache_filename, diff_provenance,
+from featx.cache import (PENULTIMATE, Cache, CacheWriter, StaleCacheError, cache_filename,
+                          diff_provenance, feature_name,
                          lock_cache, provenance_covers)
 from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec
 from featx.runtime import (autocast, cap_workers, extract_workers, resolve_device,
@@ -109,7 +110,7 @@ def pool_notes(map_hw: tuple[int, int], crop: int, pools, model: str) -> list[st
 def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: TransformSpec,
                 precision: str, device: torch.device) -> dict:
     spec = get_backbone(cfg.model)
-    features = ["penultimate"] + [f"pool{n}" for n in cfg.pools]
+    features = [PENULTIMATE] + [feature_name(n) for n in cfg.pools]
     return {
         "featx_version": featx.__version__,
         "model": cfg.model,
@@ -198,7 +199,7 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     fm = prepare_for_inference(FeatureModel(spec, model).eval())
 
     dims = {"penultimate": spec.penultimate_dim}
-    dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
+    dims.update({feature_name(n): spec.spatial_channels * n * n for n in cfg.pools})
     writer = CacheWriter(path, prov, data.splits, dims, cfg.store)
     notes: list[str] = list(writer.notes)
     workers = extract_workers(device) if cfg.workers is None else cfg.workers
@@ -280,7 +281,7 @@ def forward_batch(fm, images: torch.Tensor, transform: TransformSpec, pools, dev
             map_size["hw"] = tuple(fmap.shape[-2:])
         out = {"penultimate": pen[:n].float()}
         for p in pools:
-            out[f"pool{p}"] = F.adaptive_avg_pool2d(fmap, p).flatten(1)
+            out[feature_name(p)] = F.adaptive_avg_pool2d(fmap, p).flatten(1)
     return {k: v.cpu().numpy() for k, v in out.items()}
 
 

@@ -916,9 +916,10 @@ def _result_record(data: FinetuneData, cfg: FinetuneConfig, model: FinetuneModel
                  "curves": "curves.png"}
     if data.cache is not None:
         artifacts["cache"] = str(data.cache)
+    from featx.cache import PENULTIMATE, feature_name
     return make_result(kind="finetune",
                        method=f"finetune freeze={cfg.freeze} loss={cfg.loss} pool={cfg.pool}",
                        dataset=data.info, model=cfg.model, metrics=metrics, timings=timings,
                        settings=settings, selection=selection,
-                       feature="penultimate" if cfg.pool == 1 else f"pool{cfg.pool}",
+                       feature=PENULTIMATE if cfg.pool == 1 else feature_name(cfg.pool),
                        head="linear", provenance=provenance, artifacts=artifacts)

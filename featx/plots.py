@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from featx.cache import pool_of
+
 __all__ = ["plot_confusion_matrix", "plot_pool_sizes", "plot_score_vs_time",
            "plot_training_curves"]
 
@@ -67,10 +69,6 @@ def plot_training_curves(history: Sequence[Mapping], path: str | Path, *,
     return _save(fig, Path(path))
 
 
-def _pool_size(feature: str) -> int | None:
-    return int(feature[4:]) if feature.startswith("pool") and feature[4:].isdigit() else None
-
-
 def plot_pool_sizes(scores: Mapping[str, Mapping[str, float]], path: str | Path, *,
                     title: str = "", ylabel: str = "test balanced accuracy") -> Path:
     """A metric against pool size, one line per method.
@@ -93,7 +91,7 @@ def plot_pool_sizes(scores: Mapping[str, Mapping[str, float]], path: str | Path,
     sizes: set[int] = set()
     for method, by_feature in scores.items():
         pts = sorted((n, v) for f, v in by_feature.items()
-                     if (n := _pool_size(f)) is not None and v is not None)
+                     if (n := pool_of(f)) is not None and v is not None)
         if not pts:
             continue
         sizes.update(n for n, _ in pts)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbone_transform,
                              build_backbone, get_backbone, resolve_weights)
+from featx.cache import pool_of
 from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
 # extract's own batch forward and fast eval form: new images get the very features the
 # cache holds (same BatchNorm folding, memory format, precision handling)
@@ -138,10 +139,10 @@ def feature_width(name: str, feature: str) -> int:
     spec = get_backbone(name)
     if feature == "penultimate":
         return spec.penultimate_dim
-    m = re.fullmatch(r"pool(\d+)", feature or "")
-    if not m:
+    pool = pool_of(feature)
+    if pool is None:
         raise ValueError(f"feature {feature!r}: expected penultimate or pool{{n}}.")
-    return spec.spatial_channels * int(m.group(1)) ** 2
+    return spec.spatial_channels * pool ** 2
 
 
 @dataclass
@@ -179,8 +180,8 @@ class Predictor:
             prob = logits.float().softmax(1).cpu().numpy()
             return prob.argmax(1), prob
         from featx.heads import class_scores
-        m = re.fullmatch(r"pool(\d+)", self.feature)
-        pools = (int(m.group(1)),) if m else ()
+        pool = pool_of(self.feature)
+        pools = (pool,) if pool is not None else ()
         X = forward_batch(self.network, images, self.transform, pools, self.device,
                           self.precision)[self.feature]
         pred = np.asarray(self.pipeline.predict(X), dtype=int)

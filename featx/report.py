@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from featx.cache import pool_of
 from featx.metrics import RESULT_SCHEMA
 
 __all__ = ["REPORT_COLUMNS", "format_table", "load_results", "rank_results", "write_report"]
@@ -437,7 +438,7 @@ def _plots_for_group(members: list[dict], out: Path, suffix: str,
     name = members[0]["group"]
     written = []
     scores = _pool_scores(members)
-    if any(f.startswith("pool") for s in scores.values() for f in s):
+    if any(pool_of(f) is not None for s in scores.values() for f in s):
         written.append(plot_pool_sizes(scores, out / f"pool_size{suffix}.png",
                                        title=f"{name}: test balanced accuracy vs pool size"))
     else:

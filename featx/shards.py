@@ -37,6 +37,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from featx.cache import (SCHEMA_VERSION, Cache, CacheWriter, _read_attrs, diff_provenance,
+                          feature_name,
                          partial_path)
 from featx.runtime import DistEnv, extract_workers, join_group
 
@@ -291,7 +292,7 @@ def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
 
     spec = get_backbone(cfg.model)
     dims = {"penultimate": spec.penultimate_dim}
-    dims.update({f"pool{n}": spec.spatial_channels * n * n for n in cfg.pools})
+    dims.update({feature_name(n): spec.spatial_channels * n * n for n in cfg.pools})
     mine = [k for k in range(env.rank, n_shards, env.world_size)
             if not shard_path(path, k, n_shards).exists()]
     resumed = len(mine) < len(range(env.rank, n_shards, env.world_size))

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
+from featx.cache import PENULTIMATE, pool_of
+
 __all__ = ["format_pool_matrix", "format_summary", "plot_pool_summary"]
 
 
@@ -33,7 +35,7 @@ def format_summary(rows: Sequence[dict]) -> str:
 
 
 def _feature_order(name: str) -> tuple[int, int]:
-    return (0, 0) if name == "penultimate" else (1, int(name[4:]) if name[4:].isdigit() else 0)
+    return (0, 0) if name == PENULTIMATE else (1, pool_of(name) or 0)
 
 
 def format_pool_matrix(rows: Sequence[dict], *, title: str = "") -> str:

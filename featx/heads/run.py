@@ -23,7 +23,7 @@ import joblib
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from featx.cache import Cache, CacheError, partial_path
+from featx.cache import Cache, CacheError, partial_path, pool_of
 from featx.heads.backends import check_backend, heads_backend
 from featx.heads.outofcore import (_MB, _describe_plan, _fit_reducer, _reduce, memory_limit,
                                    plan_memory)
@@ -370,7 +370,7 @@ def _compare_pool_sizes(run: HeadsRun, prepared, tasks: list[_Task], reused: dic
     for cache, features, _ in prepared:
         rows = [r for r in run.rows if r["cache"] == cache.path.stem]
         ran = {r["feature"] for r in rows}
-        if len(ran) >= 2 and any(f.startswith("pool") for f in ran):  # a pool-size comparison
+        if len(ran) >= 2 and any(pool_of(f) is not None for f in ran):  # a pool-size comparison
             run.matrices.append(format_pool_matrix(rows, title=cache.path.name))
             png = config.out_dir / cache.path.stem / "pool_sizes.png"
             if png.is_file() and all(id(t) in reused for t in tasks if t.cache is cache):
