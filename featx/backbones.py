@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from featx.files import atomic_write
+
 __all__ = [
     "BackboneSpec",
     "FeatureModel",
@@ -409,16 +411,11 @@ def _write_hash_memo(memo_path: Path, key: str, ident: list, digest: str) -> Non
     memo.pop(key, None)
     memo[key] = (ident, digest)
     keep = list(memo.items())[-_HASH_MEMO_MAX:]  # newest last; old entries fall off
-    tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
     try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({k: {"id": i, "sha256": d} for k, (i, d) in keep}))
-        os.replace(tmp, memo_path)
+        with atomic_write(memo_path) as tmp:
+            tmp.write_text(json.dumps({k: {"id": i, "sha256": d} for k, (i, d) in keep}))
     except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        pass  # a read-only or full hub folder: the memo only saves time
 
 
 def _offline() -> bool:
@@ -541,10 +538,8 @@ def import_weights(path: str | Path, name: str) -> Path:
     # keep torchvision's own file name when the file is one of its releases (e.g. V1 vs V2)
     known = {os.path.basename(w.url): w for w in spec.weights_enum}
     target = hub_checkpoint_path(name, known.get(Path(path).name))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.write_bytes(Path(path).read_bytes())
-    os.replace(tmp, target)
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(Path(path).read_bytes())
     return target
 
 

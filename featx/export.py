@@ -19,7 +19,6 @@ decision ``s`` becomes the two columns ``[-s, s]``). ``argmax`` over classes is 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featx.cache import pool_of
+from featx.files import atomic_write
 
 __all__ = ["ExportedClassifier", "HeadLayers", "UnsupportedHeadError", "export_result",
            "head_module", "read_export_info"]
@@ -245,9 +245,7 @@ def export_result(result_path: str | Path, out: str | Path | None = None, *,
         program = torch.export.export(module, (example,),
                                       dynamic_shapes=({0: torch.export.Dim("batch")},))
         expected = module(example)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.pt2")  # torch wants the suffix
-    try:
+    with atomic_write(out, suffix=".pt2") as tmp:  # torch wants the suffix
         torch.export.save(program, tmp, extra_files={EXTRA_FILE: json.dumps(info)})
         loaded = torch.export.load(tmp).module()
         with torch.no_grad():
@@ -255,9 +253,6 @@ def export_result(result_path: str | Path, out: str | Path | None = None, *,
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
             raise RuntimeError(f"the exported program's output differs from the module's "
                                f"(max {float((got - expected).abs().max()):.3g}); not written.")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out, info
 
 

@@ -31,7 +31,6 @@ import errno
 import hashlib
 import json
 import math
-import os
 import random
 import socket
 import time
@@ -51,6 +50,7 @@ from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_b
 from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, check_seed
 from featx.errors import DiskFullError, is_disk_full
 from featx.extract import pool_notes
+from featx.files import atomic_write
 from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
 from featx.runtime import autocast, cap_workers, finetune_workers, setup
 
@@ -566,8 +566,7 @@ class _WriteErrors:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             out = _WriteErrors(f)
             try:
@@ -583,9 +582,6 @@ def _save_atomic(obj: dict, path: Path) -> None:
                         f"free some space and add --resume to the same command to "
                         f"continue.") from None
                 raise exc from None
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _rng_state() -> dict:
@@ -626,13 +622,11 @@ _HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "
 
 
 def _write_history(history: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, _HISTORY_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for row in history:
             w.writerow({k: ("" if row.get(k) is None else row[k]) for k in _HISTORY_COLUMNS})
-    os.replace(tmp, path)
 
 
 def check_config(cfg: FinetuneConfig) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from featx.files import atomic_write
 
 __all__ = [
     "RESULT_SCHEMA",
@@ -168,12 +169,9 @@ def _jsonable(obj):
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as JSON atomically (temporary file in the same folder, then replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(_jsonable(obj), f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -6,21 +6,19 @@ it works on machines without a display and inside worker processes.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from featx.cache import pool_of
+from featx.files import atomic_write
 
 __all__ = ["plot_confusion_matrix", "plot_pool_sizes", "plot_score_vs_time",
            "plot_training_curves"]
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 

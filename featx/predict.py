@@ -11,7 +11,6 @@ through it batch by batch and writes ``predictions.csv`` atomically.
 from __future__ import annotations
 
 import csv
-import os
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbone_transform,
                              build_backbone, get_backbone, resolve_weights)
 from featx.cache import pool_of
+from featx.files import atomic_write
 from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
 # extract's own batch forward and fast eval form: new images get the very features the
 # cache holds (same BatchNorm folding, memory format, precision handling)
@@ -431,13 +431,11 @@ def write_predictions(predictor: Predictor, batches, out: str | Path, *, labelle
     failed run. With labels, labels/predictions/scores are kept for the metrics.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     run = PredictRun(out)
     classes = predictor.classes
     ys, preds, scores_all = [], [], []
     t0 = time.perf_counter()
-    try:
+    with atomic_write(out) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "predicted"] + (["label"] if labelled else [])
@@ -452,9 +450,6 @@ def write_predictions(predictor: Predictor, batches, out: str | Path, *, labelle
                     ys.append(np.array([lab for _, lab in items], dtype=int))
                     preds.append(pred)
                     scores_all.append(scores)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     run.seconds = time.perf_counter() - t0
     if labelled and run.n_images:
         y, p = np.concatenate(ys), np.concatenate(preds)
@@ -493,12 +488,10 @@ def predict(result_path: str | Path, inputs: Sequence[str | Path], out: str | Pa
     skipped_csv.unlink(missing_ok=True)
     metrics_json.unlink(missing_ok=True)
     if run.skipped:
-        tmp = skipped_csv.with_name(f".{skipped_csv.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(skipped_csv) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "reason"])
             w.writerows(run.skipped)
-        os.replace(tmp, skipped_csv)
         run.skipped_csv = skipped_csv
     if run.metrics is not None:
         run.metrics_json = write_json(metrics_json, {

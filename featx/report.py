@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from featx.cache import pool_of
+from featx.files import atomic_write
 from featx.metrics import RESULT_SCHEMA
 
 __all__ = ["REPORT_COLUMNS", "format_table", "load_results", "rank_results", "write_report"]
@@ -362,11 +363,8 @@ def _md_table(members: list[dict]) -> str:
 # --- files -----------------------------------------------------------------------------------
 
 def _write_atomic(path: Path, write: Callable) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         write(f)
-    os.replace(tmp, path)
     return path
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache, CacheError, partial_path, pool_of
+from featx.files import atomic_write
 from featx.heads.backends import check_backend, heads_backend
 from featx.heads.outofcore import (_MB, _describe_plan, _fit_reducer, _reduce, memory_limit,
                                    plan_memory)
@@ -151,10 +151,8 @@ def _current_result(task: _Task) -> dict | None:
 
 
 def _dump_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    joblib.dump(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        joblib.dump(obj, tmp)
 
 
 def _write_summary(path: Path, rows: list[dict]) -> Path:
@@ -165,14 +163,11 @@ def _write_summary(path: Path, rows: list[dict]) -> Path:
             old = list(csv.DictReader(f))
     new_keys = {r["json"] for r in rows}
     merged = [r for r in old if r.get("json") not in new_keys] + rows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in merged:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_COLUMNS})
-    os.replace(tmp, path)
     return path
 
 
