@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from featx.errors import FeatxError
 from featx.files import atomic_write
 
 __all__ = [
@@ -52,11 +53,11 @@ __all__ = [
 ]
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(FeatxError):
     """A model name that is not in the registry."""
 
 
-class WeightsError(RuntimeError):
+class WeightsError(FeatxError, RuntimeError):
     """Weights that cannot be found, loaded or matched to the model."""
 
 

@@ -33,7 +33,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from featx.errors import DiskFullError, is_disk_full
+from featx.errors import DiskFullError, FeatxError, is_disk_full
 from featx.metrics import dataset_fingerprints
 
 __all__ = [
@@ -88,7 +88,7 @@ def pool_of(feature: str) -> int | None:
     return None
 
 
-class CacheError(RuntimeError):
+class CacheError(FeatxError, RuntimeError):
     """A file that is not a usable featx cache; the message names the file and the problem."""
 
 

@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from featx.errors import FeatxError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
@@ -47,7 +49,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".
 MAX_SEED = 2**32 - 1
 
 
-class DataError(ValueError):
+class DataError(FeatxError):
     """The dataset cannot be used as given; the message says what to change."""
 
 

@@ -1,13 +1,22 @@
 """Which exceptions are the user's to fix, and the one line they see for each.
 
-The library raises ordinary exceptions with complete messages; the CLI asks
+The library raises :class:`FeatxError` (or a subclass) for what the user can fix, with a
+complete message whose first line says what is wrong and what to do; the CLI asks
 :func:`user_error_message` whether an exception is one to show as a line (not a traceback).
+Any other exception is a bug in featx and keeps its traceback.
 """
 from __future__ import annotations
 
 import errno
 
-__all__ = ["DiskFullError", "is_disk_full", "is_read_only", "user_error_message"]
+__all__ = ["DiskFullError", "FeatxError", "is_disk_full", "is_read_only", "user_error_message"]
+
+
+class FeatxError(ValueError):
+    """Bad input or a setting the user can change: shown as one line, never a traceback.
+
+    A ``ValueError`` so that callers of the library that catch ``ValueError`` keep working.
+    """
 
 
 class DiskFullError(OSError):
@@ -55,10 +64,6 @@ def _read_only_message(exc: OSError) -> str:
 
 def user_error_message(exc: BaseException) -> str | None:
     """The one-line message for ``exc``, or ``None`` for a bug that deserves a traceback."""
-    from featx.backbones import UnknownModelError, WeightsError
-    from featx.cache import CacheError
-    from featx.data import DataError
-
     if isinstance(exc, DiskFullError):
         return str(exc).splitlines()[0]
     if is_disk_full(exc):
@@ -66,7 +71,6 @@ def user_error_message(exc: BaseException) -> str | None:
                 "free some space and run the same command again to resume.")
     if is_read_only(exc):
         return _read_only_message(exc)
-    if isinstance(exc, (UnknownModelError, WeightsError, CacheError, DataError, ValueError,
-                        FileNotFoundError, PermissionError)):
+    if isinstance(exc, (FeatxError, FileNotFoundError, PermissionError)):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None

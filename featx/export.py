@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featx.cache import pool_of
+from featx.errors import FeatxError
 from featx.files import atomic_write
 
 __all__ = ["ExportedClassifier", "HeadLayers", "UnsupportedHeadError", "export_result",
@@ -35,7 +36,7 @@ __all__ = ["ExportedClassifier", "HeadLayers", "UnsupportedHeadError", "export_r
 EXTRA_FILE = "featx.json"  # metadata stored inside the .pt2 (torch.export extra_files)
 
 
-class UnsupportedHeadError(ValueError):
+class UnsupportedHeadError(FeatxError):
     """A head with no exact torch form (k-NN, kernel SVM, ...)."""
 
 
@@ -71,7 +72,7 @@ class HeadLayers(nn.Module):
     def __init__(self, layers: nn.Sequential, output: str):
         super().__init__()
         if output not in ("none", "softmax", "ovr"):
-            raise ValueError(f"output {output!r}: use none, softmax or ovr.")
+            raise FeatxError(f"output {output!r}: use none, softmax or ovr.")
         self.layers = layers
         self.output = output
 

@@ -48,7 +48,7 @@ import featx
 from featx import ddp
 from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
 from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, check_seed
-from featx.errors import DiskFullError, is_disk_full
+from featx.errors import DiskFullError, FeatxError, is_disk_full
 from featx.extract import pool_notes
 from featx.files import atomic_write
 from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
@@ -283,7 +283,7 @@ class FinetuneModel(nn.Module):
         elif what in stages:
             self.frozen = stages[:stages.index(what) + 1]
         else:
-            raise ValueError(f"--freeze {what!r} is not a stage of {self.spec.name}; use "
+            raise FeatxError(f"--freeze {what!r} is not a stage of {self.spec.name}; use "
                              f"{', '.join(list_stages(self.spec.name))} (see `featx finetune "
                              f"--model {self.spec.name} --list-stages`).")
         names = {n for stage in self.frozen
@@ -349,7 +349,7 @@ def make_loss(kind: str, *, class_counts=None, gamma: float = 2.0) -> nn.Module:
         return nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))
     if kind == "focal":
         return FocalLoss(gamma)
-    raise ValueError(f"--loss {kind!r}: use one of {', '.join(LOSSES)}.")
+    raise FeatxError(f"--loss {kind!r}: use one of {', '.join(LOSSES)}.")
 
 
 def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -657,11 +657,11 @@ def check_config(cfg: FinetuneConfig) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise FeatxError(message)
     check_seed(cfg.seed)
     stages = list_stages(cfg.model)
     if cfg.freeze not in stages:
-        raise ValueError(f"--freeze {cfg.freeze!r} is not a stage of {cfg.model}; use "
+        raise FeatxError(f"--freeze {cfg.freeze!r} is not a stage of {cfg.model}; use "
                          f"{', '.join(stages)} (`featx finetune --model {cfg.model} "
                          f"--list-stages`).")
 
@@ -674,7 +674,7 @@ def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
         raise DataError(f"{data.root}: the train split holds a single class; fine-tuning a "
                         f"classifier needs at least two.")
     if cfg.early_stop and not data.splits.get("val"):
-        raise ValueError(f"--early-stop {cfg.early_stop} needs a val split, and {data.source} "
+        raise FeatxError(f"--early-stop {cfg.early_stop} needs a val split, and {data.source} "
                          f"has none; drop --early-stop or give the data a val split (e.g. "
                          f"--split 0.7,0.15,0.15).")
 
@@ -683,11 +683,11 @@ def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-            raise ValueError("not a featx checkpoint")
+            raise FeatxError("not a featx checkpoint")
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else \
             type(exc).__name__
-        raise ValueError(f"--resume: {path} cannot be read ({reason}); it is damaged. Run the "
+        raise FeatxError(f"--resume: {path} cannot be read ({reason}); it is damaged. Run the "
                          f"same command without --resume to start this run afresh.") from None
     old = {k: v for k, v in ckpt["config"].items() if k not in _RUN_INDEPENDENT}
     new = {k: v for k, v in _config_dict(cfg).items() if k not in _RUN_INDEPENDENT}
@@ -696,7 +696,7 @@ def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
     if ckpt.get("split_fingerprint") != data.info["split_fingerprint"]:
         diffs.append("the split's file lists differ")
     if diffs:
-        raise ValueError(f"--resume: {path} was made with other settings ({'; '.join(diffs)}); "
+        raise FeatxError(f"--resume: {path} was made with other settings ({'; '.join(diffs)}); "
                          f"run without --resume to start afresh.")
     return ckpt
 

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from featx.errors import FeatxError
 from featx.files import atomic_write
 
 __all__ = [
@@ -132,7 +133,7 @@ def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: d
     from featx import __version__
     for key in ("name", "classes", "split_fingerprint", "test_fingerprint"):
         if key not in dataset:
-            raise ValueError(f"dataset info lacks {key!r}")
+            raise FeatxError(f"dataset info lacks {key!r}")
     return {
         "schema": RESULT_SCHEMA,
         "featx_version": __version__,
@@ -180,6 +181,6 @@ def read_result(path: str | Path) -> dict:
     with open(path) as f:
         obj = json.load(f)
     if not isinstance(obj, dict) or obj.get("schema") != RESULT_SCHEMA:
-        raise ValueError(f"{path}: not a featx result (expected schema {RESULT_SCHEMA!r}, "
+        raise FeatxError(f"{path}: not a featx result (expected schema {RESULT_SCHEMA!r}, "
                          f"found {obj.get('schema') if isinstance(obj, dict) else None!r})")
     return obj

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbone_transform,
                              build_backbone, get_backbone, resolve_weights)
 from featx.cache import pool_of
+from featx.errors import FeatxError
 from featx.files import atomic_write
 from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
 # extract's own batch forward and fast eval form: new images get the very features the
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 
-class ResultMismatchError(ValueError):
+class ResultMismatchError(FeatxError):
     """What would run now is not what produced the result (weights, model, checkpoint)."""
 
 
@@ -141,7 +142,7 @@ def feature_width(name: str, feature: str) -> int:
         return spec.penultimate_dim
     pool = pool_of(feature)
     if pool is None:
-        raise ValueError(f"feature {feature!r}: expected penultimate or pool{{n}}.")
+        raise FeatxError(f"feature {feature!r}: expected penultimate or pool{{n}}.")
     return spec.spatial_channels * pool ** 2
 
 
@@ -320,7 +321,7 @@ def _finetune_predictor(path: Path, result: dict, *, device: torch.device,
             raise ResultMismatchError(f"{ckpt_path} {what}: it is not the checkpoint this result "
                                       f"scored. Re-run the featx finetune command.")
     if not settings.get("transform"):
-        raise ValueError(f"{path}: the result does not record its transform; re-run finetune.")
+        raise FeatxError(f"{path}: the result does not record its transform; re-run finetune.")
     transform = TransformSpec(**settings["transform"])
     # the architecture only: every weight comes from the checkpoint
     backbone = build_backbone(result["model"], "none", image_size=transform.crop)
@@ -358,14 +359,14 @@ def load_predictor(result_path: str | Path, *, expect: str | None = None,
     kind = result.get("kind")
     if expect is not None and kind != expect:
         other = {"head": "--head", "finetune": "--finetuned"}.get(kind, "another command")
-        raise ValueError(f"{path} is a {kind} result, not a {expect} result; pass it with "
+        raise FeatxError(f"{path} is a {kind} result, not a {expect} result; pass it with "
                          f"{other}.")
     dev = resolve_device(device)
     if kind == "head":
         return _head_predictor(path, result, weights=weights, device=dev, precision=precision)
     if kind == "finetune":
         return _finetune_predictor(path, result, device=dev, precision=precision)
-    raise ValueError(f"{path}: result kind {kind!r} cannot be applied to images.")
+    raise FeatxError(f"{path}: result kind {kind!r} cannot be applied to images.")
 
 
 # --- streaming predictions --------------------------------------------------------------------
@@ -468,7 +469,7 @@ def predict(result_path: str | Path, inputs: Sequence[str | Path], out: str | Pa
     parameters it shares.
     """
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: must be at least 1.")
+        raise FeatxError(f"--batch-size {batch_size}: must be at least 1.")
     predictor = load_predictor(result_path, expect=expect, weights=weights, device=device,
                                precision=precision)
     images = find_images(inputs, predictor.classes)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from featx.cache import pool_of
+from featx.errors import FeatxError
 from featx.files import atomic_write
 from featx.metrics import RESULT_SCHEMA
 
@@ -79,20 +80,20 @@ def _looks_like_result(path: Path, text: str) -> bool:
 def _row_from_result(res: Any, path: Path, root: Path) -> dict:
     """The flat row of one parsed result; raises ValueError naming the first missing piece."""
     if not isinstance(res, dict):
-        raise ValueError("not a JSON object")
+        raise FeatxError("not a JSON object")
     if res.get("schema") != RESULT_SCHEMA:
-        raise ValueError(f"schema {res.get('schema')!r}, expected {RESULT_SCHEMA!r}")
+        raise FeatxError(f"schema {res.get('schema')!r}, expected {RESULT_SCHEMA!r}")
     for key in ("kind", "method", "model"):
         if not isinstance(res.get(key), str) or not res[key]:
-            raise ValueError(f"{key!r} missing or not a string")
+            raise FeatxError(f"{key!r} missing or not a string")
     ds, metrics = res.get("dataset"), res.get("metrics")
     if not isinstance(ds, dict):
-        raise ValueError("'dataset' missing")
+        raise FeatxError("'dataset' missing")
     for key in ("name", "split_fingerprint", "test_fingerprint"):
         if not isinstance(ds.get(key), str):
-            raise ValueError(f"'dataset.{key}' missing")
+            raise FeatxError(f"'dataset.{key}' missing")
     if not isinstance(metrics, dict) or "balanced_accuracy" not in metrics:
-        raise ValueError("'metrics.balanced_accuracy' missing")
+        raise FeatxError("'metrics.balanced_accuracy' missing")
     timings = res.get("timings") if isinstance(res.get("timings"), dict) else {}
     artifacts = res.get("artifacts") if isinstance(res.get("artifacts"), dict) else {}
     provenance = res.get("provenance") if isinstance(res.get("provenance"), dict) else {}
@@ -101,7 +102,7 @@ def _row_from_result(res: Any, path: Path, root: Path) -> dict:
         # a time that is not a number would rank as 0 s (or last); the row cannot be placed
         if key.endswith("_s") and value is not None and _num(value) is None \
                 and not isinstance(value, list):
-            raise ValueError(f"'timings.{key}' is not a number ({value!r})")
+            raise FeatxError(f"'timings.{key}' is not a number ({value!r})")
 
     extract_s = run_s = None
     cache_key = None
@@ -171,7 +172,7 @@ def load_results(results_dir: str | Path, *,
     """
     root = Path(results_dir)
     if not root.is_dir():
-        raise ValueError(f"results folder {str(root)!r} does not exist or is not a folder.")
+        raise FeatxError(f"results folder {str(root)!r} does not exist or is not a folder.")
     rows = []
     for path in sorted(root.rglob("*.json")):
         rel = path.relative_to(root)
@@ -559,7 +560,7 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> dict
     if not rows:
         extra = (f"; {len(problems)} file(s) look like results but cannot be read, e.g. "
                  f"{problems[0][0]}: {problems[0][1]}" if problems else "")
-        raise ValueError(f"no featx result files under {results_dir}{extra}. Write some with "
+        raise FeatxError(f"no featx result files under {results_dir}{extra}. Write some with "
                          f"`featx fit-heads CACHE --out {results_dir}` or `featx finetune ... "
                          f"--out {results_dir}`.")
     ranked = rank_results(rows)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from featx.backbones import ResolvedWeights, backbone_transform, resolve_weights
 from featx.data import DataError, TransformSpec
+from featx.errors import FeatxError
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
@@ -66,9 +67,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"--device {device!r}: use auto, cpu or cuda.")
+        raise FeatxError(f"--device {device!r}: use auto, cpu or cuda.")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here; use cpu or auto.")
+        raise FeatxError(f"--device {device}: no CUDA device is available here; use cpu or auto.")
     return torch.device(device)
 
 
@@ -82,10 +83,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     torchvision's numbers to 1e-5. The resolved precision is recorded in the cache.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+        raise FeatxError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise ValueError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU.")
+            raise FeatxError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU.")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -208,7 +209,7 @@ def _env_int(name: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: torchrun sets it to an integer; start featx with "
+        raise FeatxError(f"{name}={raw!r}: torchrun sets it to an integer; start featx with "
                          f"torchrun, or unset it for a single process.") from None
 
 
@@ -219,7 +220,7 @@ def torchrun_env() -> DistEnv | None:
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     local = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE.")
+        raise FeatxError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE.")
     return DistEnv(rank, world, local)
 
 
@@ -248,15 +249,15 @@ def init_process_group(device: str = "auto") -> DistEnv:
     if env is None:
         return DistEnv()
     if not dist.is_available():
-        raise ValueError("torchrun started featx, but this torch build has no "
+        raise FeatxError("torchrun started featx, but this torch build has no "
                          "torch.distributed; run a single process (python -m featx ...).")
     cuda = _wants_cuda(device)
     if cuda:
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available here; use "
+            raise FeatxError(f"--device {device}: no CUDA device is available here; use "
                              f"--device cpu (gloo) or run where GPUs are.")
         if env.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {env.local_rank} has no GPU: this node sees "
+            raise FeatxError(f"LOCAL_RANK {env.local_rank} has no GPU: this node sees "
                              f"{torch.cuda.device_count()}; start at most that many processes "
                              f"per node (torchrun --nproc-per-node).")
         torch.cuda.set_device(env.local_rank)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from featx.cache import (SCHEMA_VERSION, Cache, CacheWriter, _read_attrs, diff_provenance,
                           feature_name,
                          partial_path)
+from featx.errors import FeatxError
 from featx.runtime import DistEnv, extract_workers, join_group
 
 __all__ = ["DistEnv", "dist_env", "extract_sharded", "is_main_process", "shard_bounds",
@@ -61,7 +62,7 @@ def dist_env() -> DistEnv:
         return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                        int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError:
-        raise ValueError(f"RANK={os.environ.get('RANK')!r}, WORLD_SIZE="
+        raise FeatxError(f"RANK={os.environ.get('RANK')!r}, WORLD_SIZE="
                          f"{os.environ.get('WORLD_SIZE')!r}, LOCAL_RANK="
                          f"{os.environ.get('LOCAL_RANK')!r}: torchrun sets these to integers; "
                          f"unset them to run a single process.") from None
@@ -277,7 +278,7 @@ def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
     if env.world_size == 1 and not shard_dir(path).is_dir():
         return None
     if not 0 <= env.rank < env.world_size:
-        raise ValueError(f"RANK={env.rank} with WORLD_SIZE={env.world_size}: the rank must be "
+        raise FeatxError(f"RANK={env.rank} with WORLD_SIZE={env.world_size}: the rank must be "
                          f"0..{env.world_size - 1}.")
     device = _init(env, device)
     t0 = time.perf_counter()

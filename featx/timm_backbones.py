@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featx.errors import FeatxError
+
 __all__ = ["PREFIX", "TimmSpec", "timm_spec", "list_timm_models", "timm_cached_names",
            "timm_pretrained_file", "load_timm_state", "build_timm_model", "timm_transform"]
 
@@ -121,7 +123,7 @@ def _token_grid(model: nn.Module, n_tokens: int, hw, name: str) -> tuple[int, in
     side = math.isqrt(n_tokens)
     if side * side == n_tokens:
         return side, side
-    raise ValueError(f"{name}: cannot lay its {n_tokens} patch tokens on a grid for pool{{n}}; "
+    raise FeatxError(f"{name}: cannot lay its {n_tokens} patch tokens on a grid for pool{{n}}; "
                      f"use only penultimate features (no --pool) with this model.")
 
 
@@ -255,7 +257,7 @@ def timm_transform(spec: TimmSpec, image_size: int | None = None):
     _, h, w = cfg["input_size"]
     mode = cfg.get("crop_mode") or "center"
     if h != w or mode != "center":
-        raise ValueError(f"{spec.name}: timm's eval transform for it is {mode!r} crop at "
+        raise FeatxError(f"{spec.name}: timm's eval transform for it is {mode!r} crop at "
                          f"{h}x{w}; featx reproduces square center crops only (most timm "
                          f"models); give --image-size N for a square one, or pick another model.")
     crop_pct = cfg.get("crop_pct") or 0.875

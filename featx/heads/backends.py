@@ -12,6 +12,8 @@ from typing import Iterator
 
 import joblib
 
+from featx.errors import FeatxError
+
 __all__ = ["BACKENDS", "check_backend", "heads_backend"]
 
 BACKENDS = ("loky", "dask", "ray")      # joblib backends the fits can run on
@@ -52,7 +54,7 @@ def _import_extra(module: str, extra: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError:
-        raise ValueError(f"--backend {extra} needs the {extra} package: pip install "
+        raise FeatxError(f"--backend {extra} needs the {extra} package: pip install "
                          f"featx[{extra}]") from None
 
 
@@ -60,9 +62,9 @@ def check_backend(backend: str, scheduler: str | None = None) -> None:
     """Refuse an unknown ``backend``, a ``scheduler`` for loky, or a missing extra, with one
     line, before any work starts (the cluster itself is reached in :func:`heads_backend`)."""
     if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+        raise FeatxError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}.")
     if scheduler and backend == "loky":
-        raise ValueError(f"--scheduler {scheduler}: loky runs on this machine only; add "
+        raise FeatxError(f"--scheduler {scheduler}: loky runs on this machine only; add "
                          f"--backend dask or --backend ray to use a cluster.")
     if backend != "loky":
         _import_extra("distributed" if backend == "dask" else "ray", backend)
@@ -117,7 +119,7 @@ def _dask_client(stack: contextlib.ExitStack, scheduler: str | None, jobs: int):
         try:
             client = distributed.Client(scheduler, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
-            raise ValueError(f"--scheduler {scheduler}: no dask scheduler answers there "
+            raise FeatxError(f"--scheduler {scheduler}: no dask scheduler answers there "
                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                              f"); start one (`dask scheduler`) or leave --scheduler out for "
                              f"a local cluster.") from None
@@ -145,7 +147,7 @@ def _start_ray(stack: contextlib.ExitStack, scheduler: str | None, jobs: int) ->
         try:
             ray.init(address=scheduler, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"--scheduler {scheduler}: no ray cluster answers there "
+            raise FeatxError(f"--scheduler {scheduler}: no ray cluster answers there "
                              f"({str(exc).splitlines()[0]}); start one (`ray start --head`) "
                              f"or leave --scheduler out for a local one.") from None
     else:

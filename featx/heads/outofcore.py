@@ -24,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
 from featx.cache import Cache
+from featx.errors import FeatxError
 from featx.heads.registry import _STREAM_GRID, get_head
 from featx.heads.selection import SELECTION_METRIC, _quiet
 
@@ -46,7 +47,7 @@ def memory_limit(limit_mb: float | None = None) -> tuple[int, str]:
         try:
             return int(float(env) * _MB), f"FEATX_MEMORY_LIMIT_MB={env}"
         except ValueError:
-            raise ValueError(f"FEATX_MEMORY_LIMIT_MB={env!r}: give megabytes as a number, "
+            raise FeatxError(f"FEATX_MEMORY_LIMIT_MB={env!r}: give megabytes as a number, "
                              f"e.g. 4096.") from None
     avail = _meminfo_available()
     if avail is None:
@@ -168,7 +169,7 @@ def _fit_reducer(cache: Cache, feature: str, n_components: int, standardize: boo
     """StandardScaler (optional) then IncrementalPCA, both fitted on train in row blocks."""
     n_train, dims = cache.shape("train", feature)
     if n_components > min(n_train, dims):
-        raise ValueError(f"--pca {n_components}: must be at most min(train rows, feature "
+        raise FeatxError(f"--pca {n_components}: must be at most min(train rows, feature "
                          f"width) = {min(n_train, dims)} for {cache.path.name} {feature}.")
     scaler = StandardScaler() if standardize else "passthrough"
     if standardize:

@@ -17,6 +17,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from featx.errors import FeatxError
+
 __all__ = ["DEFAULT_HEADS", "HeadSpec", "build_head", "class_scores", "get_head", "list_heads",
            "parse_heads", "register_head"]
 
@@ -102,7 +104,7 @@ def get_head(name: str) -> HeadSpec:
     try:
         return _HEADS[name]
     except KeyError:
-        raise ValueError(f"unknown head {name!r}; available heads: "
+        raise FeatxError(f"unknown head {name!r}; available heads: "
                          f"{', '.join(list_heads())}.") from None
 
 
@@ -111,7 +113,7 @@ def parse_heads(text: str | Sequence[str]) -> list[str]:
     items = text.split(",") if isinstance(text, str) else list(text)
     names = list(dict.fromkeys(s.strip() for s in items if s and s.strip()))
     if not names:
-        raise ValueError(f"--heads {text!r}: name at least one of {', '.join(list_heads())}.")
+        raise FeatxError(f"--heads {text!r}: name at least one of {', '.join(list_heads())}.")
     for name in names:
         get_head(name)
     return names

@@ -23,6 +23,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache, CacheError, partial_path, pool_of
+from featx.errors import FeatxError
 from featx.files import atomic_write
 from featx.heads.backends import check_backend, heads_backend
 from featx.heads.outofcore import (_MB, _describe_plan, _fit_reducer, _reduce, memory_limit,
@@ -90,7 +91,7 @@ def resolve_features(cache: Cache, features: Sequence[str]) -> list[str]:
     """Feature names to fit: ``["all"]`` -> penultimate + every pool{n}; others checked."""
     names = [f.strip() for f in features if f and f.strip()]
     if not names:
-        raise ValueError(f"--features: name at least one of {', '.join(cache.features)}, or all.")
+        raise FeatxError(f"--features: name at least one of {', '.join(cache.features)}, or all.")
     if "all" in names:
         return cache.features
     for name in names:
@@ -108,12 +109,12 @@ def _check_labels(cache: Cache, select_on: str, cv: int) -> list[str]:
     counts = np.bincount(cache.labels("train"), minlength=len(classes))
     present = np.flatnonzero(counts)
     if len(present) < 2:
-        raise ValueError(f"{name}: the train split has a single class "
+        raise FeatxError(f"{name}: the train split has a single class "
                          f"({classes[present[0]]!r}, {counts[present[0]]} rows); a head needs "
                          f"at least two classes to learn anything.")
     if select_on == "cv" and counts[present].min() < cv:
         small = classes[present[np.argmin(counts[present])]]
-        raise ValueError(f"{name}: train class {small!r} has {counts[present].min()} rows, "
+        raise FeatxError(f"{name}: train class {small!r} has {counts[present].min()} rows, "
                          f"fewer than --cv {cv} folds; lower --cv.")
     notes = []
     absent_train = [classes[i] for i in np.flatnonzero(counts == 0)]
@@ -218,16 +219,16 @@ def _check_config(caches: Sequence[str | Path], config: HeadsConfig) -> HeadsCon
     heads = parse_heads(config.heads)
     config = replace(config, heads=tuple(heads), out_dir=Path(config.out_dir))
     if config.select not in ("val", "cv"):
-        raise ValueError(f"--select {config.select!r}: use val or cv.")
+        raise FeatxError(f"--select {config.select!r}: use val or cv.")
     if config.class_weight not in (None, "balanced"):
-        raise ValueError(f"--class-weight {config.class_weight!r}: use none or balanced.")
+        raise FeatxError(f"--class-weight {config.class_weight!r}: use none or balanced.")
     if config.cv < 2:
-        raise ValueError(f"--cv {config.cv}: need at least 2 folds.")
+        raise FeatxError(f"--cv {config.cv}: need at least 2 folds.")
     if config.jobs < 1:
-        raise ValueError(f"--jobs {config.jobs}: must be at least 1.")
+        raise FeatxError(f"--jobs {config.jobs}: must be at least 1.")
     check_backend(config.backend, config.scheduler)
     if not caches:
-        raise ValueError("give at least one cache file.")
+        raise FeatxError("give at least one cache file.")
     return config
 
 
@@ -238,7 +239,7 @@ def _open_caches(caches: Sequence[str | Path], config: HeadsConfig,
     stems = [Path(p).stem for p in caches]
     if len(set(stems)) < len(stems):
         twice = sorted({s for s in stems if stems.count(s) > 1})
-        raise ValueError(f"two caches share the name {twice[0]!r}; their results would land "
+        raise FeatxError(f"two caches share the name {twice[0]!r}; their results would land "
                          f"in the same folder under --out. Fit them in separate runs with "
                          f"different --out folders.")
     for path in caches:

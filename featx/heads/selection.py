@@ -16,6 +16,7 @@ from sklearn.exceptions import ConvergenceWarning, UndefinedMetricWarning
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
+from featx.errors import FeatxError
 from featx.heads.registry import HeadSpec, build_head, class_scores, get_head
 
 __all__ = ["SELECTION_METRIC", "select_and_fit"]
@@ -80,11 +81,11 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
     """
     spec = get_head(head)
     if select not in ("val", "cv"):
-        raise ValueError(f"select={select!r}: use 'val' or 'cv'.")
+        raise FeatxError(f"select={select!r}: use 'val' or 'cv'.")
     pipe = build_head(head, standardize=standardize, class_weight=class_weight, seed=seed)
     if select == "val":
         if X_val is None or y_val is None or len(y_val) == 0:
-            raise ValueError("select='val' needs val rows (X_val, y_val); use select='cv'.")
+            raise FeatxError("select='val' needs val rows (X_val, y_val); use select='cv'.")
         X = np.concatenate([X_train, X_val])
         y = np.concatenate([y_train, y_val])
         splitter = PredefinedSplit(np.r_[np.full(len(y_train), -1), np.zeros(len(y_val))])
