@@ -72,7 +72,7 @@ class HeadLayers(nn.Module):
     def __init__(self, layers: nn.Sequential, output: str):
         super().__init__()
         if output not in ("none", "softmax", "ovr"):
-            raise FeatxError(f"output {output!r}: use none, softmax or ovr.")
+            raise ValueError(f"output {output!r}: use none, softmax or ovr.")
         self.layers = layers
         self.output = output
 

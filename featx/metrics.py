@@ -133,7 +133,7 @@ def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: d
     from featx import __version__
     for key in ("name", "classes", "split_fingerprint", "test_fingerprint"):
         if key not in dataset:
-            raise FeatxError(f"dataset info lacks {key!r}")
+            raise ValueError(f"dataset info lacks {key!r}")
     return {
         "schema": RESULT_SCHEMA,
         "featx_version": __version__,

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from featx.cache import pool_of
-from featx.errors import FeatxError
 from featx.files import atomic_write
 
 __all__ = ["plot_confusion_matrix", "plot_pool_sizes", "plot_score_vs_time",
@@ -133,7 +132,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     counts = np.asarray(matrix, dtype=float)
     k = len(classes)
     if counts.shape != (k, k):
-        raise FeatxError(f"confusion matrix of shape {counts.shape} does not match "
+        raise ValueError(f"confusion matrix of shape {counts.shape} does not match "
                          f"{k} classes ({', '.join(map(str, classes))})")
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     side = min(3.6 + 0.45 * k, 12.0)

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 
 from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbone_transform,
                              build_backbone, get_backbone, resolve_weights)
-from featx.cache import pool_of
+from featx.cache import PENULTIMATE, pool_of
+from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
 from featx.errors import FeatxError
 from featx.files import atomic_write
-from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
 # extract's own batch forward and fast eval form: new images get the very features the
 # cache holds (same BatchNorm folding, memory format, precision handling)
 from featx.extract import forward_batch, prepare_for_inference
@@ -138,7 +138,7 @@ def find_images(inputs: Sequence[str | Path], classes: Sequence[str]) -> NewImag
 def feature_width(name: str, feature: str) -> int:
     """Width of cached feature ``feature`` (``penultimate`` or ``pool{n}``) for model ``name``."""
     spec = get_backbone(name)
-    if feature == "penultimate":
+    if feature == PENULTIMATE:
         return spec.penultimate_dim
     pool = pool_of(feature)
     if pool is None:
