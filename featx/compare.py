@@ -22,7 +22,7 @@ from featx.data import DatasetSpec
 from featx.errors import FeatxError
 from featx.extract import ExtractConfig, extract
 from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
-from featx.metrics import read_result
+from featx.results import finetune_result_path, head_result_path, read_result
 
 # featx.heads (sklearn, scipy: about half of torch's import time) and featx.report (matplotlib)
 # are imported only when there is something to fit or to draw: a re-run of a finished
@@ -81,8 +81,8 @@ def _heads_up_to_date(cache: Cache, features: list[str], heads: list[str], out: 
     for feature in features:
         ok = True
         for head in heads:
-            path = out / cache.path.stem / "heads" / f"{feature}__{head}.json"
-            streamed = out / cache.path.stem / "heads" / f"{feature}__sgd.json"
+            path = head_result_path(out, cache.path.stem, feature, head)
+            streamed = head_result_path(out, cache.path.stem, feature, "sgd")
             found = path if path.is_file() else streamed if streamed.is_file() else None
             try:
                 res = read_result(found) if found else None
@@ -121,7 +121,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
         from featx.heads import check_backend
         check_backend(cfg.backend, cfg.scheduler)
     out = Path(cfg.out)
-    if not all(any(out.glob(f"*/heads/*__{h}.json")) for h in heads):
+    if not all(any(out.glob(head_result_path("", "*", "*", h).as_posix())) for h in heads):
         from featx.heads import parse_heads
         heads = parse_heads(cfg.heads)  # a fresh run: bad names fail before extracting
     env = ddp.setup(cfg.device)
@@ -154,7 +154,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
                 progress=cfg.progress)
             run_dir = out / run_dir_name(ft_data, fcfg, resolve_weights(model, cfg.weights,
                                                                         seed=cfg.seed))
-            if ddp.run_on_main(lambda: _finished(run_dir / "result.json")):
+            if ddp.run_on_main(lambda: _finished(finetune_result_path(run_dir))):
                 run.skipped.append(f"finetune {model} freeze={freeze}: done ({run_dir})")
                 say(f"finetune {model} freeze={freeze}: up to date")
                 continue

@@ -51,7 +51,8 @@ from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, check_
 from featx.errors import DiskFullError, FeatxError, is_disk_full
 from featx.extract import pool_notes
 from featx.files import atomic_write
-from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
+from featx.metrics import classification_metrics, dataset_fingerprints
+from featx.results import finetune_result_path, make_result, write_json
 from featx.runtime import autocast, cap_workers, finetune_workers, setup
 
 __all__ = [
@@ -883,7 +884,7 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
             "world_size": env.world_size, "global_batch_size": cfg.batch_size * env.world_size,
             "distributed_backend": env.backend}
     result = _result_record(data, cfg, model, weights, metrics, timings, selection, used)
-    result_path = run_dir / "result.json"
+    result_path = finetune_result_path(run_dir)
     if env.is_main:
         from featx.plots import plot_training_curves
         plot_training_curves(history, run_dir / "curves.png",

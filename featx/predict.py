@@ -30,7 +30,8 @@ from featx.files import atomic_write
 # extract's own batch forward and fast eval form: new images get the very features the
 # cache holds (same BatchNorm folding, memory format, precision handling)
 from featx.extract import forward_batch, prepare_for_inference
-from featx.metrics import classification_metrics, read_result, write_json
+from featx.metrics import classification_metrics
+from featx.results import read_result, write_json
 from featx.runtime import autocast, resolve_device, resolve_precision
 
 __all__ = [

@@ -14,7 +14,7 @@ from featx.cli import main
 from featx.compare import CompareConfig, _heads_up_to_date, run_compare
 from featx.data import load_dataset
 from featx.heads import HeadsConfig, fit_heads
-from featx.metrics import read_result
+from featx.results import read_result
 
 from tests.conftest import PNEUMONIA
 from tests.test_heads import blob_splits, write_cache

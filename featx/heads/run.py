@@ -30,7 +30,7 @@ from featx.heads.outofcore import (_MB, _describe_plan, _fit_reducer, _reduce, m
                                    plan_memory)
 from featx.heads.registry import DEFAULT_HEADS, get_head, parse_heads
 from featx.heads.task import SUMMARY_COLUMNS, _run_indexed, _request, _summary_row, _Task
-from featx.metrics import _jsonable, write_json
+from featx.results import _jsonable, head_model_path, head_result_path, write_json
 from featx.tables import format_pool_matrix, plot_pool_summary
 
 __all__ = ["HeadsConfig", "HeadsRun", "fit_heads", "load_head", "open_cache",
@@ -133,7 +133,7 @@ def _write_run(task: _Task, result: dict, model: Pipeline) -> None:
     """The model, then its result JSON; an older JSON goes first, so no JSON ever sits
     beside a model it did not describe, and a run killed half-way reads as not done."""
     task.out_json.unlink(missing_ok=True)
-    _dump_atomic(model, task.out_json.with_suffix(".joblib"))
+    _dump_atomic(model, head_model_path(task.out_json))
     write_json(task.out_json, result)
 
 
@@ -144,7 +144,7 @@ def _current_result(task: _Task) -> dict | None:
         res = json.loads(task.out_json.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(res, dict) or not task.out_json.with_suffix(".joblib").is_file():
+    if not isinstance(res, dict) or not head_model_path(task.out_json).is_file():
         return None
     same_cache = res.get("provenance") == json.loads(json.dumps(_jsonable(task.cache.attrs)))
     same_request = (res.get("settings") or {}).get("request") == _request(task)
@@ -279,13 +279,14 @@ def _plan_tasks(prepared, config: HeadsConfig, limit: int, source: str,
                            if select_on == "cv" else "")
                 say("note: " + _describe_plan(plan, heads, f"{cache.path.name} {feature}",
                                               holdout))
-            out = config.out_dir / cache.path.stem / "heads"
             if plan.mode == "stream":
                 tasks.append(_Task(cache, dataset, feature, "sgd", plan, select_on, config,
-                                   out / f"{feature}__sgd.json"))
+                                   head_result_path(config.out_dir, cache.path.stem, feature,
+                                                    "sgd")))
                 continue
             group = [_Task(cache, dataset, feature, h, plan, select_on, config,
-                           out / f"{feature}__{h}.json") for h in heads]
+                           head_result_path(config.out_dir, cache.path.stem, feature, h))
+                     for h in heads]
             if plan.mode == "pca":
                 pca_groups.append(group)
             tasks.extend(group)
