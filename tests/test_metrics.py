@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from featx.metrics import (RESULT_SCHEMA, classification_metrics, file_list_fingerprint,
-                           make_result, read_result, write_json)
+from featx.data import file_list_fingerprint
+from featx.metrics import (RESULT_SCHEMA, classification_metrics, make_result, read_result,
+                           write_json)
 
 CLASSES = ["normal", "pneumonia", "covid", "other"]
 
