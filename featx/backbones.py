@@ -545,12 +545,12 @@ def import_weights(path: str | Path, name: str) -> Path:
 
 
 def backbone_transform(name: str, weights: ResolvedWeights, image_size: int | None = None):
-    """The eval :class:`~featx.data.TransformSpec` for ``name`` with ``weights``.
+    """The eval :class:`~featx.images.TransformSpec` for ``name`` with ``weights``.
 
     torchvision: the weights entry's own transform; timm: timm's resolved data config.
     ``image_size`` replaces the crop (resize scaled the way the model's family does it).
     """
-    from featx.data import TransformSpec
+    from featx.images import TransformSpec
     if is_timm(name):
         from featx.timm_backbones import timm_transform
         return timm_transform(get_backbone(name), image_size)[0]

@@ -33,8 +33,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from featx.data import dataset_fingerprints
 from featx.errors import DiskFullError, FeatxError, is_disk_full
-from featx.metrics import dataset_fingerprints
 
 __all__ = [
     "PENULTIMATE",

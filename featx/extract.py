@@ -26,8 +26,9 @@ from featx.backbones import FeatureModel, backbone_provenance, build_backbone, g
 from featx.cache import (PENULTIMATE, Cache, CacheWriter, StaleCacheError, cache_filename,
                           diff_provenance, feature_name,
                          lock_cache, provenance_covers)
-from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec
+from featx.data import DataError, DatasetSpec
 from featx.errors import FeatxError
+from featx.images import ImageFiles, TransformSpec
 from featx.runtime import (autocast, cap_workers, extract_workers, resolve_device,
                            resolve_precision, setup)
 

@@ -47,11 +47,12 @@ from tqdm.auto import tqdm
 import featx
 from featx import ddp
 from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
-from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, check_seed
+from featx.data import DataError, DatasetSpec, check_seed, dataset_fingerprints
 from featx.errors import DiskFullError, FeatxError, is_disk_full
 from featx.extract import pool_notes
 from featx.files import atomic_write
-from featx.metrics import classification_metrics, dataset_fingerprints
+from featx.images import ImageFiles, TransformSpec
+from featx.metrics import classification_metrics
 from featx.results import finetune_result_path, make_result, write_json
 from featx.runtime import autocast, cap_workers, finetune_workers, setup
 

@@ -5,15 +5,12 @@ record (:mod:`featx.results`) carries.
 """
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 __all__ = [
     "classification_metrics",
-    "dataset_fingerprints",
-    "file_list_fingerprint",
 ]
 
 
@@ -79,28 +76,3 @@ def _roc_auc(y_true: np.ndarray, y_score: np.ndarray | None, n_classes: int):
         y_score = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     return float(skm.roc_auc_score(y_true, y_score, multi_class="ovr", average="macro",
                                    labels=list(range(n_classes)))), None
-
-
-def file_list_fingerprint(items: Iterable[tuple[str, int]]) -> str:
-    """sha256 of a list of ``(relpath, label)``: two results share a test set iff equal."""
-    h = hashlib.sha256()
-    for rel, label in items:
-        h.update(f"{rel}\0{int(label)}\n".encode())
-    return h.hexdigest()
-
-
-def dataset_fingerprints(splits: dict[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
-    """``split_fingerprint``, ``test_fingerprint`` and ``counts`` of the files a run scores.
-
-    ``splits`` is ``{split: [(relpath, label), ...]}`` with the readable files only. The same
-    lists give the same fingerprints whether they come from a cache or from ``--data``, so
-    ``report`` can tell that a head and a fine-tuned model saw the very same images.
-    """
-    order = [s for s in ("train", "val", "test") if s in splits]
-    order += [s for s in splits if s not in order]
-    all_items = [(f"{s}/{p}", lab) for s in order for p, lab in splits[s]]
-    return {
-        "split_fingerprint": file_list_fingerprint(all_items),
-        "test_fingerprint": file_list_fingerprint(splits.get("test", [])),
-        "counts": {s: len(splits[s]) for s in order},
-    }

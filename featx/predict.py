@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbone_transform,
                              build_backbone, get_backbone, resolve_weights)
 from featx.cache import PENULTIMATE, pool_of
-from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
+from featx.data import IMAGE_EXTENSIONS, DataError
 from featx.errors import FeatxError
 from featx.files import atomic_write
+from featx.images import ImageFiles, TransformSpec
 # extract's own batch forward and fast eval form: new images get the very features the
 # cache holds (same BatchNorm folding, memory format, precision handling)
 from featx.extract import forward_batch, prepare_for_inference

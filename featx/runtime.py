@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from featx.backbones import ResolvedWeights, backbone_transform, resolve_weights
-from featx.data import DataError, TransformSpec
+from featx.data import DataError
 from featx.errors import FeatxError
+from featx.images import TransformSpec
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",

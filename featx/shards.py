@@ -198,7 +198,7 @@ def _fill(writer: CacheWriter, root: Path, splits: dict, run, transform, cfg, de
 
     The same loop as :func:`featx.extract.extract`, over one shard's file lists.
     """
-    from featx.data import ImageFiles
+    from featx.images import ImageFiles
     from featx.extract import forward_batch
     tf = transform.eval_transform_uint8()
     written = skipped = 0

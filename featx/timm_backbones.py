@@ -242,13 +242,14 @@ def _owner(param: str) -> str:
 # --- transform ------------------------------------------------------------------------------
 
 def timm_transform(spec: TimmSpec, image_size: int | None = None):
-    """featx's :class:`~featx.data.TransformSpec` for timm's eval transform, and the config.
+    """featx's :class:`~featx.images.TransformSpec` for timm's eval transform, and the config.
 
     Same operations as ``timm.data.create_transform(**config)``: resize the short side to
     ``floor(size / crop_pct)``, center crop ``size``, normalise. ``image_size`` replaces the
     crop size as ``resolve_data_config({'input_size': (3, N, N)})`` would.
     """
-    from featx.data import DataError, TransformSpec
+    from featx.data import DataError
+    from featx.images import TransformSpec
     cfg = dict(spec.data_config)
     if image_size is not None:
         if image_size < 16:

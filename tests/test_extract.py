@@ -15,7 +15,8 @@ from torchvision.transforms._presets import ImageClassification
 
 from featx.backbones import build_backbone
 from featx.cache import Cache, CacheError, CacheWriter, StaleCacheError, partial_path
-from featx.data import load_dataset, load_rgb
+from featx.data import load_dataset
+from featx.images import load_rgb
 from featx.extract import ExtractConfig, extract
 
 SIZE = 48

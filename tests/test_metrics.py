@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from featx.metrics import classification_metrics, file_list_fingerprint
+from featx.data import file_list_fingerprint
+from featx.metrics import classification_metrics
 
 CLASSES = ["normal", "pneumonia", "covid", "other"]
 
