@@ -144,7 +144,8 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     device, precision, weights, transform = (ready.device, ready.precision, ready.weights,
                                              ready.transform)
     prov = _provenance(cfg, data, weights, transform, precision, device)
-    path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop)
+    path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop,
+                                              data.seed)
     from featx.shards import dist_env
     if dist_env().rank == 0:  # under torchrun rank 0 holds it for the whole job
         held.enter_context(lock_cache(path))
