@@ -364,10 +364,10 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
               help="With --split-from: fine-tune even if some of the cache's images are gone "
               "(the result records the files used, so report marks it not comparable).")
 @_option(FinetuneConfig, "progress", "--progress/--no-progress")
-def finetune(model, data_path, split_fractions, split_seed, seed, split_from, weights, image_size, device,
-             precision, workers, freeze, show_stages, epochs, batch_size, optimizer, lr,
-             backbone_lr_mult, weight_decay, scheduler, loss, focal_gamma, augment, pool,
-             early_stop, out, resume, allow_missing, progress):
+def finetune(model, data_path, split_fractions, split_seed, seed, split_from, weights,
+             image_size, device, precision, workers, freeze, show_stages, epochs, batch_size,
+             optimizer, lr, backbone_lr_mult, weight_decay, scheduler, loss, focal_gamma,
+             augment, pool, early_stop, out, resume, allow_missing, progress):
     """Fine-tune a backbone with a new head on the same split and metrics as the heads.
 
     Writes OUT/{dataset}_{model}_finetune_{settings}/ with best.pt, last.pt, history.csv,
@@ -553,9 +553,10 @@ def _print_compare(run) -> None:
 @_option(CompareConfig, "out", type=click.Path(file_okay=False, path_type=Path))
 @_option(CompareConfig, "overwrite", is_flag=True)
 @_option(CompareConfig, "progress", "--progress/--no-progress")
-def compare(data_path, split_fractions, split_seed, seed, models_, pool, heads, finetune_mode, epochs, lr,
-            optimizer, loss, class_weight, weights, image_size, device, precision, workers,
-            batch_size, jobs, backend, scheduler_address, cache_dir, out, overwrite, progress):
+def compare(data_path, split_fractions, split_seed, seed, models_, pool, heads, finetune_mode,
+            epochs, lr, optimizer, loss, class_weight, weights, image_size, device, precision,
+            workers, batch_size, jobs, backend, scheduler_address, cache_dir, out, overwrite,
+            progress):
     """Run the whole experiment: extract, heads on every feature, fine-tune, report.
 
     Work already done (an up-to-date cache, current head results, finished fine-tuning

@@ -34,53 +34,32 @@ def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-# settings that several configs share, with the same default and meaning
-def _weights():
-    return _opt("imagenet", "ImageNet weights (torchvision's hub cache; timm: its pretrained "
+# settings that several configs share, with the same default and help: (default, help)
+_SHARED = {
+    "weights": ("imagenet", "ImageNet weights (torchvision's hub cache; timm: its pretrained "
                 "file in the Hugging Face cache), random init, or a .pth state dict (timm: "
-                "state dict or checkpoint).")
+                "state dict or checkpoint)."),
+    "image_size": (None, "Crop size in pixels; resize scaled to match [default: the weights' "
+                   "own, usually 224]."),
+    "device": ("auto", "auto, cpu or cuda."),
+    "precision": ("auto", "auto: bf16/fp16 on GPU; on CPU bf16 where it is native (AMX, "
+                  "AVX512-BF16), else fp32."),
+    "workers": (None, "DataLoader worker processes, at most one per CPU core [default: CPU "
+                "cores, at most 8; extract on the CPU: a quarter of the cores]."),
+    "batch_size": (32, "Images per batch."),
+    "seed": (0, "Seed of random init and training (not of the split: --split-seed), "
+             "0..4294967295."),
+    "progress": (True, "Show a progress bar."),
+    "backend": ("loky", "Where head fits run: loky processes here, or a dask / ray cluster "
+                "(pip install featx[dask] / featx[ray]); results are the same."),
+    "scheduler": (None, "A running dask scheduler (tcp://host:8786) or ray cluster (host:6379) "
+                  "[default: start a local one of --jobs workers]."),
+}
 
 
-def _image_size():
-    return _opt(None, "Crop size in pixels; resize scaled to match [default: the weights' "
-                "own, usually 224].")
-
-
-def _device():
-    return _opt("auto", "auto, cpu or cuda.")
-
-
-def _precision():
-    return _opt("auto", "auto: bf16/fp16 on GPU; on CPU bf16 where it is native (AMX, "
-                "AVX512-BF16), else fp32.")
-
-
-def _workers():
-    return _opt(None, "DataLoader worker processes, at most one per CPU core [default: CPU "
-                "cores, at most 8; extract on the CPU: a quarter of the cores].")
-
-
-def _batch_size():
-    return _opt(32, "Images per batch.")
-
-
-def _seed():
-    return _opt(0, "Seed of random init and training (not of the split: --split-seed), "
-                "0..4294967295.")
-
-
-def _progress():
-    return _opt(True, "Show a progress bar.")
-
-
-def _backend():
-    return _opt("loky", "Where head fits run: loky processes here, or a dask / ray cluster "
-                "(pip install featx[dask] / featx[ray]); results are the same.")
-
-
-def _scheduler():
-    return _opt(None, "A running dask scheduler (tcp://host:8786) or ray cluster (host:6379) "
-                "[default: start a local one of --jobs workers].")
+def _shared(name: str):
+    """The field of a setting in ``_SHARED``."""
+    return _opt(*_SHARED[name])
 
 
 @dataclass
@@ -96,19 +75,19 @@ class ExtractConfig:
     """
 
     model: str
-    weights: str = _weights()
+    weights: str = _shared("weights")
     pools: tuple[int, ...] = _opt((1,), "AdaptiveAvgPool2d sizes to store besides "
                                   "penultimate, e.g. 1,2,4,8.")
-    image_size: int | None = _image_size()
-    batch_size: int = _batch_size()
-    workers: int | None = _workers()
-    device: str = _device()
-    precision: str = _precision()
+    image_size: int | None = _shared("image_size")
+    batch_size: int = _shared("batch_size")
+    workers: int | None = _shared("workers")
+    device: str = _shared("device")
+    precision: str = _shared("precision")
     store: str = _opt("float32", "dtype of the stored features.")
     out_dir: Path = _opt(Path("cache"), "Folder for the cache files.")
     overwrite: bool = _opt(False, "Replace a cache made from other inputs.")
-    seed: int = _seed()
-    progress: bool = _progress()
+    seed: int = _shared("seed")
+    progress: bool = _shared("progress")
     compile: bool = _opt(False, "torch.compile the model: 10-15 s up front, then 1.1x (fp32) "
                          "to ~2x (bf16) faster per image; pays from a couple of thousand "
                          "images.")
@@ -129,7 +108,7 @@ class FinetuneConfig:
     """
 
     model: str
-    weights: str = _weights()
+    weights: str = _shared("weights")
     freeze: str = _opt("none", "Train everything, only the new head, or freeze up to and "
                        "including STAGE.")
     epochs: int = _opt(30, "Fine-tuning epochs.")
@@ -143,18 +122,18 @@ class FinetuneConfig:
                           "epochs//3.")
     loss: str = _opt("ce", "Cross-entropy, class-weighted cross-entropy (train counts), focal.")
     focal_gamma: float = _opt(2.0, "Focal loss gamma (0 = ce).")
-    image_size: int | None = _image_size()
+    image_size: int | None = _shared("image_size")
     augment: bool = _opt(True, "Random resized crop + flip on the train split.")
     pool: int = _opt(1, "Head on AdaptiveAvgPool2d(N) of the last spatial map (C*N*N inputs); "
                      "1 = the model's own penultimate.")
     early_stop: int = _opt(0, "Stop when the val loss has not improved for N epochs (0 = off).")
-    precision: str = _precision()
-    device: str = _device()
-    workers: int | None = _workers()
-    seed: int = _seed()
+    precision: str = _shared("precision")
+    device: str = _shared("device")
+    workers: int | None = _shared("workers")
+    seed: int = _shared("seed")
     out_dir: Path = _opt(Path("results"), "Folder for the run folders.")
     resume: bool = _opt(False, "Continue the same run from its last.pt.")
-    progress: bool = _progress()
+    progress: bool = _shared("progress")
 
 
 @dataclass
@@ -187,8 +166,8 @@ class HeadsConfig:
                                          "available memory].")
     pca: int = _opt(0, "Features that do not fit in memory: reduce to N PCA components "
                     "(IncrementalPCA on train) instead of streaming an SGD head.")
-    backend: str = _backend()
-    scheduler: str | None = _scheduler()
+    backend: str = _shared("backend")
+    scheduler: str | None = _shared("scheduler")
     refit: bool = _opt(False, "Fit again even where OUT already holds a result made from the "
                        "same cache with the same settings (reused by default).")
 
@@ -207,21 +186,21 @@ class CompareConfig:
     finetune: str = _opt("backbone", "Fine-tuning runs: full (--freeze none), backbone (head "
                          "only), both.")
     epochs: int = _opt(10, "Fine-tuning epochs.")
-    weights: str = _weights()
-    image_size: int | None = _image_size()
-    batch_size: int = _batch_size()
-    workers: int | None = _workers()
-    device: str = _device()
-    precision: str = _precision()
-    seed: int = _seed()
+    weights: str = _shared("weights")
+    image_size: int | None = _shared("image_size")
+    batch_size: int = _shared("batch_size")
+    workers: int | None = _shared("workers")
+    device: str = _shared("device")
+    precision: str = _shared("precision")
+    seed: int = _shared("seed")
     class_weight: str | None = _opt(None, "Class weights for the heads.")
     loss: str = _opt("ce", "Fine-tuning loss: cross-entropy, class-weighted, focal.")
     lr: float = _opt(1e-3, "Fine-tuning learning rate.")
     optimizer: str = _opt("sgd", "Fine-tuning optimizer.")
     jobs: int = _opt(1, "Parallel head fits (the local cluster's workers with dask/ray).")
-    backend: str = _backend()
-    scheduler: str | None = _scheduler()
+    backend: str = _shared("backend")
+    scheduler: str | None = _shared("scheduler")
     cache_dir: Path = _opt(Path("cache"), "Where the feature caches go.")
     out: Path = _opt(Path("results/compare"), "Results folder (report in OUT/report).")
     overwrite: bool = _opt(False, "Replace caches made from other inputs.")
-    progress: bool = _progress()
+    progress: bool = _shared("progress")
