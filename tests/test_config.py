@@ -35,6 +35,7 @@ def _capture(monkeypatch, module, name):
 
 
 def _invoke_captured(*args, env=None):
+    """The positional arguments of the stubbed library call that ``featx ARGS`` made."""
     result = CliRunner().invoke(main, [str(a) for a in args], env=env)
     assert isinstance(result.exception, _Captured), result.output
     return result.exception.args[0]
@@ -52,21 +53,21 @@ def test_cli_defaults_are_the_config_defaults(digits_dir, monkeypatch):
     _capture(monkeypatch, featx.compare, "run_compare")
     data = ["--data", digits_dir]
 
-    (_, cfg), = [_invoke_captured("extract", "--model", "resnet18", *data)]
+    _, cfg = _invoke_captured("extract", "--model", "resnet18", *data)
     # the command stores penultimate only unless --pool asks; the library's default is (1,)
     assert cfg == dataclasses.replace(ExtractConfig("resnet18"), pools=())
-    (_, cfg), = [_invoke_captured("fit-heads", "x.h5")]
+    _, cfg = _invoke_captured("fit-heads", "x.h5")
     # the command fits on every core unless --jobs says otherwise
     assert cfg == dataclasses.replace(HeadsConfig(), jobs=os.cpu_count() or 1)
-    (cfg,), = [_invoke_captured("finetune", "--model", "resnet18", *data)]
+    cfg, = _invoke_captured("finetune", "--model", "resnet18", *data)
     assert cfg == FinetuneConfig("resnet18")
-    (_, cfg), = [_invoke_captured("compare", "--models", "resnet18", *data)]
+    _, cfg = _invoke_captured("compare", "--models", "resnet18", *data)
     assert cfg == CompareConfig(("resnet18",))
 
 
 def test_split_seed_makes_the_split_and_seed_the_rest(digits_dir, monkeypatch):
     """finetune and compare split with --split-seed (or FEATX_SPLIT_SEED) and seed the rest
-    with --seed; finetune --split-from keeps the cache's split."""
+    with --seed."""
     import featx.compare
     import featx.finetune
     _capture(monkeypatch, featx.finetune, "finetune")
@@ -75,10 +76,10 @@ def test_split_seed_makes_the_split_and_seed_the_rest(digits_dir, monkeypatch):
     assert expect != load_dataset(digits_dir, seed=0).splits
     ft = ["finetune", "--model", "resnet18", "--data", digits_dir, "--workers", "0",
           "--weights", "none"]
-    (data, cfg), = [_invoke_captured(*ft, "--split-seed", "3", "--seed", "5")]
+    data, cfg = _invoke_captured(*ft, "--split-seed", "3", "--seed", "5")
     assert data.splits == expect and cfg.seed == 5
-    (data, cfg), = [_invoke_captured("compare", "--models", "resnet18", "--data", digits_dir,
-                                     "--seed", "5", env={"FEATX_SPLIT_SEED": "3"})]
+    data, cfg = _invoke_captured("compare", "--models", "resnet18", "--data", digits_dir,
+                                "--seed", "5", env={"FEATX_SPLIT_SEED": "3"})
     assert data.splits == expect and data.seed == 3 and cfg.seed == 5
 
 
@@ -111,8 +112,8 @@ def test_two_split_seeds_write_two_reusable_caches(tiny_digits, tmp_path, monkey
     # finetune --split-from takes the cache's split, whatever --split-seed says
     import featx.finetune
     _capture(monkeypatch, featx.finetune, "finetune")
-    (data, _), = [_invoke_captured("finetune", "--model", "mobilenet_v2", "--split-from", second,
-                                   "--weights", "none", "--workers", "0")]
+    data, _ = _invoke_captured("finetune", "--model", "mobilenet_v2", "--split-from", second,
+                                "--weights", "none", "--workers", "0")
     assert data.splits == {s: b.split_items(s) for s in b.splits}
 
 
