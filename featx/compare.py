@@ -18,6 +18,7 @@ from typing import Callable
 from featx import ddp
 from featx.backbones import resolve_weights
 from featx.cache import PENULTIMATE, Cache, feature_name
+from featx.config import FINETUNE_MODES, CompareConfig
 from featx.data import DatasetSpec
 from featx.errors import FeatxError
 from featx.extract import ExtractConfig, extract
@@ -29,40 +30,6 @@ from featx.results import finetune_result_path, head_result_path, read_result
 # comparison then costs little more than importing torch.
 
 __all__ = ["CompareConfig", "CompareRun", "FINETUNE_MODES", "run_compare"]
-
-# --finetune choice -> the --freeze settings it runs
-FINETUNE_MODES = {"none": (), "full": ("none",), "backbone": ("backbone",),
-                  "both": ("backbone", "none")}
-
-
-@dataclass
-class CompareConfig:
-    """Settings of one comparison; each maps to an option of extract, fit-heads or finetune."""
-
-    models: tuple[str, ...]
-    pools: tuple[int, ...] = (1, 2, 4, 8)
-    heads: tuple[str, ...] = ("linear", "logistic", "svm", "mlp")
-    finetune: str = "backbone"
-    epochs: int = 10
-    weights: str = "imagenet"
-    image_size: int | None = None
-    batch_size: int = 32
-    workers: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
-    class_weight: str | None = None
-    loss: str = "ce"
-    lr: float = 1e-3
-    optimizer: str = "sgd"
-    jobs: int = 1
-    backend: str = "loky"
-    scheduler: str | None = None
-    cache_dir: Path = Path("cache")
-    out: Path = Path("results/compare")
-    overwrite: bool = False
-    progress: bool = True
-
 
 @dataclass
 class CompareRun:

@@ -26,6 +26,7 @@ from featx.backbones import FeatureModel, backbone_provenance, build_backbone, g
 from featx.cache import (PENULTIMATE, Cache, CacheWriter, StaleCacheError, cache_filename,
                           diff_provenance, feature_name,
                          lock_cache, provenance_covers)
+from featx.config import ExtractConfig
 from featx.data import DataError, DatasetSpec
 from featx.errors import FeatxError
 from featx.images import ImageFiles, TransformSpec
@@ -36,33 +37,6 @@ __all__ = ["ExtractConfig", "ExtractResult", "compile_model", "extract", "forwar
            "parse_pools", "pool_notes", "prepare_for_inference",
            # moved to featx.runtime; kept here for callers of the old path
            "autocast", "resolve_device", "resolve_precision"]
-
-
-@dataclass
-class ExtractConfig:
-    """Everything that decides what one extraction does.
-
-    ``pools`` are the n of ``AdaptiveAvgPool2d(n)``; ``image_size`` overrides the weights'
-    crop (pixels); ``workers=None`` means one DataLoader worker per CPU core (at most 8) on a
-    GPU, and a quarter of the cores on the CPU (none on 2 cores). ``compile`` runs the model
-    through ``torch.compile`` (inductor, frozen weights): faster per image, but it costs
-    seconds to tens of seconds up front, so it pays only on large datasets (BENCHMARKS.md).
-    """
-
-    model: str
-    weights: str = "imagenet"
-    pools: tuple[int, ...] = (1,)
-    image_size: int | None = None
-    batch_size: int = 32
-    workers: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    store: str = "float32"
-    out_dir: Path = Path("cache")
-    overwrite: bool = False
-    seed: int = 0
-    progress: bool = True
-    compile: bool = False
 
 
 @dataclass
@@ -171,7 +145,8 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     device, precision, weights, transform = (ready.device, ready.precision, ready.weights,
                                              ready.transform)
     prov = _provenance(cfg, data, weights, transform, precision, device)
-    path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop)
+    path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop,
+                                              data.seed)
     from featx.shards import dist_env
     if dist_env().rank == 0:  # under torchrun rank 0 holds it for the whole job
         held.enter_context(lock_cache(path))

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 import featx
 from featx import ddp
 from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
+from featx.config import LOSSES, OPTIMIZERS, SCHEDULERS, FinetuneConfig
 from featx.data import DataError, DatasetSpec, check_seed, dataset_fingerprints
 from featx.errors import DiskFullError, FeatxError, is_disk_full
 from featx.extract import pool_notes
@@ -78,50 +79,9 @@ __all__ = [
     "train_one_epoch",
 ]
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("cosine", "step", "none")
-LOSSES = ("ce", "weighted", "focal")
 # Settings that do not change what a run computes: they stay out of the run's folder name
 # and may differ on --resume.
 _RUN_INDEPENDENT = ("resume", "progress", "workers", "device", "out_dir")
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything that decides what one fine-tuning run does.
-
-    ``freeze``: ``"none"``, ``"backbone"`` (only the new head trains) or a stage name of the
-    model (frozen up to and including it, see :func:`list_stages`). ``pool``: the head reads
-    ``AdaptiveAvgPool2d(pool)`` of the last spatial map (``C·pool·pool`` inputs); ``1`` uses the
-    model's own penultimate. ``early_stop``: patience in epochs on the val loss, ``0`` = off.
-    ``lr`` is the head's learning rate; the backbone gets ``lr * backbone_lr_mult``.
-    ``batch_size`` is per process under torchrun. ``workers=None``: one DataLoader worker
-    per CPU core (at most 8; under torchrun the node's cores shared among its processes).
-    """
-
-    model: str
-    weights: str = "imagenet"
-    freeze: str = "none"
-    epochs: int = 30
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 1e-3
-    backbone_lr_mult: float = 0.1
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    loss: str = "ce"
-    focal_gamma: float = 2.0
-    image_size: int | None = None
-    augment: bool = True
-    pool: int = 1
-    early_stop: int = 0
-    precision: str = "auto"
-    device: str = "auto"
-    workers: int | None = None
-    seed: int = 0
-    out_dir: Path = Path("results")
-    resume: bool = False
-    progress: bool = True
 
 
 @dataclass

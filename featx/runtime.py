@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from featx.backbones import ResolvedWeights, backbone_transform, resolve_weights
+from featx.config import PRECISIONS
 from featx.data import DataError
 from featx.errors import FeatxError
 from featx.images import TransformSpec
@@ -48,7 +49,6 @@ __all__ = [
     "torchrun_env",
 ]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # the most DataLoader workers a default picks (an explicit --workers may ask for more, up to
 # one per usable core: cap_workers)

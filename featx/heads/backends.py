@@ -12,11 +12,11 @@ from typing import Iterator
 
 import joblib
 
+from featx.config import BACKENDS
 from featx.errors import FeatxError
 
 __all__ = ["BACKENDS", "check_backend", "heads_backend"]
 
-BACKENDS = ("loky", "dask", "ray")      # joblib backends the fits can run on
 
 _OPEN_BACKENDS: list[tuple[str, str | None]] = []  # heads_backend contexts open in this process
 

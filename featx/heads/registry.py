@@ -17,12 +17,12 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from featx.config import DEFAULT_HEADS
 from featx.errors import FeatxError
 
 __all__ = ["DEFAULT_HEADS", "HeadSpec", "build_head", "class_scores", "get_head", "list_heads",
            "parse_heads", "register_head"]
 
-DEFAULT_HEADS = ("linear", "logistic", "svm", "mlp")
 _STREAM_GRID = {"alpha": [1e-3, 1e-4, 1e-5]}  # the sgd head's grid, also used when streaming
 
 

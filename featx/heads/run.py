@@ -23,46 +23,19 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache, CacheError, partial_path, pool_of
+from featx.config import HeadsConfig
 from featx.errors import FeatxError
 from featx.files import atomic_write
 from featx.heads.backends import check_backend, heads_backend
 from featx.heads.outofcore import (_MB, _describe_plan, _fit_reducer, _reduce, memory_limit,
                                    plan_memory)
-from featx.heads.registry import DEFAULT_HEADS, get_head, parse_heads
+from featx.heads.registry import get_head, parse_heads
 from featx.heads.task import SUMMARY_COLUMNS, _run_indexed, _request, _summary_row, _Task
 from featx.results import _jsonable, head_model_path, head_result_path, write_json
 from featx.tables import format_pool_matrix, plot_pool_summary
 
 __all__ = ["HeadsConfig", "HeadsRun", "fit_heads", "load_head", "open_cache",
            "resolve_features"]
-
-
-@dataclass
-class HeadsConfig:
-    """What ``featx fit-heads`` does, independent of the CLI.
-
-    ``features``: names, or ``("all",)`` for penultimate and every pool{n}. ``select``:
-    ``"val"`` (falls back to CV when a cache has no val split) or ``"cv"``. ``jobs``: the cap
-    on parallel fits (runs x grid points) with loky, the local cluster's size with dask or
-    ray and no ``scheduler``. ``backend``/``scheduler``: where the fits run (see
-    :func:`heads_backend`). ``pca``: components for features that do not fit (0: stream
-    them instead). ``memory_limit_mb``: None = measured (see :func:`memory_limit`).
-    """
-
-    heads: tuple[str, ...] = DEFAULT_HEADS
-    features: tuple[str, ...] = ("penultimate",)
-    select: str = "val"
-    cv: int = 5
-    class_weight: str | None = None
-    standardize: bool = True
-    jobs: int = 1
-    seed: int = 0
-    out_dir: Path = Path("results")
-    memory_limit_mb: float | None = None
-    pca: int = 0
-    backend: str = "loky"
-    scheduler: str | None = None
-    refit: bool = False  # fit again even where a current result exists
 
 
 @dataclass
