@@ -19,7 +19,7 @@ from featx import ddp
 from featx.backbones import resolve_weights
 from featx.cache import PENULTIMATE, Cache, feature_name
 from featx.data import DatasetSpec
-from featx.errors import FeatxError
+from featx.errors import FeatxError, ParameterError
 from featx.extract import ExtractConfig, extract
 from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
 from featx.metrics import read_result
@@ -115,7 +115,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     the others wait.
     """
     if cfg.finetune not in FINETUNE_MODES:
-        raise FeatxError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
+        raise ParameterError("finetune", cfg.finetune, f"use one of {', '.join(FINETUNE_MODES)}.")
     heads = _head_names(cfg.heads)
     if cfg.backend != "loky" or cfg.scheduler:  # before any extraction; plain loky: no import
         from featx.heads import check_backend

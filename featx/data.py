@@ -26,12 +26,13 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, ParameterError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
     "DataError",
+    "DataParameterError",
     "MAX_SEED",
     "DatasetSpec",
     "ImageFiles",
@@ -51,6 +52,10 @@ MAX_SEED = 2**32 - 1
 
 class DataError(FeatxError):
     """The dataset cannot be used as given; the message says what to change."""
+
+
+class DataParameterError(ParameterError, DataError):
+    """A data setting (split fractions, seed, data path, image size) that cannot work."""
 
 
 @dataclass
@@ -118,16 +123,17 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
     except ValueError:
         parts = ()
     if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0 or abs(sum(parts) - 1) > 1e-6:
-        raise DataError(f"--split {text!r} must be three fractions train,val,test that sum to 1 "
-                        f"with train > 0, e.g. 0.7,0.15,0.15")
+        raise DataParameterError("split_fractions", text, "must be three fractions train,val,"
+                                 "test that sum to 1 with train > 0, e.g. 0.7,0.15,0.15", sep=" ")
     return parts  # type: ignore[return-value]
 
 
-def check_seed(seed: int, option: str = "--seed") -> int:
-    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`DataError` naming it."""
+def check_seed(seed: int, param: str = "seed") -> int:
+    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`DataError` naming ``param``."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
             or not 0 <= seed <= MAX_SEED:
-        raise DataError(f"{option} {seed}: must be an integer from 0 to {MAX_SEED}.")
+        raise DataParameterError(param, seed, f"must be an integer from 0 to {MAX_SEED}.",
+                                 shown=str(seed))
     return int(seed)
 
 
@@ -217,10 +223,11 @@ def load_dataset(path: str | Path, *, split: tuple[float, float, float] = (0.7, 
     path = Path(path)
     seed = check_seed(seed)
     if not path.exists():
-        raise DataError(f"--data {path}: no such file or folder.")
+        raise DataParameterError("data_path", path, "no such file or folder.", shown=str(path))
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise DataError(f"--data {path}: expected a folder or a .csv manifest.")
+            raise DataParameterError("data_path", path, "expected a folder or a .csv manifest.",
+                                     shown=str(path))
         spec = _from_csv(path, split, seed)
     elif (path / "train").is_dir():
         spec = _from_split_folders(path)
@@ -445,7 +452,8 @@ class TransformSpec:
         crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
         if image_size is not None:
             if image_size < 16:
-                raise DataError(f"--image-size {image_size} is too small; use at least 16.")
+                raise DataParameterError("image_size", image_size, "is too small; use at least "
+                                         "16.", sep=" ")
             resize = int(round(image_size * resize / crop))
             crop = image_size
         return cls(resize, crop, tuple(t.mean), tuple(t.std), t.interpolation.value)

@@ -48,7 +48,7 @@ import featx
 from featx import ddp
 from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
 from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec, check_seed
-from featx.errors import DiskFullError, FeatxError, is_disk_full
+from featx.errors import DiskFullError, FeatxError, ParameterError, is_disk_full
 from featx.extract import pool_notes
 from featx.files import atomic_write
 from featx.metrics import classification_metrics, dataset_fingerprints, make_result, write_json
@@ -283,9 +283,9 @@ class FinetuneModel(nn.Module):
         elif what in stages:
             self.frozen = stages[:stages.index(what) + 1]
         else:
-            raise FeatxError(f"--freeze {what!r} is not a stage of {self.spec.name}; use "
-                             f"{', '.join(list_stages(self.spec.name))} (see `featx finetune "
-                             f"--model {self.spec.name} --list-stages`).")
+            raise ParameterError("freeze", what, f"is not a stage of {self.spec.name}; use "
+                                 f"{', '.join(list_stages(self.spec.name))} (see `featx "
+                                 f"finetune --model {self.spec.name} --list-stages`).", sep=" ")
         names = {n for stage in self.frozen
                  for n in self.spec.stage_parameter_names(self.backbone, stage)}
         for n, p in self.backbone.named_parameters():
@@ -349,7 +349,7 @@ def make_loss(kind: str, *, class_counts=None, gamma: float = 2.0) -> nn.Module:
         return nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))
     if kind == "focal":
         return FocalLoss(gamma)
-    raise FeatxError(f"--loss {kind!r}: use one of {', '.join(LOSSES)}.")
+    raise ParameterError("loss", kind, f"use one of {', '.join(LOSSES)}.")
 
 
 def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -630,40 +630,37 @@ def _write_history(history: list[dict], path: Path) -> None:
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """Raise ``ValueError`` naming the first setting of ``cfg`` that cannot work."""
-    checks = [
-        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"--epochs {cfg.epochs}: must be at "
-         f"least 1."),
-        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1,
-         f"--batch-size {cfg.batch_size}: must be at least 1."),
-        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr}: must be a positive number, "
-         f"e.g. 1e-3."),
-        (math.isfinite(cfg.backbone_lr_mult) and cfg.backbone_lr_mult >= 0,
-         f"--backbone-lr-mult {cfg.backbone_lr_mult}: must be 0 or more (0 keeps the "
-         f"backbone's weights fixed but its BatchNorm statistics still adapt)."),
-        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
-         f"--weight-decay {cfg.weight_decay}: must be 0 or more."),
-        (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0,
-         f"--focal-gamma {cfg.focal_gamma}: must be 0 or more (0 is cross-entropy)."),
-        (1 <= cfg.pool <= 64, f"--pool {cfg.pool}: must be an integer 1..64."),
-        (cfg.early_stop >= 0, f"--early-stop {cfg.early_stop}: give a patience in epochs "
-         f"(at least 1), or 0 to train all epochs."),
-        (cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r}: use one of "
-         f"{', '.join(OPTIMIZERS)}."),
-        (cfg.scheduler in SCHEDULERS, f"--scheduler {cfg.scheduler!r}: use one of "
-         f"{', '.join(SCHEDULERS)}."),
-        (cfg.loss in LOSSES, f"--loss {cfg.loss!r}: use one of {', '.join(LOSSES)}."),
-        (cfg.workers is None or cfg.workers >= 0, f"--workers {cfg.workers}: must be 0 or more."),
+    """Raise :class:`~featx.errors.ParameterError` naming the first setting of ``cfg`` that
+    cannot work."""
+    checks = [  # (ok, the field, what is wrong)
+        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, "epochs", "must be at least 1."),
+        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "batch_size",
+         "must be at least 1."),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive number, e.g. 1e-3."),
+        (math.isfinite(cfg.backbone_lr_mult) and cfg.backbone_lr_mult >= 0, "backbone_lr_mult",
+         "must be 0 or more (0 keeps the backbone's weights fixed but its BatchNorm "
+         "statistics still adapt)."),
+        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay",
+         "must be 0 or more."),
+        (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0, "focal_gamma",
+         "must be 0 or more (0 is cross-entropy)."),
+        (1 <= cfg.pool <= 64, "pool", "must be an integer 1..64."),
+        (cfg.early_stop >= 0, "early_stop",
+         "give a patience in epochs (at least 1), or 0 to train all epochs."),
+        (cfg.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}."),
+        (cfg.scheduler in SCHEDULERS, "scheduler", f"use one of {', '.join(SCHEDULERS)}."),
+        (cfg.loss in LOSSES, "loss", f"use one of {', '.join(LOSSES)}."),
+        (cfg.workers is None or cfg.workers >= 0, "workers", "must be 0 or more."),
     ]
-    for ok, message in checks:
+    for ok, param, problem in checks:
         if not ok:
-            raise FeatxError(message)
+            raise ParameterError(param, getattr(cfg, param), problem)
     check_seed(cfg.seed)
     stages = list_stages(cfg.model)
     if cfg.freeze not in stages:
-        raise FeatxError(f"--freeze {cfg.freeze!r} is not a stage of {cfg.model}; use "
-                         f"{', '.join(stages)} (`featx finetune --model {cfg.model} "
-                         f"--list-stages`).")
+        raise ParameterError("freeze", cfg.freeze, f"is not a stage of {cfg.model}; use "
+                             f"{', '.join(stages)} (`featx finetune --model {cfg.model} "
+                             f"--list-stages`).", sep=" ")
 
 
 def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
@@ -674,9 +671,9 @@ def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
         raise DataError(f"{data.root}: the train split holds a single class; fine-tuning a "
                         f"classifier needs at least two.")
     if cfg.early_stop and not data.splits.get("val"):
-        raise FeatxError(f"--early-stop {cfg.early_stop} needs a val split, and {data.source} "
-                         f"has none; drop --early-stop or give the data a val split (e.g. "
-                         f"--split 0.7,0.15,0.15).")
+        raise ParameterError("early_stop", cfg.early_stop, f"needs a val split, and "
+                             f"{data.source} has none; drop {{early_stop}} or give the data a "
+                             f"val split (e.g. {{split_fractions}} 0.7,0.15,0.15).", sep=" ")
 
 
 def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
@@ -687,8 +684,9 @@ def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else \
             type(exc).__name__
-        raise FeatxError(f"--resume: {path} cannot be read ({reason}); it is damaged. Run the "
-                         f"same command without --resume to start this run afresh.") from None
+        raise ParameterError("resume", True, f"{path} cannot be read ({reason}); it is "
+                             f"damaged. Run the same command without {{resume}} to start this "
+                             f"run afresh.", shown="") from None
     old = {k: v for k, v in ckpt["config"].items() if k not in _RUN_INDEPENDENT}
     new = {k: v for k, v in _config_dict(cfg).items() if k not in _RUN_INDEPENDENT}
     diffs = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
@@ -696,8 +694,9 @@ def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
     if ckpt.get("split_fingerprint") != data.info["split_fingerprint"]:
         diffs.append("the split's file lists differ")
     if diffs:
-        raise FeatxError(f"--resume: {path} was made with other settings ({'; '.join(diffs)}); "
-                         f"run without --resume to start afresh.")
+        raise ParameterError("resume", True, f"{path} was made with other settings "
+                             f"({'; '.join(diffs)}); run without {{resume}} to start afresh.",
+                             shown="")
     return ckpt
 
 

@@ -248,11 +248,12 @@ def timm_transform(spec: TimmSpec, image_size: int | None = None):
     ``floor(size / crop_pct)``, center crop ``size``, normalise. ``image_size`` replaces the
     crop size as ``resolve_data_config({'input_size': (3, N, N)})`` would.
     """
-    from featx.data import DataError, TransformSpec
+    from featx.data import DataParameterError, TransformSpec
     cfg = dict(spec.data_config)
     if image_size is not None:
         if image_size < 16:
-            raise DataError(f"--image-size {image_size} is too small; use at least 16.")
+            raise DataParameterError("image_size", image_size, "is too small; use at least "
+                                     "16.", sep=" ")
         cfg["input_size"] = (3, image_size, image_size)
     _, h, w = cfg["input_size"]
     mode = cfg.get("crop_mode") or "center"
