@@ -129,7 +129,8 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
 
 
 def check_seed(seed: int, param: str = "seed") -> int:
-    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`DataError` naming ``param``."""
+    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`DataError` (a
+    :class:`~featx.errors.ParameterError`) naming ``param``."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
             or not 0 <= seed <= MAX_SEED:
         raise DataParameterError(param, seed, f"must be an integer from 0 to {MAX_SEED}.",
@@ -286,7 +287,7 @@ def _split_per_class(items_by_class: dict[int, list[str]], classes: list[str],
             raise DataError(
                 f"{root}: class {classes[label]!r} has {n} image(s); a "
                 f"{','.join(f'{f:g}' for f in fractions)} split needs at least {need} per class. "
-                f"Add images, remove the class, or change --split.")
+                f"Add images, remove the class, or change {{split_fractions}}.")
         order = rng.permutation(n)
         picked = [files[i] for i in order]
         out["test"] += [(p, label) for p in picked[:n_test]]

@@ -46,7 +46,16 @@ class FeatxError(ValueError):
     """Bad input or a setting the user can change: shown as one line, never a traceback.
 
     A ``ValueError`` so that callers of the library that catch ``ValueError`` keep working.
+    The message may name parameters as ``{name}`` (see :func:`name_parameters`): ``str()``
+    gives the library's names, :meth:`render` with the CLI's map its flags.
     """
+
+    def render(self, flags: Mapping[str, str] | None = None) -> str:
+        """The message naming parameters (``flags`` None) or the flags ``flags`` maps them to."""
+        return name_parameters(super().__str__(), flags)
+
+    def __str__(self) -> str:
+        return self.render()
 
 
 class ParameterError(FeatxError):
@@ -77,15 +86,11 @@ class ParameterError(FeatxError):
             repr(value) if isinstance(value, str) else str(value))
 
     def render(self, flags: Mapping[str, str] | None = None) -> str:
-        """The message naming parameters (``flags`` None) or the flags ``flags`` maps them to."""
         if flags is None:
             subject = f"{self.param}={self.shown}" if self.shown else self.param
         else:
             subject = f"{flags[self.param]} {self.shown}" if self.shown else flags[self.param]
         return subject + self.sep + name_parameters(self.problem, flags)
-
-    def __str__(self) -> str:
-        return self.render()
 
 
 class Note(str):
@@ -149,11 +154,13 @@ def _read_only_message(exc: OSError) -> str:
 def user_error_message(exc: BaseException, flags: Mapping[str, str] | None = None) -> str | None:
     """The one-line message for ``exc``, or ``None`` for a bug that deserves a traceback.
 
-    ``flags`` maps parameter names to the flags that set them, for a :class:`ParameterError`
-    told in the CLI's terms; ``None`` keeps the library's names.
+    ``flags`` maps parameter names to the flags that set them, for a :class:`FeatxError`
+    (a :class:`ParameterError` above all) told in the CLI's terms; ``None`` keeps the
+    library's names.
     """
-    if isinstance(exc, ParameterError):
-        return exc.render(flags).splitlines()[0]
+    if isinstance(exc, FeatxError):
+        text = exc.render(flags)
+        return text.splitlines()[0] if text else type(exc).__name__
     if isinstance(exc, DiskFullError):
         return str(exc).splitlines()[0]
     if is_disk_full(exc):
@@ -161,6 +168,6 @@ def user_error_message(exc: BaseException, flags: Mapping[str, str] | None = Non
                 "free some space and run the same command again to resume.")
     if is_read_only(exc):
         return _read_only_message(exc)
-    if isinstance(exc, (FeatxError, FileNotFoundError, PermissionError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None

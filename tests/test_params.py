@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from featx.cli import _FLAGS, main
-from featx.errors import PARAMETERS, Note, ParameterError, name_parameters, user_error_message
+from featx.errors import (PARAMETERS, FeatxError, Note, ParameterError, name_parameters,
+                          user_error_message)
 from featx.finetune import FinetuneConfig, check_config
 
 
@@ -55,8 +56,15 @@ def test_flags_that_differ_from_the_parameter_name_are_mapped(digits_dir, tmp_pa
 
 def test_placeholders_name_other_parameters_and_leave_other_braces():
     text = "drop {early_stop} or use {split_fractions} in /data/{train}/pool{n} or {"
-    assert name_parameters(text) == "drop early_stop or use split_fractions in /data/{train}/pool{n} or {"
-    assert name_parameters(text, _FLAGS) == "drop --early-stop or use --split in /data/{train}/pool{n} or {"
+    assert name_parameters(text) == \
+        "drop early_stop or use split_fractions in /data/{train}/pool{n} or {"
+    assert name_parameters(text, _FLAGS) == \
+        "drop --early-stop or use --split in /data/{train}/pool{n} or {"
+    # any FeatxError may name parameters in its advice, not only a ParameterError
+    advice = FeatxError("3 images are gone; pass {allow_missing} to go on without them.")
+    assert str(advice) == "3 images are gone; pass allow_missing to go on without them."
+    assert user_error_message(advice, _FLAGS) == \
+        "3 images are gone; pass --allow-missing to go on without them."
     exc = ParameterError("early_stop", 3, "needs a val split; drop {early_stop}.", sep=" ")
     assert str(exc) == "early_stop=3 needs a val split; drop early_stop."
     assert exc.render(_FLAGS) == "--early-stop 3 needs a val split; drop --early-stop."
