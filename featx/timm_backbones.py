@@ -260,7 +260,7 @@ def timm_transform(spec: TimmSpec, image_size: int | None = None):
     if h != w or mode != "center":
         raise FeatxError(f"{spec.name}: timm's eval transform for it is {mode!r} crop at "
                          f"{h}x{w}; featx reproduces square center crops only (most timm "
-                         f"models); give --image-size N for a square one, or pick another model.")
+                         f"models); give {{image_size}} N for a square one, or pick another model.")
     crop_pct = cfg.get("crop_pct") or 0.875
     resize = math.floor(h / crop_pct)
     return TransformSpec(resize, int(h), tuple(float(v) for v in cfg["mean"]),
