@@ -23,8 +23,8 @@ __all__ = ["PARAMETERS", "DiskFullError", "FeatxError", "Note", "ParameterError"
 # still has a flag.
 PARAMETERS = frozenset({
     "allow_missing", "backbone_lr_mult", "batch_size", "data_path", "device", "early_stop",
-    "epochs", "finetune", "focal_gamma", "freeze", "image_size", "loss", "lr", "model",
-    "optimizer", "pool", "pools", "precision", "resume", "scheduler", "seed",
+    "epochs", "finetune", "focal_gamma", "freeze", "image_size", "loss", "lr", "optimizer",
+    "pool", "pools", "precision", "resume", "scheduler", "seed",
     "split_fractions", "store", "weight_decay", "weights", "workers",
 })
 
@@ -158,9 +158,6 @@ def user_error_message(exc: BaseException, flags: Mapping[str, str] | None = Non
     (a :class:`ParameterError` above all) told in the CLI's terms; ``None`` keeps the
     library's names.
     """
-    if isinstance(exc, FeatxError):
-        text = exc.render(flags)
-        return text.splitlines()[0] if text else type(exc).__name__
     if isinstance(exc, DiskFullError):
         return str(exc).splitlines()[0]
     if is_disk_full(exc):
@@ -168,6 +165,9 @@ def user_error_message(exc: BaseException, flags: Mapping[str, str] | None = Non
                 "free some space and run the same command again to resume.")
     if is_read_only(exc):
         return _read_only_message(exc)
+    if isinstance(exc, FeatxError):
+        text = exc.render(flags)
+        return text.splitlines()[0] if text else type(exc).__name__
     if isinstance(exc, (FileNotFoundError, PermissionError)):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None

@@ -1,6 +1,7 @@
 """Library messages name the library's parameters; the CLI shows the flags that set them."""
 import ast
 import pickle
+import re
 from pathlib import Path
 
 import click
@@ -119,3 +120,7 @@ def test_every_parameter_a_message_can_name_is_a_flag_of_some_command():
     named = _named_in_source()
     assert {"batch_size", "split_fractions", "data_path", "weights", "image_size"} <= named
     assert named <= PARAMETERS, named - PARAMETERS
+    # and each entry is still named somewhere, as a subject or a {{name}} in an f-string
+    placeholders = {m for path in (Path(__file__).parents[1] / "featx").rglob("*.py")
+                    for m in re.findall(r"\{\{(\w+)\}\}", path.read_text())}
+    assert PARAMETERS <= named | placeholders, PARAMETERS - named - placeholders
