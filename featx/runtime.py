@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from featx.backbones import ResolvedWeights, backbone_transform, resolve_weights
-from featx.data import TransformSpec
+from featx.data import DataParameterError, TransformSpec
 from featx.errors import FeatxError, Note, ParameterError
 
 __all__ = [
@@ -144,8 +144,8 @@ def cap_workers(requested: int, param: str = "workers") -> tuple[int, str | None
     when the number was lowered, else ``None``.
     """
     if requested < 0:
-        raise ParameterError(param, requested, "must be 0 or more (0 decodes in the main "
-                             "process).")
+        raise DataParameterError(param, requested, "must be 0 or more (0 decodes in the main "
+                                 "process).")
     cores = _usable_cores()
     if requested <= cores:
         return requested, None

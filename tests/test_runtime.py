@@ -8,7 +8,7 @@ import torch
 
 import featx.runtime as rt
 from featx.backbones import backbone_transform, resolve_weights
-from featx.errors import ParameterError
+from featx.data import DataError
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -35,8 +35,8 @@ def test_workers_are_capped_at_the_cores_with_a_note(monkeypatch):
     monkeypatch.setattr(rt, "_usable_cores", lambda: 4)
     assert rt.cap_workers(3) == (3, None)
     n, note = rt.cap_workers(500)
-    assert n == 4 and "workers 500 is more than the 4 CPU core(s) here; using 4" in note
-    with pytest.raises(ParameterError, match="workers=-1"):
+    assert n == 4 and note == "note: workers 500 is more than the 4 CPU core(s) here; using 4."
+    with pytest.raises(DataError, match="workers=-1"):
         rt.cap_workers(-1)
 
 
