@@ -19,6 +19,26 @@ from featx.config import (BACKENDS, CLASS_WEIGHTS, FINETUNE_MODES, LOSSES, OPTIM
 __all__ = ["main"]
 
 
+class _Flags(dict):
+    """Library parameter name -> the flag that sets it: ``--`` + the name in kebab-case,
+    unless listed (featx.errors.ParameterError names parameters; this says them as flags)."""
+
+    def __missing__(self, name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+
+_FLAGS = _Flags(data_path="--data", split_fractions="--split", pools="--pool")
+
+
+def _cli_terms(line: str) -> str:
+    """A library line for the user (a :class:`featx.errors.Note`) with flags for parameters."""
+    return line.render(_FLAGS) if hasattr(line, "render") else line
+
+
+def _say(line: str) -> None:
+    click.echo(_cli_terms(line), err=True)
+
+
 class _Group(click.Group):
     """Turns the library's errors into one clear line and a non-zero exit."""
 
@@ -32,7 +52,7 @@ class _Group(click.Group):
             raise click.ClickException(
                 "interrupted. Finished work is kept; run the same command again to resume.")
         except Exception as exc:
-            message = user_error_message(exc)
+            message = user_error_message(exc, _FLAGS)
             if message is None:
                 raise
             raise click.ClickException(message) from None
@@ -239,7 +259,7 @@ def extract(models_, data_path, split_fractions, split_seed, seed, pool, weights
                             compile=compile_)
         res = run_extract(data, cfg)
         for note in res.notes:
-            click.echo(note, err=True)
+            _say(note)
         if res.status == "up-to-date":
             click.echo(f"{res.path}: up to date, nothing to do.", err=True)
         else:
@@ -326,7 +346,7 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
                       standardize=standardize, jobs=jobs or os.cpu_count() or 1, seed=seed,
                       out_dir=out, memory_limit_mb=memory_limit_mb, pca=pca,
                       backend=backend, scheduler=scheduler_address, refit=refit)
-    run = run_fit_heads(caches, cfg, log=lambda line: click.echo(line, err=True))
+    run = run_fit_heads(caches, cfg, log=_say)
     click.echo(format_summary(run.rows))
     for matrix in run.matrices:
         click.echo("\n" + matrix)
@@ -416,7 +436,7 @@ def finetune(model, data_path, split_fractions, split_seed, seed, split_from, we
                    + (f"; {env.world_size} processes ({env.backend}), global batch "
                       f"{batch_size * env.world_size}" if env.distributed else ""), err=True)
     try:
-        res = run_finetune(data, cfg, log=lambda line: click.echo(line, err=True))
+        res = run_finetune(data, cfg, log=_say)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted. best.pt and last.pt of the finished epochs are "
                                    "kept; add --resume to the same command to continue.")
@@ -476,7 +496,7 @@ def predict(head, finetuned, data_paths, images, out, weights, batch_size, devic
     run = run_predict(head or finetuned, inputs, out, expect="head" if head else "finetune",
                       weights=weights, device=device, precision=precision,
                       batch_size=batch_size, workers=workers, progress=progress,
-                      log=lambda line: click.echo(line, err=True))
+                      log=_say)
     click.echo(f"{run.n_images} image(s) predicted in {run.seconds:.1f} s", err=True)
     if run.skipped:
         click.echo(f"skipped {len(run.skipped)} unreadable file(s), listed in "
@@ -584,7 +604,7 @@ def compare(data_path, split_fractions, split_seed, seed, models_, pool, heads, 
                         loss=loss, lr=lr, optimizer=optimizer, jobs=jobs, backend=backend,
                         scheduler=scheduler_address, cache_dir=cache_dir, out=out,
                         overwrite=overwrite, progress=progress)
-    run = run_compare(data, cfg, log=lambda m: click.echo(m, err=True))
+    run = run_compare(data, cfg, log=_say)
     if env.is_main:
         _print_compare(run)
 
@@ -629,7 +649,7 @@ def demo(quick, epochs, out, cache_dir, progress):
     click.echo(f"demo: {len(data.classes)} digit classes, "
                + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
                + f" images in {root}", err=True)
-    run = run_compare(data, cfg, log=lambda m: click.echo(m, err=True))
+    run = run_compare(data, cfg, log=_say)
     _print_compare(run)
     if weights == "none":
         click.echo("note: random weights - these numbers show the machinery, not transfer.")

@@ -20,7 +20,7 @@ from featx.backbones import resolve_weights
 from featx.cache import PENULTIMATE, Cache, feature_name
 from featx.config import FINETUNE_MODES, CompareConfig
 from featx.data import DatasetSpec
-from featx.errors import FeatxError
+from featx.errors import ParameterError
 from featx.extract import ExtractConfig, extract
 from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
 from featx.results import finetune_result_path, head_result_path, read_result
@@ -82,7 +82,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     the others wait.
     """
     if cfg.finetune not in FINETUNE_MODES:
-        raise FeatxError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
+        raise ParameterError("finetune", cfg.finetune, f"use one of {', '.join(FINETUNE_MODES)}.")
     heads = _head_names(cfg.heads)
     if cfg.backend != "loky" or cfg.scheduler:  # before any extraction; plain loky: no import
         from featx.heads import check_backend

@@ -23,12 +23,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, ParameterError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
     "DataError",
+    "DataParameterError",
     "MAX_SEED",
     "DatasetSpec",
     "check_seed",
@@ -47,6 +48,10 @@ MAX_SEED = 2**32 - 1
 
 class DataError(FeatxError):
     """The dataset cannot be used as given; the message says what to change."""
+
+
+class DataParameterError(ParameterError, DataError):
+    """A data setting (split fractions, seed, data path, image size) that cannot work."""
 
 
 @dataclass
@@ -139,16 +144,18 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
     except ValueError:
         parts = ()
     if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0 or abs(sum(parts) - 1) > 1e-6:
-        raise DataError(f"--split {text!r} must be three fractions train,val,test that sum to 1 "
-                        f"with train > 0, e.g. 0.7,0.15,0.15")
+        raise DataParameterError("split_fractions", text, "must be three fractions train,val,"
+                                 "test that sum to 1 with train > 0, e.g. 0.7,0.15,0.15", sep=" ")
     return parts  # type: ignore[return-value]
 
 
-def check_seed(seed: int, option: str = "--seed") -> int:
-    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`DataError` naming it."""
+def check_seed(seed: int, param: str = "seed") -> int:
+    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`DataError` (a
+    :class:`~featx.errors.ParameterError`) naming ``param``."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
             or not 0 <= seed <= MAX_SEED:
-        raise DataError(f"{option} {seed}: must be an integer from 0 to {MAX_SEED}.")
+        raise DataParameterError(param, seed, f"must be an integer from 0 to {MAX_SEED}.",
+                                 shown=str(seed))
     return int(seed)
 
 
@@ -238,10 +245,11 @@ def load_dataset(path: str | Path, *, split: tuple[float, float, float] = (0.7, 
     path = Path(path)
     seed = check_seed(seed)
     if not path.exists():
-        raise DataError(f"--data {path}: no such file or folder.")
+        raise DataParameterError("data_path", path, "no such file or folder.", shown=str(path))
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise DataError(f"--data {path}: expected a folder or a .csv manifest.")
+            raise DataParameterError("data_path", path, "expected a folder or a .csv manifest.",
+                                     shown=str(path))
         spec = _from_csv(path, split, seed)
     elif (path / "train").is_dir():
         spec = _from_split_folders(path)
@@ -300,7 +308,7 @@ def _split_per_class(items_by_class: dict[int, list[str]], classes: list[str],
             raise DataError(
                 f"{root}: class {classes[label]!r} has {n} image(s); a "
                 f"{','.join(f'{f:g}' for f in fractions)} split needs at least {need} per class. "
-                f"Add images, remove the class, or change --split.")
+                f"Add images, remove the class, or change {{split_fractions}}.")
         order = rng.permutation(n)
         picked = [files[i] for i in order]
         out["test"] += [(p, label) for p in picked[:n_test]]

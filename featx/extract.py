@@ -28,7 +28,7 @@ from featx.cache import (PENULTIMATE, Cache, CacheWriter, StaleCacheError, cache
                          lock_cache, provenance_covers)
 from featx.config import ExtractConfig
 from featx.data import DataError, DatasetSpec
-from featx.errors import FeatxError
+from featx.errors import ParameterError
 from featx.images import ImageFiles, TransformSpec
 from featx.runtime import (autocast, cap_workers, extract_workers, resolve_device,
                            resolve_precision, setup)
@@ -62,8 +62,8 @@ def parse_pools(text: str) -> tuple[int, ...]:
     except ValueError:
         pools = [0]
     if any(p < 1 or p > 64 for p in pools):
-        raise FeatxError(f"--pool {text!r}: give pool sizes as integers 1..64 separated by "
-                         f"commas, e.g. 1,2,4,8")
+        raise ParameterError("pools", text, "give pool sizes as integers 1..64 separated by "
+                             "commas, e.g. 1,2,4,8")
     return tuple(pools)
 
 
@@ -136,9 +136,9 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
 
 def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractResult:
     if cfg.batch_size < 1:
-        raise FeatxError(f"--batch-size {cfg.batch_size}: must be at least 1.")
+        raise ParameterError("batch_size", cfg.batch_size, "must be at least 1.")
     if cfg.store not in ("float32", "float16"):
-        raise FeatxError(f"--store {cfg.store!r}: use float32 or float16.")
+        raise ParameterError("store", cfg.store, "use float32 or float16.")
     spec = get_backbone(cfg.model)
     ready = setup(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
                   image_size=cfg.image_size, seed=cfg.seed)

@@ -49,7 +49,7 @@ from featx import ddp
 from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
 from featx.config import LOSSES, OPTIMIZERS, SCHEDULERS, FinetuneConfig
 from featx.data import DataError, DatasetSpec, check_seed, dataset_fingerprints
-from featx.errors import DiskFullError, FeatxError, is_disk_full
+from featx.errors import DiskFullError, FeatxError, ParameterError, is_disk_full
 from featx.extract import pool_notes
 from featx.files import atomic_write
 from featx.images import ImageFiles, TransformSpec
@@ -134,7 +134,7 @@ def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> Finetun
     root = Path(cache.attrs["dataset_root"])
     if not root.is_dir():
         raise DataError(f"--split-from {path}: the images it was extracted from were in {root}, "
-                        f"which no longer exists. Put them back there, or use --data with "
+                        f"which no longer exists. Put them back there, or use {{data_path}} with "
                         f"their new location (same files give the same split).")
     splits = {s: cache.split_items(s) for s in cache.splits}
     info = cache.dataset_info()
@@ -144,7 +144,7 @@ def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> Finetun
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
                                           else "")
         raise DataError(f"--split-from {path}: {len(missing)} of its images are no longer in "
-                        f"{root} ({shown}). Put them back, re-extract, or pass --allow-missing "
+                        f"{root} ({shown}). Put them back, re-extract, or pass {{allow_missing}} "
                         f"to fine-tune without them (the result is then not comparable).")
     if missing:
         splits = {s: [(rel, lab) for rel, lab in items if (root / rel).is_file()]
@@ -245,9 +245,9 @@ class FinetuneModel(nn.Module):
         elif what in stages:
             self.frozen = stages[:stages.index(what) + 1]
         else:
-            raise FeatxError(f"--freeze {what!r} is not a stage of {self.spec.name}; use "
-                             f"{', '.join(list_stages(self.spec.name))} (see `featx finetune "
-                             f"--model {self.spec.name} --list-stages`).")
+            raise ParameterError("freeze", what, f"is not a stage of {self.spec.name}; use "
+                                 f"{', '.join(list_stages(self.spec.name))} (see `featx "
+                                 f"finetune --model {self.spec.name} --list-stages`).", sep=" ")
         names = {n for stage in self.frozen
                  for n in self.spec.stage_parameter_names(self.backbone, stage)}
         for n, p in self.backbone.named_parameters():
@@ -311,7 +311,7 @@ def make_loss(kind: str, *, class_counts=None, gamma: float = 2.0) -> nn.Module:
         return nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))
     if kind == "focal":
         return FocalLoss(gamma)
-    raise FeatxError(f"--loss {kind!r}: use one of {', '.join(LOSSES)}.")
+    raise ParameterError("loss", kind, f"use one of {', '.join(LOSSES)}.")
 
 
 def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -592,40 +592,37 @@ def _write_history(history: list[dict], path: Path) -> None:
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """Raise ``ValueError`` naming the first setting of ``cfg`` that cannot work."""
-    checks = [
-        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"--epochs {cfg.epochs}: must be at "
-         f"least 1."),
-        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1,
-         f"--batch-size {cfg.batch_size}: must be at least 1."),
-        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr}: must be a positive number, "
-         f"e.g. 1e-3."),
-        (math.isfinite(cfg.backbone_lr_mult) and cfg.backbone_lr_mult >= 0,
-         f"--backbone-lr-mult {cfg.backbone_lr_mult}: must be 0 or more (0 keeps the "
-         f"backbone's weights fixed but its BatchNorm statistics still adapt)."),
-        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
-         f"--weight-decay {cfg.weight_decay}: must be 0 or more."),
-        (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0,
-         f"--focal-gamma {cfg.focal_gamma}: must be 0 or more (0 is cross-entropy)."),
-        (1 <= cfg.pool <= 64, f"--pool {cfg.pool}: must be an integer 1..64."),
-        (cfg.early_stop >= 0, f"--early-stop {cfg.early_stop}: give a patience in epochs "
-         f"(at least 1), or 0 to train all epochs."),
-        (cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r}: use one of "
-         f"{', '.join(OPTIMIZERS)}."),
-        (cfg.scheduler in SCHEDULERS, f"--scheduler {cfg.scheduler!r}: use one of "
-         f"{', '.join(SCHEDULERS)}."),
-        (cfg.loss in LOSSES, f"--loss {cfg.loss!r}: use one of {', '.join(LOSSES)}."),
-        (cfg.workers is None or cfg.workers >= 0, f"--workers {cfg.workers}: must be 0 or more."),
+    """Raise :class:`~featx.errors.ParameterError` naming the first setting of ``cfg`` that
+    cannot work."""
+    checks = [  # (ok, the field, what is wrong)
+        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, "epochs", "must be at least 1."),
+        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "batch_size",
+         "must be at least 1."),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive number, e.g. 1e-3."),
+        (math.isfinite(cfg.backbone_lr_mult) and cfg.backbone_lr_mult >= 0, "backbone_lr_mult",
+         "must be 0 or more (0 keeps the backbone's weights fixed but its BatchNorm "
+         "statistics still adapt)."),
+        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay",
+         "must be 0 or more."),
+        (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0, "focal_gamma",
+         "must be 0 or more (0 is cross-entropy)."),
+        (1 <= cfg.pool <= 64, "pool", "must be an integer 1..64."),
+        (cfg.early_stop >= 0, "early_stop",
+         "give a patience in epochs (at least 1), or 0 to train all epochs."),
+        (cfg.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}."),
+        (cfg.scheduler in SCHEDULERS, "scheduler", f"use one of {', '.join(SCHEDULERS)}."),
+        (cfg.loss in LOSSES, "loss", f"use one of {', '.join(LOSSES)}."),
+        (cfg.workers is None or cfg.workers >= 0, "workers", "must be 0 or more."),
     ]
-    for ok, message in checks:
+    for ok, param, problem in checks:
         if not ok:
-            raise FeatxError(message)
+            raise ParameterError(param, getattr(cfg, param), problem)
     check_seed(cfg.seed)
     stages = list_stages(cfg.model)
     if cfg.freeze not in stages:
-        raise FeatxError(f"--freeze {cfg.freeze!r} is not a stage of {cfg.model}; use "
-                         f"{', '.join(stages)} (`featx finetune --model {cfg.model} "
-                         f"--list-stages`).")
+        raise ParameterError("freeze", cfg.freeze, f"is not a stage of {cfg.model}; use "
+                             f"{', '.join(stages)} (`featx finetune --model {cfg.model} "
+                             f"--list-stages`).", sep=" ")
 
 
 def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
@@ -636,9 +633,9 @@ def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
         raise DataError(f"{data.root}: the train split holds a single class; fine-tuning a "
                         f"classifier needs at least two.")
     if cfg.early_stop and not data.splits.get("val"):
-        raise FeatxError(f"--early-stop {cfg.early_stop} needs a val split, and {data.source} "
-                         f"has none; drop --early-stop or give the data a val split (e.g. "
-                         f"--split 0.7,0.15,0.15).")
+        raise ParameterError("early_stop", cfg.early_stop, f"needs a val split, and "
+                             f"{data.source} has none; drop {{early_stop}} or give the data a "
+                             f"val split (e.g. {{split_fractions}} 0.7,0.15,0.15).", sep=" ")
 
 
 def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
@@ -649,8 +646,9 @@ def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else \
             type(exc).__name__
-        raise FeatxError(f"--resume: {path} cannot be read ({reason}); it is damaged. Run the "
-                         f"same command without --resume to start this run afresh.") from None
+        raise ParameterError("resume", True, f"{path} cannot be read ({reason}); it is "
+                             f"damaged. Run the same command without {{resume}} to start this "
+                             f"run afresh.", shown="") from None
     old = {k: v for k, v in ckpt["config"].items() if k not in _RUN_INDEPENDENT}
     new = {k: v for k, v in _config_dict(cfg).items() if k not in _RUN_INDEPENDENT}
     diffs = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
@@ -658,8 +656,9 @@ def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
     if ckpt.get("split_fingerprint") != data.info["split_fingerprint"]:
         diffs.append("the split's file lists differ")
     if diffs:
-        raise FeatxError(f"--resume: {path} was made with other settings ({'; '.join(diffs)}); "
-                         f"run without --resume to start afresh.")
+        raise ParameterError("resume", True, f"{path} was made with other settings "
+                             f"({'; '.join(diffs)}); run without {{resume}} to start afresh.",
+                             shown="")
     return ckpt
 
 

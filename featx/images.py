@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from featx.data import DataError
+from featx.data import DataParameterError
 
 __all__ = [
     "ImageFiles",
@@ -91,7 +91,8 @@ class TransformSpec:
         crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
         if image_size is not None:
             if image_size < 16:
-                raise DataError(f"--image-size {image_size} is too small; use at least 16.")
+                raise DataParameterError("image_size", image_size, "is too small; use at least "
+                                         "16.", sep=" ")
             resize = int(round(image_size * resize / crop))
             crop = image_size
         return cls(resize, crop, tuple(t.mean), tuple(t.std), t.interpolation.value)

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbone_transform,
                              build_backbone, get_backbone, resolve_weights)
 from featx.cache import PENULTIMATE, pool_of
-from featx.data import IMAGE_EXTENSIONS, DataError
-from featx.errors import FeatxError
+from featx.data import IMAGE_EXTENSIONS, DataError, DataParameterError
+from featx.errors import FeatxError, ParameterError
 from featx.files import atomic_write
 from featx.images import ImageFiles, TransformSpec
 # extract's own batch forward and fast eval form: new images get the very features the
@@ -95,8 +95,9 @@ def _from_manifest(path: Path, index: dict[str, int], notes: list[str]
         reader = csv.DictReader(f)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "path" not in cols:
-            raise DataError(f"--data {path}: a manifest needs a header with a path column "
-                            f"(and optionally label); found {','.join(cols) or 'nothing'}.")
+            raise DataParameterError("data_path", path, f"a manifest needs a header with a path "
+                                     f"column (and optionally label); found "
+                                     f"{','.join(cols) or 'nothing'}.", shown=str(path))
         rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
     labels = [r.get("label", "") for r in rows]
     use = "label" in cols and all(lab in index for lab in labels)
@@ -128,7 +129,8 @@ def find_images(inputs: Sequence[str | Path], classes: Sequence[str]) -> NewImag
             # named explicitly, so tried even with an odd extension; a non-image is skipped
             items.append((str(path), -1))
         else:
-            raise DataError(f"--data {path}: no such file or folder.")
+            raise DataParameterError("data_path", path, "no such file or folder.",
+                                     shown=str(path))
     if not items:
         raise DataError(f"no images found in {', '.join(map(str, inputs))} (extensions "
                         f"{', '.join(IMAGE_EXTENSIONS)}).")
@@ -471,7 +473,7 @@ def predict(result_path: str | Path, inputs: Sequence[str | Path], out: str | Pa
     parameters it shares.
     """
     if batch_size < 1:
-        raise FeatxError(f"--batch-size {batch_size}: must be at least 1.")
+        raise ParameterError("batch_size", batch_size, "must be at least 1.")
     predictor = load_predictor(result_path, expect=expect, weights=weights, device=device,
                                precision=precision)
     images = find_images(inputs, predictor.classes)

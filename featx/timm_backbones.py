@@ -248,19 +248,20 @@ def timm_transform(spec: TimmSpec, image_size: int | None = None):
     ``floor(size / crop_pct)``, center crop ``size``, normalise. ``image_size`` replaces the
     crop size as ``resolve_data_config({'input_size': (3, N, N)})`` would.
     """
-    from featx.data import DataError
+    from featx.data import DataParameterError
     from featx.images import TransformSpec
     cfg = dict(spec.data_config)
     if image_size is not None:
         if image_size < 16:
-            raise DataError(f"--image-size {image_size} is too small; use at least 16.")
+            raise DataParameterError("image_size", image_size, "is too small; use at least "
+                                     "16.", sep=" ")
         cfg["input_size"] = (3, image_size, image_size)
     _, h, w = cfg["input_size"]
     mode = cfg.get("crop_mode") or "center"
     if h != w or mode != "center":
         raise FeatxError(f"{spec.name}: timm's eval transform for it is {mode!r} crop at "
                          f"{h}x{w}; featx reproduces square center crops only (most timm "
-                         f"models); give --image-size N for a square one, or pick another model.")
+                         f"models); give {{image_size}} N for a square one, or pick another model.")
     crop_pct = cfg.get("crop_pct") or 0.875
     resize = math.floor(h / crop_pct)
     return TransformSpec(resize, int(h), tuple(float(v) for v in cfg["mean"]),

@@ -128,7 +128,7 @@ def test_compare_cli_bad_finetune_mode_and_model(digits_dir, tmp_path):
     assert r.exit_code == 2 and "Invalid value for '--finetune'" in r.output
     assert "'sideways' is not one of 'none', 'full', 'backbone', 'both'" in r.output
     assert "Traceback" not in r.output
-    with pytest.raises(ValueError, match="--finetune 'sideways': use one of none, full"):
+    with pytest.raises(ValueError, match="finetune='sideways': use one of none, full"):
         run_compare(load_dataset(digits_dir), _cfg(tmp_path, finetune="sideways"))
     assert not (tmp_path / "cache").exists()  # refused before any extraction
 

@@ -329,7 +329,7 @@ def test_sixteen_bit_values_are_rounded_not_truncated(tmp_path):
 def test_seed_outside_the_valid_range_names_the_option():
     from featx.data import check_seed
     for bad in (-1, 2**32, 10**30):
-        with pytest.raises(DataError, match=rf"--seed {bad}: must be an integer from 0 to "
+        with pytest.raises(DataError, match=rf"seed={bad}: must be an integer from 0 to "
                                             rf"4294967295"):
             check_seed(bad)
     assert check_seed(2**32 - 1) == 2**32 - 1

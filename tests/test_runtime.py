@@ -35,8 +35,8 @@ def test_workers_are_capped_at_the_cores_with_a_note(monkeypatch):
     monkeypatch.setattr(rt, "_usable_cores", lambda: 4)
     assert rt.cap_workers(3) == (3, None)
     n, note = rt.cap_workers(500)
-    assert n == 4 and "--workers 500 is more than the 4 CPU core(s) here; using 4" in note
-    with pytest.raises(DataError, match="--workers -1"):
+    assert n == 4 and note == "note: workers 500 is more than the 4 CPU core(s) here; using 4."
+    with pytest.raises(DataError, match="workers=-1"):
         rt.cap_workers(-1)
 
 
@@ -62,9 +62,9 @@ def test_setup_resolves_device_precision_weights_transform_in_order(tmp_path):
     assert ready.transform.crop == 48
     # the first bad option is the one reported: the device before precision and weights
     missing = str(tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match="--device 'tpu'"):
+    with pytest.raises(ValueError, match="device='tpu'"):
         rt.setup("resnet18", missing, device="tpu", precision="nope")
-    with pytest.raises(ValueError, match="--precision 'nope'"):
+    with pytest.raises(ValueError, match="precision='nope'"):
         rt.setup("resnet18", missing, device="cpu", precision="nope")
 
 
