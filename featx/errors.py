@@ -22,10 +22,11 @@ __all__ = ["PARAMETERS", "DiskFullError", "FeatxError", "Note", "ParameterError"
 # maps each to its flag (featx/cli.py, _FLAGS), and tests/test_params.py checks that each one
 # still has a flag.
 PARAMETERS = frozenset({
-    "allow_missing", "backbone_lr_mult", "batch_size", "data_path", "device", "early_stop",
-    "epochs", "finetune", "focal_gamma", "freeze", "image_size", "loss", "lr", "optimizer",
-    "pool", "pools", "precision", "resume", "scheduler", "seed",
-    "split_fractions", "store", "weight_decay", "weights", "workers",
+    "allow_missing", "backbone_lr_mult", "backend", "batch_size", "class_weight", "cv",
+    "data_path", "device", "early_stop", "epochs", "features", "finetune", "focal_gamma",
+    "freeze", "heads", "image_size", "jobs", "loss", "lr", "optimizer", "pca", "pool", "pools",
+    "precision", "resume", "scheduler", "seed", "select", "split_fractions", "store",
+    "weight_decay", "weights", "workers",
 })
 
 # {name} of a parameter inside a message; other braces (in paths, in "pool{n}") stay as written

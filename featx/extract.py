@@ -27,7 +27,7 @@ from featx.backbones import FeatureModel, backbone_provenance, build_backbone, g
 from featx.cache import (PENULTIMATE, Cache, CacheWriter, StaleCacheError, cache_filename,
                           diff_provenance, feature_name,
                          lock_cache, provenance_covers)
-from featx.config import ExtractConfig
+from featx.config import STORE_DTYPES, ExtractConfig
 from featx.data import DataError, DatasetSpec
 from featx.errors import ParameterError
 from featx.images import ImageFiles, TransformSpec
@@ -139,8 +139,8 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
 def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractResult:
     if cfg.batch_size < 1:
         raise ParameterError("batch_size", cfg.batch_size, "must be at least 1.")
-    if cfg.store not in ("float32", "float16"):
-        raise ParameterError("store", cfg.store, "use float32 or float16.")
+    if cfg.store not in STORE_DTYPES:
+        raise ParameterError("store", cfg.store, f"use {' or '.join(STORE_DTYPES)}.")
     ready = setup(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
                   image_size=cfg.image_size, seed=cfg.seed)
     device, precision, weights, transform = (ready.device, ready.precision, ready.weights,

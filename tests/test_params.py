@@ -124,3 +124,24 @@ def test_every_parameter_a_message_can_name_is_a_flag_of_some_command():
     placeholders = {m for path in (Path(__file__).parents[1] / "featx").rglob("*.py")
                     for m in re.findall(r"\{\{(\w+)\}\}", path.read_text())}
     assert PARAMETERS <= named | placeholders, PARAMETERS - named - placeholders
+
+
+def test_head_settings_name_parameters_in_the_library_and_flags_in_the_cli(tmp_path):
+    from featx.heads import HeadsConfig
+    from featx.heads.run import _check_config
+    for kwargs, library in [
+            (dict(cv=1), "cv=1: need at least 2 folds."),
+            (dict(jobs=0), "jobs=0: must be at least 1."),
+            (dict(select="test"), "select='test': use val or cv."),
+            (dict(class_weight="inverse"), "class_weight='inverse': use none or balanced."),
+            (dict(scheduler="tcp://h:8786"), "scheduler=tcp://h:8786: loky runs on this machine "
+             "only; add backend dask or backend ray to use a cluster.")]:
+        with pytest.raises(ParameterError) as err:
+            _check_config(["c.h5"], HeadsConfig(**kwargs))
+        assert str(err.value) == library
+    cache = tmp_path / "c.h5"
+    cache.write_bytes(b"")
+    result = CliRunner().invoke(main, ["fit-heads", str(cache), "--scheduler", "tcp://h:8786"])
+    assert result.output.splitlines()[-1] == (
+        "Error: --scheduler tcp://h:8786: loky runs on this machine only; add --backend dask or "
+        "--backend ray to use a cluster.")

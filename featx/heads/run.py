@@ -23,8 +23,8 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache, CacheError, partial_path, pool_of
-from featx.config import HeadsConfig
-from featx.errors import FeatxError
+from featx.config import CLASS_WEIGHTS, SELECT_MODES, HeadsConfig
+from featx.errors import FeatxError, ParameterError
 from featx.files import atomic_write
 from featx.heads.backends import check_backend, heads_backend
 from featx.heads.outofcore import (_MB, _describe_plan, _fit_reducer, _reduce, memory_limit,
@@ -64,7 +64,8 @@ def resolve_features(cache: Cache, features: Sequence[str]) -> list[str]:
     """Feature names to fit: ``["all"]`` -> penultimate + every pool{n}; others checked."""
     names = [f.strip() for f in features if f and f.strip()]
     if not names:
-        raise FeatxError(f"--features: name at least one of {', '.join(cache.features)}, or all.")
+        raise ParameterError("features", features, f"name at least one of "
+                             f"{', '.join(cache.features)}, or all.", shown="")
     if "all" in names:
         return cache.features
     for name in names:
@@ -191,14 +192,15 @@ def _check_config(caches: Sequence[str | Path], config: HeadsConfig) -> HeadsCon
     """``config`` with its heads parsed; a bad setting raises before anything is read."""
     heads = parse_heads(config.heads)
     config = replace(config, heads=tuple(heads), out_dir=Path(config.out_dir))
-    if config.select not in ("val", "cv"):
-        raise FeatxError(f"--select {config.select!r}: use val or cv.")
-    if config.class_weight not in (None, "balanced"):
-        raise FeatxError(f"--class-weight {config.class_weight!r}: use none or balanced.")
+    if config.select not in SELECT_MODES:
+        raise ParameterError("select", config.select, f"use {' or '.join(SELECT_MODES)}.")
+    if config.class_weight not in (None, *CLASS_WEIGHTS[1:]):  # CLASS_WEIGHTS[0] "none" is None
+        raise ParameterError("class_weight", config.class_weight,
+                             f"use {' or '.join(CLASS_WEIGHTS)}.")
     if config.cv < 2:
-        raise FeatxError(f"--cv {config.cv}: need at least 2 folds.")
+        raise ParameterError("cv", config.cv, "need at least 2 folds.")
     if config.jobs < 1:
-        raise FeatxError(f"--jobs {config.jobs}: must be at least 1.")
+        raise ParameterError("jobs", config.jobs, "must be at least 1.")
     check_backend(config.backend, config.scheduler)
     if not caches:
         raise FeatxError("give at least one cache file.")
