@@ -11,10 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["BACKENDS", "CLASS_WEIGHTS", "CompareConfig", "DEFAULT_HEADS", "ExtractConfig",
+__all__ = ["BACKENDS", "CLASS_WEIGHTS", "CompareConfig", "DEFAULT_HEADS", "DEFAULT_MAX_WORKERS",
+           "ExtractConfig",
            "FINETUNE_MODES", "FinetuneConfig", "HeadsConfig", "LOSSES", "OPTIMIZERS",
            "PRECISIONS", "SCHEDULERS", "SELECT_MODES", "STORE_DTYPES"]
 
+# the most DataLoader workers a default picks (an explicit --workers may ask for more, up to
+# one per usable core: featx.runtime.cap_workers)
+DEFAULT_MAX_WORKERS = 8
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = ("float32", "float16")    # dtypes a cache stores its features in
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -44,8 +48,9 @@ _SHARED = {
     "device": ("auto", "auto, cpu or cuda."),
     "precision": ("auto", "auto: bf16/fp16 on GPU; on CPU bf16 where it is native (AMX, "
                   "AVX512-BF16), else fp32."),
-    "workers": (None, "DataLoader worker processes, at most one per CPU core [default: CPU "
-                "cores, at most 8; extract on the CPU: a quarter of the cores]."),
+    "workers": (None, f"DataLoader worker processes, at most one per CPU core [default: CPU "
+                f"cores, at most {DEFAULT_MAX_WORKERS}; extract on the CPU: a quarter of the "
+                f"cores]."),
     "batch_size": (32, "Images per batch."),
     "seed": (0, "Seed of random init and training (not of the split: --split-seed), "
              "0..4294967295."),
@@ -67,7 +72,7 @@ class ExtractConfig:
     """Everything that decides what one extraction does.
 
     ``pools`` are the n of ``AdaptiveAvgPool2d(n)``; ``image_size`` overrides the weights'
-    crop (pixels); ``workers=None`` means one DataLoader worker per CPU core (at most 8) on a
+    crop (pixels); ``workers=None`` means one DataLoader worker per CPU core (at most :data:`DEFAULT_MAX_WORKERS`) on a
     GPU, and a quarter of the cores on the CPU (none on 2 cores). ``compile`` runs the model
     through ``torch.compile`` (inductor, frozen weights): faster per image, but it costs
     seconds to tens of seconds up front, so it pays only on large datasets (BENCHMARKS.md).
@@ -103,7 +108,7 @@ class FinetuneConfig:
     model's own penultimate. ``early_stop``: patience in epochs on the val loss, ``0`` = off.
     ``lr`` is the head's learning rate; the backbone gets ``lr * backbone_lr_mult``.
     ``batch_size`` is per process under torchrun. ``workers=None``: one DataLoader worker
-    per CPU core (at most 8; under torchrun the node's cores shared among its processes).
+    per CPU core (at most :data:`DEFAULT_MAX_WORKERS`; under torchrun the node's cores shared among its processes).
     ``seed``: the new head's init, shuffling and augmentation; the split's seed is the data's.
     """
 

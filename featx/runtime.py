@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from featx.backbones import ResolvedWeights, backbone_transform, resolve_weights
-from featx.config import PRECISIONS
+from featx.config import DEFAULT_MAX_WORKERS, PRECISIONS
 from featx.data import DataParameterError
 from featx.errors import FeatxError, Note, ParameterError
 from featx.images import TransformSpec
@@ -50,9 +50,6 @@ __all__ = [
 ]
 
 
-# the most DataLoader workers a default picks (an explicit --workers may ask for more, up to
-# one per usable core: cap_workers)
-DEFAULT_MAX_WORKERS = 8
 
 # Ranks other than 0 wait at a collective while rank 0 alone does file work (compare's
 # extraction and heads); torch's default (10 min NCCL, 30 min gloo) would kill a long wait.
