@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import struct
 
 import numpy as np
@@ -236,6 +237,11 @@ def test_markdown_has_one_ranking_per_dataset_the_rules_and_the_unreadable_file(
                                                                              results):
     md = (results / "report" / "report.md").read_text()
     assert md.index("## tiles (") < md.index("## xray (") < md.index("## Not comparable")
+    # the results scored on other images are ranked only under "Not comparable"
+    main_part, other_part = md.split("## Not comparable")
+    rows = re.compile(r"^\| \d+ \|", re.M)
+    assert len(rows.findall(main_part)) == len(HEAD_ERRORS) + 2 + 2 + 3 - 2
+    assert len(rows.findall(other_part)) == 2 and "NOT COMPARABLE" not in main_part
     assert "`broken/result.json`: invalid JSON" in md
     assert "number of head results in this report that come from that cache" in md
     assert "![pool_size_tiles](pool_size_tiles.png)" in md
