@@ -20,6 +20,7 @@ from click.testing import CliRunner
 import featx.backbones as backbones
 import featx.extract as extract_mod
 import featx.heads.task as heads_task
+import featx.weights as weights_mod
 from featx.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,17 +50,17 @@ def test_extract_rerun_builds_nothing_and_hashes_the_weights_once(digits_dir, we
     first = _extract(digits_dir, weights_file, tmp_path / "cache")
     assert first.exit_code == 0, first.output
     # a new process: nothing memoised in memory, only the on-disk memo beside the hub
-    monkeypatch.setattr(backbones, "_HASH_MEMO", {})
+    monkeypatch.setattr(weights_mod, "_HASH_MEMO", {})
     monkeypatch.setattr(extract_mod, "build_backbone", _boom)
-    monkeypatch.setattr(backbones, "_hash_file", _boom)
+    monkeypatch.setattr(weights_mod, "_hash_file", _boom)
     again = _extract(digits_dir, weights_file, tmp_path / "cache")
     assert again.exit_code == 0, again.output
     assert "up to date, nothing to do" in again.output
 
     # the same bytes written again: the file's identity changed, so it is hashed again
     calls = []
-    monkeypatch.setattr(backbones, "_hash_file",
-                        lambda p: calls.append(p) or backbones.hashlib.sha256(
+    monkeypatch.setattr(weights_mod, "_hash_file",
+                        lambda p: calls.append(p) or weights_mod.hashlib.sha256(
                             Path(p).read_bytes()).hexdigest())
     weights_file.write_bytes(weights_file.read_bytes())
     third = _extract(digits_dir, weights_file, tmp_path / "cache")
@@ -76,13 +77,13 @@ def test_extract_rerun_builds_nothing_and_hashes_the_weights_once(digits_dir, we
 
 
 def test_weights_hash_memo_survives_a_damaged_memo_file(weights_file, monkeypatch):
-    memo = Path(torch.hub.get_dir()) / backbones._HASH_MEMO_FILE
-    monkeypatch.setattr(backbones, "_HASH_MEMO", {})
-    digest = backbones._sha256(weights_file)
-    assert digest == backbones.hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    memo = Path(torch.hub.get_dir()) / weights_mod._HASH_MEMO_FILE
+    monkeypatch.setattr(weights_mod, "_HASH_MEMO", {})
+    digest = weights_mod._sha256(weights_file)
+    assert digest == weights_mod.hashlib.sha256(weights_file.read_bytes()).hexdigest()
     memo.write_text("{not json")
-    monkeypatch.setattr(backbones, "_HASH_MEMO", {})
-    assert backbones._sha256(weights_file) == digest  # recomputed, not an error
+    monkeypatch.setattr(weights_mod, "_HASH_MEMO", {})
+    assert weights_mod._sha256(weights_file) == digest  # recomputed, not an error
 
 
 def _fit(cache, out, *extra):
