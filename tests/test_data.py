@@ -345,7 +345,7 @@ def test_data_and_cache_import_without_torch():
 
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    script = ("import sys\nimport featx.cache, featx.data\n"
+    script = ("import sys\nimport featx.cache, featx.cache_writer, featx.data\n"
               "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                        timeout=120)
