@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +64,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from featx.backbones import FeatureModel, build_backbone, get_backbone  # noqa: E402
+from featx.backbones import get_backbone  # noqa: E402
 from featx.cache import Cache, cache_filename  # noqa: E402
 from featx.data import DatasetSpec, load_dataset  # noqa: E402
-from featx.extract import ExtractConfig, extract, prepare_for_inference  # noqa: E402
+from featx.extract import ExtractConfig, extract  # noqa: E402
 from featx.runtime import cpu_has_native_bf16, extract_workers, resolve_precision  # noqa: E402
 
 PNEUMONIA = ROOT.parent / "shared" / "data" / "pneumoniamnist"
@@ -351,12 +351,13 @@ def _model_only_rate(name: str, size: int, bs: int, n: int, device: str,
                      precision: str = "fp32", compile: bool = False) -> tuple[float, float]:
     """(images/s, seconds of the first call) of featx's prepared model on random tensors
     already on the device: what extraction could reach if decoding and writing were free."""
-    from featx.extract import compile_model
-    from featx.runtime import autocast
-    dev = torch.device(device)
-    fm = prepare_for_inference(FeatureModel(get_backbone(name),
-                                            build_backbone(name, "none").to(dev)).eval())
-    run = compile_model(fm, []) if compile else fm
+    from featx.frozen import frozen_model
+    from featx.runtime import autocast, setup
+    # extraction's own build (random weights); frozen.run is the bare forward, without
+    # forward_batch's normalising, pooling and copying back
+    frozen = frozen_model(name, setup(name, "none", device=device, precision=precision,
+                                      image_size=size), compile_batch=bs if compile else None)
+    dev, run = frozen.device, frozen.run
     x = torch.randn(bs, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     batches = max(1, n // bs)
 

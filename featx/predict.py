@@ -30,7 +30,7 @@ from featx.files import atomic_write
 from featx.images import ImageFiles, TransformSpec
 # extract's own model and batch forward: new images get the very features the cache holds
 # (same BatchNorm folding, memory format, precision handling)
-from featx.extract import FrozenModel, feature_dims, frozen_model
+from featx.frozen import FrozenModel, feature_dims, frozen_model
 from featx.metrics import classification_metrics
 from featx.results import read_result, write_json
 from featx.runtime import RunSetup, autocast, resolve_device, resolve_precision

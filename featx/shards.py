@@ -222,7 +222,8 @@ def extract_sharded(data, cfg, ready: RunSetup, *, path: Path, prov: dict):
     Every rank returns an :class:`~featx.extract.ExtractResult` for the final cache ``path``;
     rank 0's counts cover all ranks, another rank's its own shards.
     """
-    from featx.extract import ExtractResult, feature_dims, fill_cache, frozen_model
+    from featx.extract import ExtractResult, fill_cache
+    from featx.frozen import feature_dims, frozen_model
     env = dist_env()
     if env.world_size == 1 and not shard_dir(path).is_dir():
         return None

@@ -1,6 +1,5 @@
 """Which exceptions the user sees as one line (FeatxError and its kin) and which keep their
 traceback because they are featx's bugs."""
-import pytest
 from click.testing import CliRunner
 
 from featx.cli import main

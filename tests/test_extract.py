@@ -67,7 +67,7 @@ def test_penultimate_and_pools_match_torchvision_on_real_images(digits_dir, tmp_
 
 
 def test_all_pool_sizes_come_from_one_forward_pass(digits_dir, tmp_path, monkeypatch):
-    import featx.extract as ex
+    import featx.frozen as ex
     calls = []
     real_build = ex.build_backbone
 

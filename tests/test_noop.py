@@ -18,7 +18,7 @@ import torchvision
 from click.testing import CliRunner
 
 import featx.backbones as backbones
-import featx.extract as extract_mod
+import featx.frozen as frozen_mod
 import featx.heads.task as heads_task
 import featx.weights as weights_mod
 from featx.cli import main
@@ -51,7 +51,7 @@ def test_extract_rerun_builds_nothing_and_hashes_the_weights_once(digits_dir, we
     assert first.exit_code == 0, first.output
     # a new process: nothing memoised in memory, only the on-disk memo beside the hub
     monkeypatch.setattr(weights_mod, "_HASH_MEMO", {})
-    monkeypatch.setattr(extract_mod, "build_backbone", _boom)
+    monkeypatch.setattr(frozen_mod, "build_backbone", _boom)
     monkeypatch.setattr(weights_mod, "_hash_file", _boom)
     again = _extract(digits_dir, weights_file, tmp_path / "cache")
     assert again.exit_code == 0, again.output
@@ -70,7 +70,7 @@ def test_extract_rerun_builds_nothing_and_hashes_the_weights_once(digits_dir, we
     # other weights under the same path: a new hash, so a new cache, never "up to date"
     torch.manual_seed(1)
     torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), weights_file)
-    monkeypatch.setattr(extract_mod, "build_backbone", backbones.build_backbone)
+    monkeypatch.setattr(frozen_mod, "build_backbone", backbones.build_backbone)
     fourth = _extract(digits_dir, weights_file, tmp_path / "cache")
     assert fourth.exit_code == 0 and "up to date" not in fourth.output, fourth.output
     assert len(list((tmp_path / "cache").glob("*.h5"))) == 2

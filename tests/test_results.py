@@ -2,7 +2,6 @@
 metric columns drives every table featx writes or prints."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
