@@ -3,6 +3,7 @@ resume and history.csv.
 
 A checkpoint is a dict with fixed keys (model, optimizer, scheduler, scaler, epoch, config,
 rng, best, history, ...); ``best.pt`` leaves the optimizer, scheduler and scaler out.
+Everything here is :func:`featx.finetune.finetune`'s, hence the private names.
 """
 from __future__ import annotations
 
