@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, ParameterError
 from featx.files import atomic_write
 
 __all__ = [
@@ -59,6 +59,10 @@ class UnknownModelError(FeatxError):
 
 class WeightsError(FeatxError, RuntimeError):
     """Weights that cannot be found, loaded or matched to the model."""
+
+
+class _WeightsValueError(ParameterError, WeightsError):
+    """A ``weights`` value that names no weights."""
 
 
 @dataclass(frozen=True)
@@ -450,8 +454,8 @@ def resolve_weights(name: str, weights: str = "imagenet", *, seed: int = 0) -> R
                                f"torchvision {entry} from {target}", version=str(entry))
     path = Path(weights)
     if not path.is_file():
-        raise WeightsError(
-            f"--weights {weights!r} is neither 'imagenet', 'none' nor an existing .pth file.")
+        raise _WeightsValueError("weights", weights, "is neither 'imagenet', 'none' nor an "
+                                 "existing .pth file.", sep=" ")
     kind = "timm state dict" if is_timm(name) else "state dict"
     return ResolvedWeights("file", str(path.resolve()), _sha256(path), f"{kind} {path}")
 
@@ -545,12 +549,12 @@ def import_weights(path: str | Path, name: str) -> Path:
 
 
 def backbone_transform(name: str, weights: ResolvedWeights, image_size: int | None = None):
-    """The eval :class:`~featx.data.TransformSpec` for ``name`` with ``weights``.
+    """The eval :class:`~featx.images.TransformSpec` for ``name`` with ``weights``.
 
     torchvision: the weights entry's own transform; timm: timm's resolved data config.
     ``image_size`` replaces the crop (resize scaled the way the model's family does it).
     """
-    from featx.data import TransformSpec
+    from featx.images import TransformSpec
     if is_timm(name):
         from featx.timm_backbones import timm_transform
         return timm_transform(get_backbone(name), image_size)[0]

@@ -33,8 +33,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from featx.data import dataset_fingerprints
 from featx.errors import DiskFullError, FeatxError, is_disk_full
-from featx.metrics import dataset_fingerprints
 
 __all__ = [
     "PENULTIMATE",
@@ -143,11 +143,18 @@ def lock_cache(path: str | Path):
         os.close(fd)
 
 
-def cache_filename(dataset: str, model: str, weights_tag: str, image_size: int) -> str:
-    """``{dataset}_{model}_{weights}_{size}.h5``: the settings that change the features."""
+def cache_filename(dataset: str, model: str, weights_tag: str, image_size: int,
+                   split_seed: int | None = None) -> str:
+    """``{dataset}_{model}_{weights}_{size}[_split{seed}].h5``: what changes the features.
+
+    ``split_seed`` is the seed that made the split, ``None`` for data that came split. Seed
+    0 and ``None`` add nothing, so the caches of earlier versions keep their names; another
+    seed gets its own file instead of making the seed-0 cache stale.
+    """
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in dataset)
     model = model.replace(":", "-")  # timm:NAME -> timm-NAME: no colons in file names
-    return f"{safe}_{model}_{weights_tag}_{image_size}.h5"
+    split = f"_split{split_seed}" if split_seed else ""
+    return f"{safe}_{model}_{weights_tag}_{image_size}{split}.h5"
 
 
 def partial_path(path: str | Path) -> Path:

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from featx.errors import DiskFullError, FeatxError, is_disk_full
+from featx.errors import DiskFullError, FeatxError, ParameterError, is_disk_full
 from featx.files import atomic_write
 
 if TYPE_CHECKING:
-    from featx.finetune import FinetuneConfig
+    from featx.config import FinetuneConfig
     from featx.finetune_data import FinetuneData
 
 __all__: list[str] = []
@@ -124,8 +124,9 @@ def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else \
             type(exc).__name__
-        raise FeatxError(f"--resume: {path} cannot be read ({reason}); it is damaged. Run the "
-                         f"same command without --resume to start this run afresh.") from None
+        raise ParameterError("resume", True, f"{path} cannot be read ({reason}); it is "
+                             f"damaged. Run the same command without {{resume}} to start this "
+                             f"run afresh.", shown="") from None
     old = {k: v for k, v in ckpt["config"].items() if k not in _RUN_INDEPENDENT}
     new = {k: v for k, v in _config_dict(cfg).items() if k not in _RUN_INDEPENDENT}
     diffs = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
@@ -133,6 +134,7 @@ def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
     if ckpt.get("split_fingerprint") != data.info["split_fingerprint"]:
         diffs.append("the split's file lists differ")
     if diffs:
-        raise FeatxError(f"--resume: {path} was made with other settings ({'; '.join(diffs)}); "
-                         f"run without --resume to start afresh.")
+        raise ParameterError("resume", True, f"{path} was made with other settings "
+                             f"({'; '.join(diffs)}); run without {{resume}} to start afresh.",
+                             shown="")
     return ckpt

@@ -12,7 +12,31 @@ from pathlib import Path
 
 import click
 
+from featx.config import (BACKENDS, CLASS_WEIGHTS, FINETUNE_MODES, LOSSES, OPTIMIZERS,
+                          PRECISIONS, SCHEDULERS, SELECT_MODES, STORE_DTYPES, CompareConfig,
+                          ExtractConfig, FinetuneConfig, HeadsConfig)
+
 __all__ = ["main"]
+
+
+class _Flags(dict):
+    """Library parameter name -> the flag that sets it: ``--`` + the name in kebab-case,
+    unless listed (featx.errors.ParameterError names parameters; this says them as flags)."""
+
+    def __missing__(self, name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+
+_FLAGS = _Flags(data_path="--data", split_fractions="--split", pools="--pool")
+
+
+def _cli_terms(line: str) -> str:
+    """A library line for the user (a :class:`featx.errors.Note`) with flags for parameters."""
+    return line.render(_FLAGS) if hasattr(line, "render") else line
+
+
+def _say(line: str) -> None:
+    click.echo(_cli_terms(line), err=True)
 
 
 class _Group(click.Group):
@@ -28,7 +52,7 @@ class _Group(click.Group):
             raise click.ClickException(
                 "interrupted. Finished work is kept; run the same command again to resume.")
         except Exception as exc:
-            message = user_error_message(exc)
+            message = user_error_message(exc, _FLAGS)
             if message is None:
                 raise
             raise click.ClickException(message) from None
@@ -67,10 +91,31 @@ def main():
 _SEED = click.IntRange(0, 2**32 - 1)
 
 
+def _option(config, name: str, *decls: str, **attrs):
+    """A click option for the field ``name`` of ``config``, with the field's default and help.
+
+    A tuple default becomes the comma-separated text the option takes, and ``None`` becomes
+    ``"none"`` where that is one of the choices; ``decls`` default to ``--field-name``, and
+    ``attrs`` (type, metavar, a command's own help or default) go to :func:`click.option`.
+    """
+    spec = config.__dataclass_fields__[name]
+    default = spec.default
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    elif default is None and "none" in getattr(attrs.get("type"), "choices", ()):
+        default = "none"
+    attrs.setdefault("default", default)
+    attrs.setdefault("help", spec.metadata.get("help"))
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), **attrs)
+
+
 def data_options(f):
-    """``--data``, ``--split``, ``--seed``: where the images are and how they are split."""
-    f = click.option("--seed", type=_SEED, default=0,
-                     help="Seed of the split and random init, 0..4294967295.")(f)
+    """``--data``, ``--split``, ``--split-seed``, ``--seed``: the images, their split, the seed."""
+    f = _option(ExtractConfig, "seed", type=_SEED)(f)
+    f = click.option("--split-seed", type=_SEED, default=0,
+                     help="Seed of the split, for data that comes unsplit (class folders, a "
+                     "CSV without a split column), 0..4294967295; other than 0 it is part of "
+                     "the cache's name.")(f)
     f = click.option("--split", "split_fractions", default="0.7,0.15,0.15", metavar="TR,VA,TE",
                      help="Train/val/test fractions, used when the data has no split.")(f)
     f = click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path),
@@ -81,40 +126,29 @@ def data_options(f):
 
 def model_options(f):
     """``--weights``, ``--image-size``, ``--device``, ``--precision``, ``--workers``."""
-    f = click.option("--workers", type=click.IntRange(0), default=None,
-                     help="DataLoader worker processes, at most one per CPU core [default: "
-                     "CPU cores, at most 8; extract on the CPU: a quarter of the cores].")(f)
-    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-                     default="auto", help="auto: bf16/fp16 on GPU; on CPU bf16 where it is native "
-                     "(AMX, AVX512-BF16), else fp32.")(f)
-    f = click.option("--device", default="auto", help="auto, cpu or cuda.")(f)
-    f = click.option("--image-size", type=click.IntRange(16, 2048), default=None,
-                     help="Crop size in pixels; resize scaled to match [default: the "
-                     "weights' own, usually 224].")(f)
-    f = click.option("--weights", default="imagenet", metavar="imagenet|none|FILE",
-                     help="ImageNet weights (torchvision's hub cache; timm: its pretrained "
-                     "file in the Hugging Face cache), random init, or a .pth state dict "
-                     "(timm: state dict or checkpoint).")(f)
+    # extract, finetune and compare share these fields, defaults included (tests/test_config.py)
+    f = _option(ExtractConfig, "workers", type=click.IntRange(0))(f)
+    f = _option(ExtractConfig, "precision", type=click.Choice(PRECISIONS))(f)
+    f = _option(ExtractConfig, "device")(f)
+    f = _option(ExtractConfig, "image_size", type=click.IntRange(16, 2048))(f)
+    f = _option(ExtractConfig, "weights", metavar="imagenet|none|FILE")(f)
     return f
 
 
 def backend_options(f):
     """``--backend``, ``--scheduler``: where head fits run (joblib backends)."""
     # not FEATX_SCHEDULER: finetune's --scheduler (the LR schedule) has that variable
-    f = click.option("--scheduler", "scheduler_address", default=None, metavar="ADDRESS",
-                     help="A running dask scheduler (tcp://host:8786) or ray cluster "
-                     "(host:6379) [default: start a local one of --jobs workers].")(f)
-    f = click.option("--backend", type=click.Choice(["loky", "dask", "ray"]), default="loky",
-                     help="Where head fits run: loky processes here, or a dask / ray "
-                     "cluster (pip install featx[dask] / featx[ray]); results are the same.")(f)
+    f = _option(HeadsConfig, "scheduler", "--scheduler", "scheduler_address",
+                metavar="ADDRESS")(f)
+    f = _option(HeadsConfig, "backend", type=click.Choice(BACKENDS))(f)
     return f
 
 
-def load_data_arg(data_path: Path | None, split_fractions: str, seed: int):
+def load_data_arg(data_path: Path | None, split_fractions: str, split_seed: int):
     from featx.data import load_dataset, parse_split_fractions
     if data_path is None:
         raise click.UsageError("--data PATH is required.")
-    spec = load_dataset(data_path, split=parse_split_fractions(split_fractions), seed=seed)
+    spec = load_dataset(data_path, split=parse_split_fractions(split_fractions), seed=split_seed)
     for note in spec.notes:
         click.echo(f"note: {note}", err=True)
     return spec
@@ -189,21 +223,17 @@ def weights_import(file, model):
               help="Backbone name (repeatable, or comma-separated), or timm:NAME for any timm "
               "model. See `featx models`.")
 @data_options
-@click.option("--pool", default="", metavar="N,N,...",
-              help="AdaptiveAvgPool2d sizes to store besides penultimate, e.g. 1,2,4,8.")
+# the command stores penultimate only unless asked; the library's default is (1,)
+@_option(ExtractConfig, "pools", "--pool", default="", metavar="N,N,...")
 @model_options
-@click.option("--batch-size", type=click.IntRange(1), default=32)
-@click.option("--store", type=click.Choice(["float32", "float16"]), default="float32",
-              help="dtype of the stored features.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"),
-              help="Folder for the cache files.")
-@click.option("--overwrite", is_flag=True, help="Replace a cache made from other inputs.")
-@click.option("--compile/--no-compile", "compile_", default=False,
-              help="torch.compile the model: 10-15 s up front, then 1.1x (fp32) to ~2x (bf16) "
-              "faster per image; pays from a couple of thousand images.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def extract(models_, data_path, split_fractions, seed, pool, weights, image_size, device,
-            precision, workers, batch_size, store, out, overwrite, compile_, progress):
+@_option(ExtractConfig, "batch_size", type=click.IntRange(1))
+@_option(ExtractConfig, "store", type=click.Choice(STORE_DTYPES))
+@_option(ExtractConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
+@_option(ExtractConfig, "overwrite", is_flag=True)
+@_option(ExtractConfig, "compile", "--compile/--no-compile", "compile_")
+@_option(ExtractConfig, "progress", "--progress/--no-progress")
+def extract(models_, data_path, split_fractions, split_seed, seed, pool, weights, image_size,
+            device, precision, workers, batch_size, store, out, overwrite, compile_, progress):
     """Run frozen backbones over the images once; write features to HDF5.
 
     Also runs as `torchrun --nproc-per-node N -m featx extract ...`: the processes share
@@ -216,7 +246,7 @@ def extract(models_, data_path, split_fractions, seed, pool, weights, image_size
     for name in names:
         get_backbone(name)  # fail on a bad name before reading any data
     pools = parse_pools(pool)
-    data = load_data_arg(data_path, split_fractions, seed)
+    data = load_data_arg(data_path, split_fractions, split_seed)
     main_process = is_main_process()  # under torchrun only rank 0 speaks for the whole job
     if main_process:
         click.echo(f"data: {data.root} ({data.layout}), classes {', '.join(data.classes)}; "
@@ -229,7 +259,7 @@ def extract(models_, data_path, split_fractions, seed, pool, weights, image_size
                             compile=compile_)
         res = run_extract(data, cfg)
         for note in res.notes:
-            click.echo(note, err=True)
+            _say(note)
         if res.status == "up-to-date":
             click.echo(f"{res.path}: up to date, nothing to do.", err=True)
         else:
@@ -284,33 +314,22 @@ def report(results_dir, out):
 
 @main.command("fit-heads", cls=_EnvCommand)
 @click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--heads", default="linear,logistic,svm,mlp", metavar="NAME,...",
-              help="Heads to fit: linear, logistic, svm, mlp, rbf, knn, sgd.")
-@click.option("--features", default="penultimate", metavar="NAME,...|all",
-              help="Cached features to fit on; all = penultimate + every pool{n}.")
-@click.option("--select", type=click.Choice(["val", "cv"]), default="val",
-              help="Choose hyperparameters on the val split (CV on train when a cache has "
-              "none), or always by CV on train.")
-@click.option("--cv", type=click.IntRange(2), default=5, help="Folds for CV selection.")
-@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
-              help="balanced: weight classes by inverse train frequency (not mlp/knn).")
-@click.option("--standardize/--no-standardize", default=True,
-              help="StandardScaler fitted on the fit rows, inside each pipeline.")
-@click.option("--pca", type=click.IntRange(0), default=0, metavar="N",
-              help="Features that do not fit in memory: reduce to N PCA components "
-              "(IncrementalPCA on train) instead of streaming an SGD head.")
-@click.option("--memory-limit-mb", type=click.FloatRange(0, min_open=True), default=None,
-              help="Memory a fit may use [default: 80% of available memory].")
+@_option(HeadsConfig, "heads", metavar="NAME,...")
+@_option(HeadsConfig, "features", metavar="NAME,...|all")
+@_option(HeadsConfig, "select", type=click.Choice(SELECT_MODES))
+@_option(HeadsConfig, "cv", type=click.IntRange(2))
+@_option(HeadsConfig, "class_weight", type=click.Choice(CLASS_WEIGHTS))
+@_option(HeadsConfig, "standardize", "--standardize/--no-standardize")
+@_option(HeadsConfig, "pca", type=click.IntRange(0), metavar="N")
+@_option(HeadsConfig, "memory_limit_mb", type=click.FloatRange(0, min_open=True))
+# not HeadsConfig's 1: the command uses every core unless told
 @click.option("--jobs", type=click.IntRange(1), default=None,
               help="Parallel fits, runs x grid points; with dask/ray and no --scheduler, "
               "the local cluster's workers [default: CPU cores].")
 @backend_options
-@click.option("--seed", type=_SEED, default=0,
-              help="random_state of every estimator, 0..4294967295.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
-              help="Folder for results and heads_summary.csv.")
-@click.option("--refit", is_flag=True, help="Fit again even where OUT already holds a result "
-              "made from the same cache with the same settings (reused by default).")
+@_option(HeadsConfig, "seed", type=_SEED)
+@_option(HeadsConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
+@_option(HeadsConfig, "refit", is_flag=True)
 def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pca,
               memory_limit_mb, jobs, backend, scheduler_address, seed, out, refit):
     """Fit classical heads on cached features; choose on val, score once on test.
@@ -327,7 +346,7 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
                       standardize=standardize, jobs=jobs or os.cpu_count() or 1, seed=seed,
                       out_dir=out, memory_limit_mb=memory_limit_mb, pca=pca,
                       backend=backend, scheduler=scheduler_address, refit=refit)
-    run = run_fit_heads(caches, cfg, log=lambda line: click.echo(line, err=True))
+    run = run_fit_heads(caches, cfg, log=_say)
     click.echo(format_summary(run.rows))
     for matrix in run.matrices:
         click.echo("\n" + matrix)
@@ -344,42 +363,31 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
               default=None, help="Take the exact train/val/test files from this cache "
               "(instead of --data), so heads and fine-tuning score the same images.")
 @model_options
-@click.option("--freeze", default="none", metavar="none|backbone|STAGE",
-              help="Train everything, only the new head, or freeze up to and including STAGE.")
+@_option(FinetuneConfig, "freeze", metavar="none|backbone|STAGE")
 @click.option("--list-stages", "show_stages", is_flag=True,
               help="Print the values --freeze accepts for --model, then exit.")
-@click.option("--epochs", type=int, default=30)
-@click.option("--batch-size", type=int, default=32,
-              help="Images per step; under torchrun per process (global = this x processes).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
-              help="SGD uses momentum 0.9.")
-@click.option("--lr", type=float, default=1e-3, help="Learning rate of the new head.")
-@click.option("--backbone-lr-mult", type=float, default=0.1,
-              help="Backbone learning rate = lr x this.")
-@click.option("--weight-decay", type=float, default=0.0)
-@click.option("--scheduler", type=click.Choice(["cosine", "step", "none"]), default="cosine",
-              help="Per epoch: cosine to zero over the run; step: x0.1 every epochs//3.")
-@click.option("--loss", type=click.Choice(["ce", "weighted", "focal"]), default="ce",
-              help="Cross-entropy, class-weighted cross-entropy (train counts), focal.")
-@click.option("--focal-gamma", type=float, default=2.0, help="Focal loss gamma (0 = ce).")
-@click.option("--augment/--no-augment", default=True,
-              help="Random resized crop + flip on the train split.")
-@click.option("--pool", type=int, default=1,
-              help="Head on AdaptiveAvgPool2d(N) of the last spatial map (C*N*N inputs); "
-              "1 = the model's own penultimate.")
-@click.option("--early-stop", type=int, default=0, metavar="N",
-              help="Stop when the val loss has not improved for N epochs (0 = off).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
-              help="Folder for the run folders.")
-@click.option("--resume", is_flag=True, help="Continue the same run from its last.pt.")
+@_option(FinetuneConfig, "epochs", type=int)
+@_option(FinetuneConfig, "batch_size", type=int)
+@_option(FinetuneConfig, "optimizer", type=click.Choice(OPTIMIZERS))
+@_option(FinetuneConfig, "lr", type=float)
+@_option(FinetuneConfig, "backbone_lr_mult", type=float)
+@_option(FinetuneConfig, "weight_decay", type=float)
+@_option(FinetuneConfig, "scheduler", type=click.Choice(SCHEDULERS))
+@_option(FinetuneConfig, "loss", type=click.Choice(LOSSES))
+@_option(FinetuneConfig, "focal_gamma", type=float)
+@_option(FinetuneConfig, "augment", "--augment/--no-augment")
+@_option(FinetuneConfig, "pool", type=int)
+@_option(FinetuneConfig, "early_stop", type=int, metavar="N")
+@_option(FinetuneConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
+@_option(FinetuneConfig, "resume", is_flag=True)
 @click.option("--allow-missing", is_flag=True,
               help="With --split-from: fine-tune even if some of the cache's images are gone "
               "(the result records the files used, so report marks it not comparable).")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def finetune(model, data_path, split_fractions, seed, split_from, weights, image_size, device,
-             precision, workers, freeze, show_stages, epochs, batch_size, optimizer, lr,
-             backbone_lr_mult, weight_decay, scheduler, loss, focal_gamma, augment, pool,
-             early_stop, out, resume, allow_missing, progress):
+@_option(FinetuneConfig, "progress", "--progress/--no-progress")
+def finetune(model, data_path, split_fractions, split_seed, seed, split_from, weights,
+             image_size, device, precision, workers, freeze, show_stages, epochs, batch_size,
+             optimizer, lr, backbone_lr_mult, weight_decay, scheduler, loss, focal_gamma,
+             augment, pool, early_stop, out, resume, allow_missing, progress):
     """Fine-tune a backbone with a new head on the same split and metrics as the heads.
 
     Writes OUT/{dataset}_{model}_finetune_{settings}/ with best.pt, last.pt, history.csv,
@@ -419,7 +427,7 @@ def finetune(model, data_path, split_fractions, seed, split_from, weights, image
                        err=True)
     else:
         data = ddp.run_on_main(lambda: data_from_spec(
-            load_data_arg(data_path, split_fractions, seed), workers=workers))
+            load_data_arg(data_path, split_fractions, split_seed), workers=workers))
     if env.is_main:
         click.echo(f"data: {data.source}, classes {', '.join(data.classes)}; "
                    + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
@@ -428,7 +436,7 @@ def finetune(model, data_path, split_fractions, seed, split_from, weights, image
                    + (f"; {env.world_size} processes ({env.backend}), global batch "
                       f"{batch_size * env.world_size}" if env.distributed else ""), err=True)
     try:
-        res = run_finetune(data, cfg, log=lambda line: click.echo(line, err=True))
+        res = run_finetune(data, cfg, log=_say)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted. best.pt and last.pt of the finished epochs are "
                                    "kept; add --resume to the same command to continue.")
@@ -488,7 +496,7 @@ def predict(head, finetuned, data_paths, images, out, weights, batch_size, devic
     run = run_predict(head or finetuned, inputs, out, expect="head" if head else "finetune",
                       weights=weights, device=device, precision=precision,
                       batch_size=batch_size, workers=workers, progress=progress,
-                      log=lambda line: click.echo(line, err=True))
+                      log=_say)
     click.echo(f"{run.n_images} image(s) predicted in {run.seconds:.1f} s", err=True)
     if run.skipped:
         click.echo(f"skipped {len(run.skipped)} unreadable file(s), listed in "
@@ -548,31 +556,27 @@ def _print_compare(run) -> None:
 @data_options
 @click.option("--models", "models_", required=True, metavar="NAME,NAME",
               help="Backbones to compare, comma-separated. See `featx models`.")
-@click.option("--pool", default="1,2,4,8", help="Pool sizes to extract (besides penultimate).")
-@click.option("--heads", default="linear,logistic,svm,mlp", help="Heads to fit on each feature.")
-@click.option("--finetune", "finetune_mode", type=click.Choice(["none", "full", "backbone",
-                                                                "both"]), default="backbone",
-              help="Fine-tuning runs: full (--freeze none), backbone (head only), both.")
-@click.option("--epochs", type=click.IntRange(1), default=10, help="Fine-tuning epochs.")
-@click.option("--lr", type=float, default=1e-3, help="Fine-tuning learning rate.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd")
-@click.option("--loss", type=click.Choice(["ce", "weighted", "focal"]), default="ce")
-@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
-              help="Class weights for the heads.")
+@_option(CompareConfig, "pools", "--pool", metavar="N,N,...")
+@_option(CompareConfig, "heads", metavar="NAME,...")
+@_option(CompareConfig, "finetune", "--finetune", "finetune_mode",
+         type=click.Choice(list(FINETUNE_MODES)))
+@_option(CompareConfig, "epochs", type=click.IntRange(1))
+@_option(CompareConfig, "lr", type=float)
+@_option(CompareConfig, "optimizer", type=click.Choice(OPTIMIZERS))
+@_option(CompareConfig, "loss", type=click.Choice(LOSSES))
+@_option(CompareConfig, "class_weight", type=click.Choice(CLASS_WEIGHTS))
 @model_options
-@click.option("--batch-size", type=click.IntRange(1), default=32)
-@click.option("--jobs", type=click.IntRange(1), default=1,
-              help="Parallel head fits (the local cluster's workers with dask/ray).")
+@_option(CompareConfig, "batch_size", type=click.IntRange(1))
+@_option(CompareConfig, "jobs", type=click.IntRange(1))
 @backend_options
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("cache"), help="Where the feature caches go.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("results/compare"), help="Results folder (report in OUT/report).")
-@click.option("--overwrite", is_flag=True, help="Replace caches made from other inputs.")
-@click.option("--progress/--no-progress", default=True)
-def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mode, epochs, lr,
-            optimizer, loss, class_weight, weights, image_size, device, precision, workers,
-            batch_size, jobs, backend, scheduler_address, cache_dir, out, overwrite, progress):
+@_option(CompareConfig, "cache_dir", type=click.Path(file_okay=False, path_type=Path))
+@_option(CompareConfig, "out", type=click.Path(file_okay=False, path_type=Path))
+@_option(CompareConfig, "overwrite", is_flag=True)
+@_option(CompareConfig, "progress", "--progress/--no-progress")
+def compare(data_path, split_fractions, split_seed, seed, models_, pool, heads, finetune_mode,
+            epochs, lr, optimizer, loss, class_weight, weights, image_size, device, precision,
+            workers, batch_size, jobs, backend, scheduler_address, cache_dir, out, overwrite,
+            progress):
     """Run the whole experiment: extract, heads on every feature, fine-tune, report.
 
     Work already done (an up-to-date cache, current head results, finished fine-tuning
@@ -590,7 +594,7 @@ def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mod
     for name in models:
         get_backbone(name)
     env = ddp.setup(device)
-    data = ddp.run_on_main(lambda: load_data_arg(data_path, split_fractions, seed))
+    data = ddp.run_on_main(lambda: load_data_arg(data_path, split_fractions, split_seed))
     cfg = CompareConfig(models=models, pools=parse_pools(pool),
                         heads=tuple(h for h in heads.split(",") if h),
                         finetune=finetune_mode, epochs=epochs, weights=weights,
@@ -600,7 +604,7 @@ def compare(data_path, split_fractions, seed, models_, pool, heads, finetune_mod
                         loss=loss, lr=lr, optimizer=optimizer, jobs=jobs, backend=backend,
                         scheduler=scheduler_address, cache_dir=cache_dir, out=out,
                         overwrite=overwrite, progress=progress)
-    run = run_compare(data, cfg, log=lambda m: click.echo(m, err=True))
+    run = run_compare(data, cfg, log=_say)
     if env.is_main:
         _print_compare(run)
 
@@ -645,7 +649,7 @@ def demo(quick, epochs, out, cache_dir, progress):
     click.echo(f"demo: {len(data.classes)} digit classes, "
                + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
                + f" images in {root}", err=True)
-    run = run_compare(data, cfg, log=lambda m: click.echo(m, err=True))
+    run = run_compare(data, cfg, log=_say)
     _print_compare(run)
     if weights == "none":
         click.echo("note: random weights - these numbers show the machinery, not transfer.")

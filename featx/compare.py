@@ -18,51 +18,18 @@ from typing import Callable
 from featx import ddp
 from featx.backbones import resolve_weights
 from featx.cache import PENULTIMATE, Cache, feature_name
+from featx.config import FINETUNE_MODES, CompareConfig
 from featx.data import DatasetSpec
-from featx.errors import FeatxError
+from featx.errors import ParameterError
 from featx.extract import ExtractConfig, extract
 from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
-from featx.metrics import read_result
+from featx.results import finetune_result_path, head_result_path, read_result
 
 # featx.heads (sklearn, scipy: about half of torch's import time) and featx.report (matplotlib)
 # are imported only when there is something to fit or to draw: a re-run of a finished
 # comparison then costs little more than importing torch.
 
 __all__ = ["CompareConfig", "CompareRun", "FINETUNE_MODES", "run_compare"]
-
-# --finetune choice -> the --freeze settings it runs
-FINETUNE_MODES = {"none": (), "full": ("none",), "backbone": ("backbone",),
-                  "both": ("backbone", "none")}
-
-
-@dataclass
-class CompareConfig:
-    """Settings of one comparison; each maps to an option of extract, fit-heads or finetune."""
-
-    models: tuple[str, ...]
-    pools: tuple[int, ...] = (1, 2, 4, 8)
-    heads: tuple[str, ...] = ("linear", "logistic", "svm", "mlp")
-    finetune: str = "backbone"
-    epochs: int = 10
-    weights: str = "imagenet"
-    image_size: int | None = None
-    batch_size: int = 32
-    workers: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
-    class_weight: str | None = None
-    loss: str = "ce"
-    lr: float = 1e-3
-    optimizer: str = "sgd"
-    jobs: int = 1
-    backend: str = "loky"
-    scheduler: str | None = None
-    cache_dir: Path = Path("cache")
-    out: Path = Path("results/compare")
-    overwrite: bool = False
-    progress: bool = True
-
 
 @dataclass
 class CompareRun:
@@ -81,8 +48,8 @@ def _heads_up_to_date(cache: Cache, features: list[str], heads: list[str], out: 
     for feature in features:
         ok = True
         for head in heads:
-            path = out / cache.path.stem / "heads" / f"{feature}__{head}.json"
-            streamed = out / cache.path.stem / "heads" / f"{feature}__sgd.json"
+            path = head_result_path(out, cache.path.stem, feature, head)
+            streamed = head_result_path(out, cache.path.stem, feature, "sgd")
             found = path if path.is_file() else streamed if streamed.is_file() else None
             try:
                 res = read_result(found) if found else None
@@ -115,13 +82,13 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     the others wait.
     """
     if cfg.finetune not in FINETUNE_MODES:
-        raise FeatxError(f"--finetune {cfg.finetune!r}: use one of {', '.join(FINETUNE_MODES)}.")
+        raise ParameterError("finetune", cfg.finetune, f"use one of {', '.join(FINETUNE_MODES)}.")
     heads = _head_names(cfg.heads)
     if cfg.backend != "loky" or cfg.scheduler:  # before any extraction; plain loky: no import
         from featx.heads import check_backend
         check_backend(cfg.backend, cfg.scheduler)
     out = Path(cfg.out)
-    if not all(any(out.glob(f"*/heads/*__{h}.json")) for h in heads):
+    if not all(any(out.glob(head_result_path("", "*", "*", h).as_posix())) for h in heads):
         from featx.heads import parse_heads
         heads = parse_heads(cfg.heads)  # a fresh run: bad names fail before extracting
     env = ddp.setup(cfg.device)
@@ -154,7 +121,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
                 progress=cfg.progress)
             run_dir = out / run_dir_name(ft_data, fcfg, resolve_weights(model, cfg.weights,
                                                                         seed=cfg.seed))
-            if ddp.run_on_main(lambda: _finished(run_dir / "result.json")):
+            if ddp.run_on_main(lambda: _finished(finetune_result_path(run_dir))):
                 run.skipped.append(f"finetune {model} freeze={freeze}: done ({run_dir})")
                 say(f"finetune {model} freeze={freeze}: up to date")
                 continue

@@ -1,4 +1,4 @@
-"""Finding images and labels, the split, the transform, and files that cannot be read.
+"""Finding images and labels, the split, and the fingerprints of the file lists.
 
 Three layouts are accepted (see :func:`load_dataset`):
 
@@ -17,28 +17,25 @@ import json
 import os
 import posixpath
 import stat
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-import torch
-from PIL import Image
-from torchvision import transforms as T
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, ParameterError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
     "DataError",
+    "DataParameterError",
     "MAX_SEED",
     "DatasetSpec",
-    "ImageFiles",
-    "TransformSpec",
     "check_seed",
+    "dataset_fingerprints",
+    "file_list_fingerprint",
     "load_dataset",
-    "load_rgb",
     "parse_split_fractions",
 ]
 
@@ -51,6 +48,10 @@ MAX_SEED = 2**32 - 1
 
 class DataError(FeatxError):
     """The dataset cannot be used as given; the message says what to change."""
+
+
+class DataParameterError(ParameterError, DataError):
+    """A data setting (split fractions, seed, data path, image size) that cannot work."""
 
 
 @dataclass
@@ -111,6 +112,31 @@ class DatasetSpec:
         return out
 
 
+def file_list_fingerprint(items: Iterable[tuple[str, int]]) -> str:
+    """sha256 of a list of ``(relpath, label)``: two results share a test set iff equal."""
+    h = hashlib.sha256()
+    for rel, label in items:
+        h.update(f"{rel}\0{int(label)}\n".encode())
+    return h.hexdigest()
+
+
+def dataset_fingerprints(splits: dict[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
+    """``split_fingerprint``, ``test_fingerprint`` and ``counts`` of the files a run scores.
+
+    ``splits`` is ``{split: [(relpath, label), ...]}`` with the readable files only. The same
+    lists give the same fingerprints whether they come from a cache or from ``--data``, so
+    ``report`` can tell that a head and a fine-tuned model saw the very same images.
+    """
+    order = [s for s in ("train", "val", "test") if s in splits]
+    order += [s for s in splits if s not in order]
+    all_items = [(f"{s}/{p}", lab) for s in order for p, lab in splits[s]]
+    return {
+        "split_fingerprint": file_list_fingerprint(all_items),
+        "test_fingerprint": file_list_fingerprint(splits.get("test", [])),
+        "counts": {s: len(splits[s]) for s in order},
+    }
+
+
 def parse_split_fractions(text: str) -> tuple[float, float, float]:
     """``"0.7,0.15,0.15"`` -> ``(0.7, 0.15, 0.15)``; checks the values."""
     try:
@@ -118,16 +144,18 @@ def parse_split_fractions(text: str) -> tuple[float, float, float]:
     except ValueError:
         parts = ()
     if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0 or abs(sum(parts) - 1) > 1e-6:
-        raise DataError(f"--split {text!r} must be three fractions train,val,test that sum to 1 "
-                        f"with train > 0, e.g. 0.7,0.15,0.15")
+        raise DataParameterError("split_fractions", text, "must be three fractions train,val,"
+                                 "test that sum to 1 with train > 0, e.g. 0.7,0.15,0.15", sep=" ")
     return parts  # type: ignore[return-value]
 
 
-def check_seed(seed: int, option: str = "--seed") -> int:
-    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`DataError` naming it."""
+def check_seed(seed: int, param: str = "seed") -> int:
+    """``seed`` if it is an integer in ``0..MAX_SEED``, else a :class:`DataError` (a
+    :class:`~featx.errors.ParameterError`) naming ``param``."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
             or not 0 <= seed <= MAX_SEED:
-        raise DataError(f"{option} {seed}: must be an integer from 0 to {MAX_SEED}.")
+        raise DataParameterError(param, seed, f"must be an integer from 0 to {MAX_SEED}.",
+                                 shown=str(seed))
     return int(seed)
 
 
@@ -217,10 +245,11 @@ def load_dataset(path: str | Path, *, split: tuple[float, float, float] = (0.7, 
     path = Path(path)
     seed = check_seed(seed)
     if not path.exists():
-        raise DataError(f"--data {path}: no such file or folder.")
+        raise DataParameterError("data_path", path, "no such file or folder.", shown=str(path))
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise DataError(f"--data {path}: expected a folder or a .csv manifest.")
+            raise DataParameterError("data_path", path, "expected a folder or a .csv manifest.",
+                                     shown=str(path))
         spec = _from_csv(path, split, seed)
     elif (path / "train").is_dir():
         spec = _from_split_folders(path)
@@ -279,7 +308,7 @@ def _split_per_class(items_by_class: dict[int, list[str]], classes: list[str],
             raise DataError(
                 f"{root}: class {classes[label]!r} has {n} image(s); a "
                 f"{','.join(f'{f:g}' for f in fractions)} split needs at least {need} per class. "
-                f"Add images, remove the class, or change --split.")
+                f"Add images, remove the class, or change {{split_fractions}}.")
         order = rng.permutation(n)
         picked = [files[i] for i in order]
         out["test"] += [(p, label) for p in picked[:n_test]]
@@ -378,144 +407,3 @@ def _from_csv(path: Path, fractions, seed) -> DatasetSpec:
     by_class = {i: sorted(r["path"] for r in rows if r["label"] == c) for i, c in enumerate(classes)}
     splits = _split_per_class(by_class, classes, fractions, seed, root)
     return DatasetSpec(root, path.stem, classes, splits, "csv", seed, tuple(fractions))
-
-
-# --- decoding ---------------------------------------------------------------------------------
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully and return an 8-bit RGB image.
-
-    Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images are converted; 16-bit
-    values ``v`` become ``round(v / 257)``, so 0..65535 maps onto 0..255 with every 8-bit
-    value hit by an equal share (PIL itself reads 16-bit *RGB* PNGs by keeping the high byte).
-    Raises ``OSError`` (or PIL's ``UnidentifiedImageError``, a subclass) when the file cannot
-    be decoded or is truncated, is not a regular file (a FIFO would block ``open`` forever),
-    or is larger than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; PIL's
-    warning between 1x and 2x the limit counts too: such a file would take gigabytes).
-    """
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise OSError(f"not a regular file ({_file_kind(mode)}); it was not opened")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL warns on odd metadata; errors still raise
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(path)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise OSError(f"decompression bomb: {exc}".split(", could be")[0]
-                          + "; raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine") from None
-        with img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                scale = 1 / 257 if img.mode != "F" or arr.max() > 1 else 255.0
-                arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-                return Image.fromarray(arr, "L").convert("RGB")
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            return img.convert("RGB")
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return kind
-    return "not a plain file"
-
-
-@dataclass(frozen=True)
-class TransformSpec:
-    """An evaluation transform: resize the short side, center crop, normalise.
-
-    ``resize`` and ``crop`` are in pixels; ``mean``/``std`` per RGB channel on 0..1 values.
-    """
-
-    resize: int
-    crop: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bilinear"
-
-    @classmethod
-    def from_weights(cls, weights, image_size: int | None = None) -> "TransformSpec":
-        """The weights' own eval transform; ``image_size`` overrides the crop, resize scaled."""
-        t = weights.transforms()
-        crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
-        if image_size is not None:
-            if image_size < 16:
-                raise DataError(f"--image-size {image_size} is too small; use at least 16.")
-            resize = int(round(image_size * resize / crop))
-            crop = image_size
-        return cls(resize, crop, tuple(t.mean), tuple(t.std), t.interpolation.value)
-
-    def to_dict(self) -> dict:
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation}
-
-    def eval_transform(self) -> T.Compose:
-        return T.Compose([*self.eval_transform_uint8().transforms[:-1], T.ToTensor(),
-                          T.Normalize(self.mean, self.std)])
-
-    def eval_transform_uint8(self) -> T.Compose:
-        """Resize and crop only: ``(3, crop, crop)`` uint8, to be finished by
-        :meth:`normalize_batch`. Extraction uses this pair: per image, float conversion and
-        normalising cost as much as resizing, and per batch a third of that (BENCHMARKS.md);
-        a uint8 batch is also a quarter of the bytes to collate and to copy to a GPU, where
-        the normalisation then runs."""
-        return T.Compose([
-            T.Resize(self.resize, interpolation=T.InterpolationMode(self.interpolation),
-                     antialias=True),
-            T.CenterCrop(self.crop),
-            T.PILToTensor(),
-        ])
-
-    def normalize_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` uint8 -> float32 normalised, the same operations (and so the same
-        bits) as ``ToTensor`` + ``Normalize`` per image; keeps the input's memory format."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
-        return images.float().div_(255).sub_(mean).div_(std)
-
-    def train_transform(self) -> T.Compose:
-        """Random resized crop and horizontal flip, then normalise (for fine-tuning)."""
-        return T.Compose([
-            T.RandomResizedCrop(self.crop, interpolation=T.InterpolationMode(self.interpolation),
-                                antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(self.mean, self.std),
-        ])
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """``(image, label, index, error)`` for each ``(relpath, label)`` of one split.
-
-    A file that cannot be decoded does not raise: it yields a zero image and the reason in
-    ``error`` (``""`` when fine), so a DataLoader batch can carry it and the caller can drop
-    and report it. Shapes: image ``(3, crop, crop)``, float32 (or ``dtype``).
-    """
-
-    def __init__(self, root: Path, items: list[tuple[str, int]], transform, crop: int,
-                 dtype: torch.dtype = torch.float32):
-        self.root = Path(root)
-        self.items = items
-        self.transform = transform
-        self.crop = crop
-        self.dtype = dtype  # of the stand-in zero image for a bad file: the transform's
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        rel, label = self.items[i]
-        try:
-            # PIL's decoders raise more than OSError on malformed files (struct.error,
-            # IndexError, ...): whatever decoding one file raises skips that file only
-            img = self.transform(load_rgb(self.root / rel))
-            err = ""
-        except Exception as exc:
-            img = torch.zeros(3, self.crop, self.crop, dtype=self.dtype)
-            err = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:300]
-        return img, label, i, err

@@ -13,6 +13,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,42 +27,18 @@ from featx.backbones import FeatureModel, backbone_provenance, build_backbone, g
 from featx.cache import (PENULTIMATE, Cache, CacheWriter, StaleCacheError, cache_filename,
                           diff_provenance, feature_name,
                          lock_cache, provenance_covers)
-from featx.data import DataError, DatasetSpec, ImageFiles, TransformSpec
-from featx.errors import FeatxError
-from featx.runtime import (autocast, cap_workers, extract_workers, resolve_device,
+from featx.config import STORE_DTYPES, ExtractConfig
+from featx.data import DataError, DatasetSpec
+from featx.errors import ParameterError
+from featx.images import ImageFiles, TransformSpec
+from featx.runtime import (RunSetup, autocast, cap_workers, extract_workers, resolve_device,
                            resolve_precision, setup)
 
-__all__ = ["ExtractConfig", "ExtractResult", "compile_model", "extract", "forward_batch",
-           "parse_pools", "pool_notes", "prepare_for_inference",
+__all__ = ["ExtractConfig", "ExtractResult", "FrozenModel", "compile_model", "extract",
+           "feature_dims", "fill_cache", "forward_batch", "frozen_model", "parse_pools",
+           "pool_notes", "prepare_for_inference",
            # moved to featx.runtime; kept here for callers of the old path
            "autocast", "resolve_device", "resolve_precision"]
-
-
-@dataclass
-class ExtractConfig:
-    """Everything that decides what one extraction does.
-
-    ``pools`` are the n of ``AdaptiveAvgPool2d(n)``; ``image_size`` overrides the weights'
-    crop (pixels); ``workers=None`` means one DataLoader worker per CPU core (at most 8) on a
-    GPU, and a quarter of the cores on the CPU (none on 2 cores). ``compile`` runs the model
-    through ``torch.compile`` (inductor, frozen weights): faster per image, but it costs
-    seconds to tens of seconds up front, so it pays only on large datasets (BENCHMARKS.md).
-    """
-
-    model: str
-    weights: str = "imagenet"
-    pools: tuple[int, ...] = (1,)
-    image_size: int | None = None
-    batch_size: int = 32
-    workers: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    store: str = "float32"
-    out_dir: Path = Path("cache")
-    overwrite: bool = False
-    seed: int = 0
-    progress: bool = True
-    compile: bool = False
 
 
 @dataclass
@@ -87,8 +64,8 @@ def parse_pools(text: str) -> tuple[int, ...]:
     except ValueError:
         pools = [0]
     if any(p < 1 or p > 64 for p in pools):
-        raise FeatxError(f"--pool {text!r}: give pool sizes as integers 1..64 separated by "
-                         f"commas, e.g. 1,2,4,8")
+        raise ParameterError("pools", text, "give pool sizes as integers 1..64 separated by "
+                             "commas, e.g. 1,2,4,8")
     return tuple(pools)
 
 
@@ -161,16 +138,16 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
 
 def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractResult:
     if cfg.batch_size < 1:
-        raise FeatxError(f"--batch-size {cfg.batch_size}: must be at least 1.")
-    if cfg.store not in ("float32", "float16"):
-        raise FeatxError(f"--store {cfg.store!r}: use float32 or float16.")
-    spec = get_backbone(cfg.model)
+        raise ParameterError("batch_size", cfg.batch_size, "must be at least 1.")
+    if cfg.store not in STORE_DTYPES:
+        raise ParameterError("store", cfg.store, f"use {' or '.join(STORE_DTYPES)}.")
     ready = setup(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
                   image_size=cfg.image_size, seed=cfg.seed)
     device, precision, weights, transform = (ready.device, ready.precision, ready.weights,
                                              ready.transform)
     prov = _provenance(cfg, data, weights, transform, precision, device)
-    path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop)
+    path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, weights.tag, transform.crop,
+                                              data.seed)
     from featx.shards import dist_env
     if dist_env().rank == 0:  # under torchrun rank 0 holds it for the whole job
         held.enter_context(lock_cache(path))
@@ -191,53 +168,28 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
 
     # under torchrun, or with shards of an earlier sharded run on disk: featx/shards.py
     from featx.shards import extract_sharded
-    sharded = extract_sharded(data, cfg, path=path, prov=prov, weights=weights,
-                              transform=transform, device=device, precision=precision)
+    sharded = extract_sharded(data, cfg, ready, path=path, prov=prov)
     if sharded is not None:
         return sharded
 
-    model = build_backbone(cfg.model, weights, image_size=transform.crop).to(device)
-    fm = prepare_for_inference(FeatureModel(spec, model).eval())
-
-    dims = {"penultimate": spec.penultimate_dim}
-    dims.update({feature_name(n): spec.spatial_channels * n * n for n in cfg.pools})
-    writer = CacheWriter(path, prov, data.splits, dims, cfg.store)
-    notes: list[str] = list(writer.notes)
+    notes: list[str] = []  # a compile fallback is said at the first batch
+    frozen = frozen_model(cfg.model, ready, compile_batch=cfg.batch_size if cfg.compile else None,
+                          notes=notes)
+    writer = CacheWriter(path, prov, data.splits, feature_dims(cfg.model, cfg.pools), cfg.store)
+    notes += writer.notes
     workers = extract_workers(device) if cfg.workers is None else cfg.workers
     workers, note = cap_workers(workers)
     notes += [note] if note else []
-    run = compile_model(fm, notes) if cfg.compile else fm
-    tf = transform.eval_transform_uint8()  # normalised per batch, in _forward
     total = sum(len(v) for v in data.splits.values())
     done = sum(writer.next_index(s) for s in data.splits)
-    n_written, skipped = 0, []
     map_size: dict = {}  # (h, w) of the last spatial map, seen by the first batch
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=done, unit="img", desc=f"extract {cfg.model}",
                disable=not cfg.progress, dynamic_ncols=True)
     try:
-        for split, items in data.splits.items():
-            start = writer.next_index(split)
-            if start >= len(items):
-                continue
-            ds = torch.utils.data.Subset(ImageFiles(data.root, items, tf, transform.crop,
-                                                    dtype=torch.uint8),
-                                         range(start, len(items)))
-            loader = torch.utils.data.DataLoader(
-                ds, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
-                pin_memory=device.type == "cuda", persistent_workers=False,
-                prefetch_factor=4 if workers > 0 else None)
-            for images, labels, idx, errors in loader:
-                feats = forward_batch(run, images, transform, cfg.pools, device, precision,
-                                 pad_to=cfg.batch_size if cfg.compile else None,
-                                 channels_last=spec.channels_last, map_size=map_size)
-                ok = np.array([e == "" for e in errors])
-                bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
-                writer.append(split, int(idx[-1]) + 1, {k: v[ok] for k, v in feats.items()},
-                              labels.numpy()[ok], [items[i][0] for i in idx[ok].tolist()], bad)
-                n_written += int(ok.sum())
-                skipped += [(split, p, e) for p, e in bad]
-                bar.update(len(labels))
+        n_written, skipped = fill_cache(writer, data.root, data.splits, frozen, cfg.pools,
+                                        batch_size=cfg.batch_size, workers=workers, bar=bar,
+                                        map_size=map_size)
     except BaseException:
         writer.close()
         raise
@@ -260,6 +212,89 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     return ExtractResult(path, "resumed" if writer.resumed else "written", n_written,
                          len(Cache(path).skipped()), seconds, rate, weights.source,
                          Cache(path).skipped(), notes, precision)
+
+
+def feature_dims(model: str, pools) -> dict[str, int]:
+    """Width of every cached feature of ``model``: ``penultimate`` and ``pool{n}`` per n."""
+    spec = get_backbone(model)
+    dims = {PENULTIMATE: spec.penultimate_dim}
+    dims.update({feature_name(n): spec.spatial_channels * n * n for n in pools})
+    return dims
+
+
+@dataclass
+class FrozenModel:
+    """A backbone in its eval form on ``device`` (see :func:`frozen_model`), and the one
+    forward the cache's features come from (:meth:`features`).
+
+    ``network`` is the :class:`FeatureModel`; ``run`` is it or its compiled form, which is
+    fed batches padded to ``pad_to`` images (one shape, no recompiling).
+    """
+
+    network: FeatureModel
+    transform: TransformSpec
+    device: torch.device
+    precision: str
+    run: Callable
+    pad_to: int | None = None
+
+    def features(self, images: torch.Tensor, pools,
+                 map_size: dict | None = None) -> dict[str, np.ndarray]:
+        """``penultimate`` ``(B, D)`` and ``pool{n}`` ``(B, C*n*n)`` per n of ``pools`` for
+        ``(B, 3, H, W)`` uint8 images, resized and cropped (``transform.eval_transform_uint8``)."""
+        return forward_batch(self.run, images, self.transform, pools, self.device,
+                             self.precision, pad_to=self.pad_to,
+                             channels_last=self.network.spec.channels_last, map_size=map_size)
+
+
+def frozen_model(model: str, ready: RunSetup, *, compile_batch: int | None = None,
+                 notes: list[str] | None = None) -> FrozenModel:
+    """Build ``model`` with ``ready.weights`` for the frozen pass: on ``ready.device``, eval
+    mode, :func:`prepare_for_inference`; with ``compile_batch`` also :func:`compile_model`
+    for batches of that many images (a fallback to eager mode is said in ``notes``).
+
+    Extraction (one process or torchrun's shards) and ``featx predict`` all build it here,
+    so new images get the very features the cache holds.
+    """
+    net = build_backbone(model, ready.weights, image_size=ready.transform.crop)
+    fm = prepare_for_inference(FeatureModel(get_backbone(model), net.to(ready.device)).eval())
+    run = compile_model(fm, notes if notes is not None else []) if compile_batch else fm
+    return FrozenModel(fm, ready.transform, ready.device, ready.precision, run, compile_batch)
+
+
+def fill_cache(writer: CacheWriter, root, splits: dict, frozen: FrozenModel, pools, *,
+               batch_size: int, workers: int, bar, map_size: dict | None = None,
+               after_commit=None) -> tuple[int, list]:
+    """Extract the rows of ``splits`` that ``writer`` has not committed, batch by batch.
+
+    Returns ``(written, skipped)``, ``skipped`` the ``(split, path, reason)`` of unreadable
+    files. ``after_commit()`` runs after each committed batch.
+    """
+    tf = frozen.transform.eval_transform_uint8()  # normalised per batch, in forward_batch
+    written, skipped = 0, []
+    for split, items in splits.items():
+        start = writer.next_index(split)
+        if start >= len(items):
+            continue
+        ds = torch.utils.data.Subset(ImageFiles(root, items, tf, frozen.transform.crop,
+                                                dtype=torch.uint8),
+                                     range(start, len(items)))
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+            pin_memory=frozen.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None)
+        for images, labels, idx, errors in loader:
+            feats = frozen.features(images, pools, map_size=map_size)
+            ok = np.array([e == "" for e in errors])
+            bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
+            writer.append(split, int(idx[-1]) + 1, {k: v[ok] for k, v in feats.items()},
+                          labels.numpy()[ok], [items[i][0] for i in idx[ok].tolist()], bad)
+            if after_commit is not None:
+                after_commit()
+            written += int(ok.sum())
+            skipped += [(split, p, e) for p, e in bad]
+            bar.update(len(labels))
+    return written, skipped
 
 
 def forward_batch(fm, images: torch.Tensor, transform: TransformSpec, pools, device, precision,

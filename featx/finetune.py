@@ -2,12 +2,12 @@
 
 :func:`finetune` is the short main, in the manner of torchvision's
 ``references/classification/train.py``: it runs named steps top to bottom (prepare, build,
-resume, the epochs, score, record). Settings travel in a :class:`FinetuneConfig`, never in
-the CLI's argument object. The parts live beside it: the data in :mod:`featx.finetune_data`,
-the model, losses and optimizers in :mod:`featx.finetune_model`, one epoch's
-:func:`train_one_epoch` / :func:`evaluate` / :func:`load_data` in :mod:`featx.training`,
-checkpoints, RNG state and resume in :mod:`featx.checkpoints`; their public names are
-importable from here too.
+resume, the epochs, score, record). Settings travel in a :class:`FinetuneConfig`
+(:mod:`featx.config`), never in the CLI's argument object. The parts live beside it: the
+data in :mod:`featx.finetune_data`, the model, losses and optimizers in
+:mod:`featx.finetune_model`, one epoch's :func:`train_one_epoch` / :func:`evaluate` /
+:func:`load_data` in :mod:`featx.training`, checkpoints, RNG state and resume in
+:mod:`featx.checkpoints`; their public names are importable from here too.
 
 What a run decides and why:
 
@@ -48,20 +48,21 @@ from featx import ddp
 from featx.backbones import ResolvedWeights
 from featx.checkpoints import (_RUN_INDEPENDENT, _config_dict, _load_resume, _save_atomic,
                                _seed_epoch, _set_rng_state, _rng_state, _write_history)
+from featx.config import LOSSES, OPTIMIZERS, SCHEDULERS, FinetuneConfig
 from featx.data import DataError, check_seed
-from featx.errors import FeatxError
+from featx.errors import ParameterError
 from featx.extract import pool_notes
 from featx.finetune_data import FinetuneData, data_from_cache, data_from_spec
-from featx.finetune_model import (LOSSES, OPTIMIZERS, SCHEDULERS, FinetuneModel, FocalLoss,
-                                  _make_optimizer, _make_scheduler, build_model, list_stages,
-                                  make_loss)
-from featx.metrics import classification_metrics, make_result, write_json
+from featx.finetune_model import (FinetuneModel, FocalLoss, _make_optimizer, _make_scheduler,
+                                  build_model, list_stages, make_loss)
+from featx.metrics import classification_metrics
+from featx.results import finetune_result_path, make_result, write_json
 from featx.runtime import cap_workers, finetune_workers, setup
 from featx.training import (_join_eval_stats, _join_train_stats, evaluate, load_data,
                             train_one_epoch)
 
 if TYPE_CHECKING:
-    from featx.data import TransformSpec
+    from featx.images import TransformSpec
 
 __all__ = [
     "LOSSES",
@@ -87,44 +88,6 @@ __all__ = [
 
 
 @dataclass
-class FinetuneConfig:
-    """Everything that decides what one fine-tuning run does.
-
-    ``freeze``: ``"none"``, ``"backbone"`` (only the new head trains) or a stage name of the
-    model (frozen up to and including it, see :func:`list_stages`). ``pool``: the head reads
-    ``AdaptiveAvgPool2d(pool)`` of the last spatial map (``C·pool·pool`` inputs); ``1`` uses the
-    model's own penultimate. ``early_stop``: patience in epochs on the val loss, ``0`` = off.
-    ``lr`` is the head's learning rate; the backbone gets ``lr * backbone_lr_mult``.
-    ``batch_size`` is per process under torchrun. ``workers=None``: one DataLoader worker
-    per CPU core (at most 8; under torchrun the node's cores shared among its processes).
-    """
-
-    model: str
-    weights: str = "imagenet"
-    freeze: str = "none"
-    epochs: int = 30
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 1e-3
-    backbone_lr_mult: float = 0.1
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    loss: str = "ce"
-    focal_gamma: float = 2.0
-    image_size: int | None = None
-    augment: bool = True
-    pool: int = 1
-    early_stop: int = 0
-    precision: str = "auto"
-    device: str = "auto"
-    workers: int | None = None
-    seed: int = 0
-    out_dir: Path = Path("results")
-    resume: bool = False
-    progress: bool = True
-
-
-@dataclass
 class FinetuneResult:
     """What :func:`finetune` did: where its files are and the result record it wrote."""
 
@@ -139,40 +102,37 @@ class FinetuneResult:
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """Raise ``ValueError`` naming the first setting of ``cfg`` that cannot work."""
-    checks = [
-        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"--epochs {cfg.epochs}: must be at "
-         f"least 1."),
-        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1,
-         f"--batch-size {cfg.batch_size}: must be at least 1."),
-        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr}: must be a positive number, "
-         f"e.g. 1e-3."),
-        (math.isfinite(cfg.backbone_lr_mult) and cfg.backbone_lr_mult >= 0,
-         f"--backbone-lr-mult {cfg.backbone_lr_mult}: must be 0 or more (0 keeps the "
-         f"backbone's weights fixed but its BatchNorm statistics still adapt)."),
-        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
-         f"--weight-decay {cfg.weight_decay}: must be 0 or more."),
-        (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0,
-         f"--focal-gamma {cfg.focal_gamma}: must be 0 or more (0 is cross-entropy)."),
-        (1 <= cfg.pool <= 64, f"--pool {cfg.pool}: must be an integer 1..64."),
-        (cfg.early_stop >= 0, f"--early-stop {cfg.early_stop}: give a patience in epochs "
-         f"(at least 1), or 0 to train all epochs."),
-        (cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r}: use one of "
-         f"{', '.join(OPTIMIZERS)}."),
-        (cfg.scheduler in SCHEDULERS, f"--scheduler {cfg.scheduler!r}: use one of "
-         f"{', '.join(SCHEDULERS)}."),
-        (cfg.loss in LOSSES, f"--loss {cfg.loss!r}: use one of {', '.join(LOSSES)}."),
-        (cfg.workers is None or cfg.workers >= 0, f"--workers {cfg.workers}: must be 0 or more."),
+    """Raise :class:`~featx.errors.ParameterError` naming the first setting of ``cfg`` that
+    cannot work."""
+    checks = [  # (ok, the field, what is wrong)
+        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, "epochs", "must be at least 1."),
+        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "batch_size",
+         "must be at least 1."),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive number, e.g. 1e-3."),
+        (math.isfinite(cfg.backbone_lr_mult) and cfg.backbone_lr_mult >= 0, "backbone_lr_mult",
+         "must be 0 or more (0 keeps the backbone's weights fixed but its BatchNorm "
+         "statistics still adapt)."),
+        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay",
+         "must be 0 or more."),
+        (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0, "focal_gamma",
+         "must be 0 or more (0 is cross-entropy)."),
+        (1 <= cfg.pool <= 64, "pool", "must be an integer 1..64."),
+        (cfg.early_stop >= 0, "early_stop",
+         "give a patience in epochs (at least 1), or 0 to train all epochs."),
+        (cfg.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}."),
+        (cfg.scheduler in SCHEDULERS, "scheduler", f"use one of {', '.join(SCHEDULERS)}."),
+        (cfg.loss in LOSSES, "loss", f"use one of {', '.join(LOSSES)}."),
+        (cfg.workers is None or cfg.workers >= 0, "workers", "must be 0 or more."),
     ]
-    for ok, message in checks:
+    for ok, param, problem in checks:
         if not ok:
-            raise FeatxError(message)
+            raise ParameterError(param, getattr(cfg, param), problem)
     check_seed(cfg.seed)
     stages = list_stages(cfg.model)
     if cfg.freeze not in stages:
-        raise FeatxError(f"--freeze {cfg.freeze!r} is not a stage of {cfg.model}; use "
-                         f"{', '.join(stages)} (`featx finetune --model {cfg.model} "
-                         f"--list-stages`).")
+        raise ParameterError("freeze", cfg.freeze, f"is not a stage of {cfg.model}; use "
+                             f"{', '.join(stages)} (`featx finetune --model {cfg.model} "
+                             f"--list-stages`).", sep=" ")
 
 
 def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
@@ -183,9 +143,9 @@ def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
         raise DataError(f"{data.root}: the train split holds a single class; fine-tuning a "
                         f"classifier needs at least two.")
     if cfg.early_stop and not data.splits.get("val"):
-        raise FeatxError(f"--early-stop {cfg.early_stop} needs a val split, and {data.source} "
-                         f"has none; drop --early-stop or give the data a val split (e.g. "
-                         f"--split 0.7,0.15,0.15).")
+        raise ParameterError("early_stop", cfg.early_stop, f"needs a val split, and "
+                             f"{data.source} has none; drop {{early_stop}} or give the data a "
+                             f"val split (e.g. {{split_fractions}} 0.7,0.15,0.15).", sep=" ")
 
 
 def run_dir_name(data: FinetuneData, cfg: FinetuneConfig, weights: ResolvedWeights) -> str:
@@ -495,7 +455,7 @@ def _record(run: _Run, scored: str, te: dict) -> FinetuneResult:
             "distributed_backend": env.backend}
     result = _result_record(run.data, cfg, run.model, run.weights, metrics, timings, selection,
                             used)
-    result_path = run.run_dir / "result.json"
+    result_path = finetune_result_path(run.run_dir)
     if env.is_main:
         from featx.plots import plot_training_curves
         plot_training_curves(history, run.run_dir / "curves.png",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from featx.data import DataError, DatasetSpec, ImageFiles
-from featx.metrics import dataset_fingerprints
+from featx.data import DataError, DatasetSpec, dataset_fingerprints
+from featx.images import ImageFiles
 from featx.runtime import cap_workers, finetune_workers
 
 __all__ = ["FinetuneData", "data_from_cache", "data_from_spec"]
@@ -51,7 +51,7 @@ def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> Finetun
     root = Path(cache.attrs["dataset_root"])
     if not root.is_dir():
         raise DataError(f"--split-from {path}: the images it was extracted from were in {root}, "
-                        f"which no longer exists. Put them back there, or use --data with "
+                        f"which no longer exists. Put them back there, or use {{data_path}} with "
                         f"their new location (same files give the same split).")
     splits = {s: cache.split_items(s) for s in cache.splits}
     info = cache.dataset_info()
@@ -61,7 +61,7 @@ def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> Finetun
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
                                           else "")
         raise DataError(f"--split-from {path}: {len(missing)} of its images are no longer in "
-                        f"{root} ({shown}). Put them back, re-extract, or pass --allow-missing "
+                        f"{root} ({shown}). Put them back, re-extract, or pass {{allow_missing}} "
                         f"to fine-tune without them (the result is then not comparable).")
     if missing:
         splits = {s: [(rel, lab) for rel, lab in items if (root / rel).is_file()]

@@ -10,18 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
-from featx.errors import FeatxError
+from featx.config import LOSSES
+from featx.errors import ParameterError
 
 if TYPE_CHECKING:
-    from featx.finetune import FinetuneConfig
+    from featx.config import FinetuneConfig
 
-__all__ = ["LOSSES", "OPTIMIZERS", "SCHEDULERS", "FinetuneModel", "FocalLoss", "build_model",
-           "list_stages", "make_loss"]
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("cosine", "step", "none")
-LOSSES = ("ce", "weighted", "focal")
-
+__all__ = ["FinetuneModel", "FocalLoss", "build_model", "list_stages", "make_loss"]
 
 def list_stages(name: str) -> list[str]:
     """The values ``--freeze`` accepts for model ``name``: none, backbone, then its stages."""
@@ -78,9 +73,9 @@ class FinetuneModel(nn.Module):
         elif what in stages:
             self.frozen = stages[:stages.index(what) + 1]
         else:
-            raise FeatxError(f"--freeze {what!r} is not a stage of {self.spec.name}; use "
-                             f"{', '.join(list_stages(self.spec.name))} (see `featx finetune "
-                             f"--model {self.spec.name} --list-stages`).")
+            raise ParameterError("freeze", what, f"is not a stage of {self.spec.name}; use "
+                                 f"{', '.join(list_stages(self.spec.name))} (see `featx "
+                                 f"finetune --model {self.spec.name} --list-stages`).", sep=" ")
         names = {n for stage in self.frozen
                  for n in self.spec.stage_parameter_names(self.backbone, stage)}
         for n, p in self.backbone.named_parameters():
@@ -144,7 +139,7 @@ def make_loss(kind: str, *, class_counts=None, gamma: float = 2.0) -> nn.Module:
         return nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32))
     if kind == "focal":
         return FocalLoss(gamma)
-    raise FeatxError(f"--loss {kind!r}: use one of {', '.join(LOSSES)}.")
+    raise ParameterError("loss", kind, f"use one of {', '.join(LOSSES)}.")
 
 
 def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:

@@ -1,34 +1,17 @@
 """Every reported number, computed one way for heads and for fine-tuning.
 
-:func:`classification_metrics` turns predictions into the metric dict; :func:`make_result`
-wraps it into the one result schema (JSON) that both ``fit-heads`` and ``finetune`` write and
-``report`` reads; :func:`write_json` writes it atomically.
+:func:`classification_metrics` turns predictions into the metric dict that the result
+record (:mod:`featx.results`) carries.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import time
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from featx.errors import FeatxError
-from featx.files import atomic_write
-
 __all__ = [
-    "RESULT_SCHEMA",
     "classification_metrics",
-    "dataset_fingerprints",
-    "file_list_fingerprint",
-    "make_result",
-    "read_result",
-    "write_json",
 ]
-
-RESULT_SCHEMA = "featx-result/1"
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
@@ -93,94 +76,3 @@ def _roc_auc(y_true: np.ndarray, y_score: np.ndarray | None, n_classes: int):
         y_score = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     return float(skm.roc_auc_score(y_true, y_score, multi_class="ovr", average="macro",
                                    labels=list(range(n_classes)))), None
-
-
-def file_list_fingerprint(items: Iterable[tuple[str, int]]) -> str:
-    """sha256 of a list of ``(relpath, label)``: two results share a test set iff equal."""
-    h = hashlib.sha256()
-    for rel, label in items:
-        h.update(f"{rel}\0{int(label)}\n".encode())
-    return h.hexdigest()
-
-
-def dataset_fingerprints(splits: dict[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
-    """``split_fingerprint``, ``test_fingerprint`` and ``counts`` of the files a run scores.
-
-    ``splits`` is ``{split: [(relpath, label), ...]}`` with the readable files only. The same
-    lists give the same fingerprints whether they come from a cache or from ``--data``, so
-    ``report`` can tell that a head and a fine-tuned model saw the very same images.
-    """
-    order = [s for s in ("train", "val", "test") if s in splits]
-    order += [s for s in splits if s not in order]
-    all_items = [(f"{s}/{p}", lab) for s in order for p, lab in splits[s]]
-    return {
-        "split_fingerprint": file_list_fingerprint(all_items),
-        "test_fingerprint": file_list_fingerprint(splits.get("test", [])),
-        "counts": {s: len(splits[s]) for s in order},
-    }
-
-
-def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: dict,
-                timings: dict, settings: dict | None = None, selection: dict | None = None,
-                feature: str | None = None, head: str | None = None,
-                provenance: dict | None = None, artifacts: dict | None = None) -> dict:
-    """One result record, the same schema for heads (``kind="head"``) and fine-tuning.
-
-    ``dataset`` must hold ``name``, ``classes``, ``split_fingerprint`` (all splits' file lists)
-    and ``test_fingerprint`` (the test list), which ``report`` uses to decide comparability.
-    ``timings`` are wall seconds (``fit_s``, ``predict_s``, ``total_s``, ...).
-    """
-    from featx import __version__
-    for key in ("name", "classes", "split_fingerprint", "test_fingerprint"):
-        if key not in dataset:
-            raise ValueError(f"dataset info lacks {key!r}")
-    return {
-        "schema": RESULT_SCHEMA,
-        "featx_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "kind": kind,
-        "method": method,
-        "model": model,
-        "feature": feature,
-        "head": head,
-        "dataset": dataset,
-        "settings": settings or {},
-        "selection": selection or {},
-        "metrics": metrics,
-        "timings": timings,
-        "provenance": provenance or {},
-        "artifacts": artifacts or {},
-    }
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # JSON has no NaN; null reads back in pandas as NaN
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON atomically (temporary file in the same folder, then replace)."""
-    path = Path(path)
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
-        f.write("\n")
-    return path
-
-
-def read_result(path: str | Path) -> dict:
-    """Load a result JSON and check its schema tag."""
-    with open(path) as f:
-        obj = json.load(f)
-    if not isinstance(obj, dict) or obj.get("schema") != RESULT_SCHEMA:
-        raise FeatxError(f"{path}: not a featx result (expected schema {RESULT_SCHEMA!r}, "
-                         f"found {obj.get('schema') if isinstance(obj, dict) else None!r})")
-    return obj

@@ -21,17 +21,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featx.backbones import (FeatureModel, ResolvedWeights, WeightsError, backbone_transform,
-                             build_backbone, get_backbone, resolve_weights)
-from featx.cache import PENULTIMATE, pool_of
-from featx.data import IMAGE_EXTENSIONS, DataError, ImageFiles, TransformSpec
-from featx.errors import FeatxError
+from featx.backbones import (ResolvedWeights, WeightsError, backbone_transform, build_backbone,
+                             get_backbone, resolve_weights)
+from featx.cache import PENULTIMATE, feature_name, pool_of
+from featx.data import IMAGE_EXTENSIONS, DataError, DataParameterError
+from featx.errors import FeatxError, ParameterError
 from featx.files import atomic_write
-# extract's own batch forward and fast eval form: new images get the very features the
-# cache holds (same BatchNorm folding, memory format, precision handling)
-from featx.extract import forward_batch, prepare_for_inference
-from featx.metrics import classification_metrics, read_result, write_json
-from featx.runtime import autocast, resolve_device, resolve_precision
+from featx.images import ImageFiles, TransformSpec
+# extract's own model and batch forward: new images get the very features the cache holds
+# (same BatchNorm folding, memory format, precision handling)
+from featx.extract import FrozenModel, feature_dims, frozen_model
+from featx.metrics import classification_metrics
+from featx.results import read_result, write_json
+from featx.runtime import RunSetup, autocast, resolve_device, resolve_precision
 
 __all__ = [
     "NewImages",
@@ -93,8 +95,9 @@ def _from_manifest(path: Path, index: dict[str, int], notes: list[str]
         reader = csv.DictReader(f)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "path" not in cols:
-            raise DataError(f"--data {path}: a manifest needs a header with a path column "
-                            f"(and optionally label); found {','.join(cols) or 'nothing'}.")
+            raise DataParameterError("data_path", path, f"a manifest needs a header with a path "
+                                     f"column (and optionally label); found "
+                                     f"{','.join(cols) or 'nothing'}.", shown=str(path))
         rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
     labels = [r.get("label", "") for r in rows]
     use = "label" in cols and all(lab in index for lab in labels)
@@ -126,7 +129,8 @@ def find_images(inputs: Sequence[str | Path], classes: Sequence[str]) -> NewImag
             # named explicitly, so tried even with an odd extension; a non-image is skipped
             items.append((str(path), -1))
         else:
-            raise DataError(f"--data {path}: no such file or folder.")
+            raise DataParameterError("data_path", path, "no such file or folder.",
+                                     shown=str(path))
     if not items:
         raise DataError(f"no images found in {', '.join(map(str, inputs))} (extensions "
                         f"{', '.join(IMAGE_EXTENSIONS)}).")
@@ -137,13 +141,12 @@ def find_images(inputs: Sequence[str | Path], classes: Sequence[str]) -> NewImag
 
 def feature_width(name: str, feature: str) -> int:
     """Width of cached feature ``feature`` (``penultimate`` or ``pool{n}``) for model ``name``."""
-    spec = get_backbone(name)
     if feature == PENULTIMATE:
-        return spec.penultimate_dim
+        return feature_dims(name, ())[PENULTIMATE]
     pool = pool_of(feature)
     if pool is None:
         raise FeatxError(f"feature {feature!r}: expected penultimate or pool{{n}}.")
-    return spec.spatial_channels * pool ** 2
+    return feature_dims(name, (pool,))[feature_name(pool)]
 
 
 @dataclass
@@ -152,8 +155,9 @@ class Predictor:
 
     ``kind`` is ``"head"`` or ``"finetune"``; ``network`` is the frozen :class:`FeatureModel`
     (heads) or the fine-tuned network (in eval mode, on ``device``); ``pipeline`` the fitted
-    sklearn pipeline (heads only); ``transform`` the recorded eval transform; ``outputs``
-    ``"prob"`` (probabilities: predict_proba, softmax) or ``"score"`` (decision_function).
+    sklearn pipeline and ``frozen`` the backbone's forward (heads only); ``transform`` the
+    recorded eval transform; ``outputs`` ``"prob"`` (probabilities: predict_proba, softmax) or
+    ``"score"`` (decision_function).
     """
 
     kind: str
@@ -170,6 +174,7 @@ class Predictor:
     pipeline: object = None
     weights_source: str = ""
     notes: list[str] = field(default_factory=list)
+    frozen: FrozenModel | None = None
 
     def score_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Predicted labels ``(B,)`` and scores ``(B, n_classes)`` for ``(B, 3, H, W)`` uint8
@@ -183,8 +188,7 @@ class Predictor:
         from featx.heads import class_scores
         pool = pool_of(self.feature)
         pools = (pool,) if pool is not None else ()
-        X = forward_batch(self.network, images, self.transform, pools, self.device,
-                          self.precision)[self.feature]
+        X = self.frozen.features(images, pools)[self.feature]
         pred = np.asarray(self.pipeline.predict(X), dtype=int)
         scores = class_scores(self.pipeline, X, len(self.classes))
         if scores.ndim == 1:  # a binary decision: positive means classes[1]
@@ -282,12 +286,11 @@ def _head_predictor(path: Path, result: dict, *, weights: str | None, device: to
                                   f"for {model}, the cache recorded {prov['transform']}.")
     notes: list[str] = []
     prec = _recorded_precision(prov.get("precision"), precision, device, notes)
-    network = prepare_for_inference(
-        FeatureModel(spec, build_backbone(model, w, image_size=transform.crop)).eval())
+    frozen = frozen_model(model, RunSetup(device, prec, w, transform))
     outputs = "prob" if hasattr(pipeline, "predict_proba") else "score"
     return Predictor("head", path, result, model, feature, list(result["dataset"]["classes"]),
-                     transform, network.to(device), device, prec, outputs, pipeline, w.source,
-                     notes)
+                     transform, frozen.network, device, prec, outputs, pipeline, w.source,
+                     notes, frozen)
 
 
 def _finetune_predictor(path: Path, result: dict, *, device: torch.device,
@@ -469,7 +472,7 @@ def predict(result_path: str | Path, inputs: Sequence[str | Path], out: str | Pa
     parameters it shares.
     """
     if batch_size < 1:
-        raise FeatxError(f"--batch-size {batch_size}: must be at least 1.")
+        raise ParameterError("batch_size", batch_size, "must be at least 1.")
     predictor = load_predictor(result_path, expect=expect, weights=weights, device=device,
                                precision=precision)
     images = find_images(inputs, predictor.classes)

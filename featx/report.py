@@ -35,14 +35,14 @@ from typing import Any, Callable, Sequence
 from featx.cache import pool_of
 from featx.errors import FeatxError
 from featx.files import atomic_write
-from featx.metrics import RESULT_SCHEMA
+from featx.results import FINETUNE_RESULT, HEADS_DIR, METRIC_COLUMNS, RESULT_SCHEMA
 
 __all__ = ["REPORT_COLUMNS", "format_table", "load_results", "rank_results", "write_report"]
 
-REPORT_COLUMNS = ["group", "comparable", "reason", "dataset", "rank", "best", "model", "method",
-                  "kind", "feature", "head", "test_accuracy", "test_balanced_accuracy",
-                  "test_macro_f1", "test_roc_auc", "n_test", "wall_s", "extract_share_s",
-                  "run_s", "split_fingerprint", "test_fingerprint", "source"]
+REPORT_COLUMNS = (["group", "comparable", "reason", "dataset", "rank", "best", "model", "method",
+                   "kind", "feature", "head"] + [c.name for c in METRIC_COLUMNS]
+                  + ["n_test", "wall_s", "extract_share_s", "run_s", "split_fingerprint",
+                     "test_fingerprint", "source"])
 
 _FAMILIES = {"head": "frozen heads", "finetune": "fine-tuning"}
 _BEST_MARK = {"head": "best head", "finetune": "best finetune"}
@@ -74,7 +74,7 @@ def _num(value: Any) -> float | None:
 def _looks_like_result(path: Path, text: str) -> bool:
     # Other JSON (summaries, configs, notebooks' metadata) is skipped without a word; a file
     # that names the schema or has the fine-tuning result's name is one the user expects to see.
-    return "featx-result" in text or path.name == "result.json"
+    return "featx-result" in text or path.name == FINETUNE_RESULT
 
 
 def _row_from_result(res: Any, path: Path, root: Path) -> dict:
@@ -136,10 +136,7 @@ def _row_from_result(res: Any, path: Path, root: Path) -> dict:
         "feature": res.get("feature"),
         "head": res.get("head"),
         "created": str(res.get("created") or ""),
-        "test_accuracy": _num(metrics.get("accuracy")),
-        "test_balanced_accuracy": _num(metrics.get("balanced_accuracy")),
-        "test_macro_f1": _num(metrics.get("macro_f1")),
-        "test_roc_auc": _num(metrics.get("roc_auc")),
+        **{c.name: _num(metrics.get(c.key)) for c in METRIC_COLUMNS},
         "n_test": metrics.get("n"),
         "extract_s": extract_s,
         "run_s": run_s,
@@ -217,7 +214,7 @@ def _main_split(rows: list[dict]) -> str:
 
 def _run_folder(source: str) -> str:
     parent = Path(source).parent
-    if parent.name == "heads":  # fit-heads writes {cache stem}/heads/{feature}__{head}.json
+    if parent.name == HEADS_DIR:  # fit-heads writes {cache stem}/heads/{feature}__{head}.json
         parent = parent.parent
     return parent.as_posix() if parent.as_posix() != "." else Path(source).stem
 
@@ -295,8 +292,8 @@ def rank_results(rows: Sequence[dict]) -> list[dict]:
 
 # --- text ------------------------------------------------------------------------------------
 
-def _f(value: float | None, digits: int = 4) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+def _f(value: float | None, fmt: str = ".4f") -> str:
+    return "–" if value is None else format(value, fmt)
 
 
 def _seconds(value: float | None) -> str:
@@ -305,14 +302,16 @@ def _seconds(value: float | None) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
 
 
-_TABLE_HEAD = ["rank", "model", "method", "kind", "test acc", "bal. acc", "macro F1",
-               "ROC-AUC", "wall s", "best"]
+_TABLE_HEAD = (["rank", "model", "method", "kind"] + [c.header for c in METRIC_COLUMNS]
+               + ["wall s", "best"])
+# right-aligned: rank, the metrics, wall s
+_NUMERIC = {0, *range(4, 4 + len(METRIC_COLUMNS)), 4 + len(METRIC_COLUMNS)}
 
 
 def _cells(r: dict) -> list[str]:
-    return [str(r["rank"]), r["model"], r["method"], r["kind"], _f(r["test_accuracy"]),
-            _f(r["test_balanced_accuracy"]), _f(r["test_macro_f1"]), _f(r["test_roc_auc"]),
-            _seconds(r["wall_s"]), r["best"]]
+    return ([str(r["rank"]), r["model"], r["method"], r["kind"]]
+            + [_f(r.get(c.name), c.fmt) for c in METRIC_COLUMNS]
+            + [_seconds(r["wall_s"]), r["best"]])
 
 
 def _groups(ranked: Sequence[dict]) -> list[list[dict]]:
@@ -339,8 +338,7 @@ def format_table(ranked: Sequence[dict]) -> str:
     for members in _groups(ranked):
         lines = [_TABLE_HEAD] + [_cells(r) for r in members]
         widths = [max(len(line[i]) for line in lines) for i in range(len(_TABLE_HEAD))]
-        numeric = {0, 4, 5, 6, 7, 8}
-        text = ["  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+        text = ["  ".join(c.rjust(w) if i in _NUMERIC else c.ljust(w)
                           for i, (c, w) in enumerate(zip(line, widths))).rstrip()
                 for line in lines]
         blocks.append("\n".join([_group_title(members)] + text))
@@ -351,7 +349,7 @@ def _md_table(members: list[dict]) -> str:
     def esc(s: str) -> str:
         return s.replace("|", "\\|")
     lines = ["| " + " | ".join(_TABLE_HEAD) + " |",
-             "|" + "|".join("---:" if i in {0, 4, 5, 6, 7, 8} else "---"
+             "|" + "|".join("---:" if i in _NUMERIC else "---"
                             for i in range(len(_TABLE_HEAD))) + "|"]
     for r in members:
         cells = [esc(c) for c in _cells(r)]

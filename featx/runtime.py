@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 
 from featx.backbones import ResolvedWeights, backbone_transform, resolve_weights
-from featx.data import DataError, TransformSpec
-from featx.errors import FeatxError
+from featx.config import PRECISIONS
+from featx.data import DataParameterError
+from featx.errors import FeatxError, Note, ParameterError
+from featx.images import TransformSpec
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
@@ -47,7 +49,6 @@ __all__ = [
     "torchrun_env",
 ]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # the most DataLoader workers a default picks (an explicit --workers may ask for more, up to
 # one per usable core: cap_workers)
@@ -67,9 +68,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise FeatxError(f"--device {device!r}: use auto, cpu or cuda.")
+        raise ParameterError("device", device, "use auto, cpu or cuda.")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatxError(f"--device {device}: no CUDA device is available here; use cpu or auto.")
+        raise ParameterError("device", device, "no CUDA device is available here; use cpu or "
+                             "auto.", shown=device)
     return torch.device(device)
 
 
@@ -83,10 +85,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     torchvision's numbers to 1e-5. The resolved precision is recorded in the cache.
     """
     if precision not in PRECISIONS:
-        raise FeatxError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+        raise ParameterError("precision", precision, f"use one of {', '.join(PRECISIONS)}.")
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise FeatxError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU.")
+            raise ParameterError("precision", precision, "needs a GPU; use fp32 or bf16 on the "
+                                 "CPU.", shown=precision, sep=" ")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -134,20 +137,21 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cap_workers(requested: int, option: str = "--workers") -> tuple[int, str | None]:
+def cap_workers(requested: int, param: str = "workers") -> tuple[int, str | None]:
     """``(workers, note)``: ``requested`` DataLoader workers, at most one per usable core.
 
     More processes than cores only compete for them (and each holds a copy of the dataset
-    and a prefetch queue); ``note`` says so when the number was lowered, else ``None``.
+    and a prefetch queue); ``note`` (a :class:`~featx.errors.Note` naming ``param``) says so
+    when the number was lowered, else ``None``.
     """
     if requested < 0:
-        raise DataError(f"{option} {requested}: must be 0 or more (0 decodes in the main "
-                        f"process).")
+        raise DataParameterError(param, requested, "must be 0 or more (0 decodes in the main "
+                                 "process).")
     cores = _usable_cores()
     if requested <= cores:
         return requested, None
-    return cores, (f"note: {option} {requested} is more than the {cores} CPU core(s) here; "
-                   f"using {cores}.")
+    return cores, Note(f"note: {{{param}}} {requested} is more than the {cores} CPU core(s) "
+                       f"here; using {cores}.")
 
 
 # -- the step extraction and fine-tuning share ----------------------------------------------
@@ -254,8 +258,8 @@ def init_process_group(device: str = "auto") -> DistEnv:
     cuda = _wants_cuda(device)
     if cuda:
         if not torch.cuda.is_available():
-            raise FeatxError(f"--device {device}: no CUDA device is available here; use "
-                             f"--device cpu (gloo) or run where GPUs are.")
+            raise ParameterError("device", device, "no CUDA device is available here; use "
+                                 "{device} cpu (gloo) or run where GPUs are.", shown=device)
         if env.local_rank >= torch.cuda.device_count():
             raise FeatxError(f"LOCAL_RANK {env.local_rank} has no GPU: this node sees "
                              f"{torch.cuda.device_count()}; start at most that many processes "

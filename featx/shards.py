@@ -22,6 +22,7 @@ single-process cache picked up by ``torchrun`` becomes shard 0 of 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -31,16 +32,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from featx import ddp
 from featx.cache import (SCHEMA_VERSION, Cache, CacheWriter, _read_attrs, diff_provenance,
-                          feature_name,
                          partial_path)
 from featx.errors import FeatxError
-from featx.runtime import DistEnv, extract_workers, join_group
+from featx.runtime import DistEnv, RunSetup, extract_workers, join_group
 
 __all__ = ["DistEnv", "dist_env", "extract_sharded", "is_main_process", "shard_bounds",
            "shard_dir", "shard_path"]
@@ -105,26 +105,6 @@ def _init(env: DistEnv, device: torch.device) -> torch.device:
     return device
 
 
-def _from_rank0(value, env: DistEnv):
-    """``value`` as computed on rank 0, on every rank; an exception there is raised everywhere."""
-    if env.world_size > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    if isinstance(value, BaseException):
-        raise value
-    return value
-
-
-def _gather(value, env: DistEnv) -> list:
-    """Every rank's ``value``, in rank order (also a barrier)."""
-    if env.world_size == 1:
-        return [value]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, value)
-    return out
-
-
 # -- which shards ---------------------------------------------------------------------------
 
 def _plan(path: Path, prov: dict, world_size: int) -> int | None:
@@ -141,14 +121,11 @@ def _plan(path: Path, prov: dict, world_size: int) -> int | None:
         m = _SHARD_RE.fullmatch(f.name)
         if not m:
             continue
-        try:
-            with h5py.File(f, "r") as h:
-                attrs = _read_attrs(h)
-        except OSError:
+        same = _same_inputs(f, prov)
+        if same is None:
             f.unlink()
             continue
-        if attrs.get("featx_schema") != SCHEMA_VERSION or diff_provenance(attrs, prov):
-            stale = True
+        stale |= not same
         found[f] = int(m.group(2))
     if stale or len(set(found.values())) > 1:
         shutil.rmtree(folder)
@@ -160,7 +137,7 @@ def _plan(path: Path, prov: dict, world_size: int) -> int | None:
     if world_size == 1:
         return None  # nothing sharded to finish: the ordinary single-process path
     single = partial_path(path)
-    if _resumable(single, prov):
+    if _same_inputs(single, prov):
         # one row range, finished by one rank: its committed rows are kept, not redone
         folder.mkdir(parents=True, exist_ok=True)
         os.replace(single, partial_path(shard_path(path, 0, 1)))
@@ -168,12 +145,14 @@ def _plan(path: Path, prov: dict, world_size: int) -> int | None:
     return world_size
 
 
-def _resumable(partial: Path, prov: dict) -> bool:
+def _same_inputs(path: Path, prov: dict) -> bool | None:
+    """Whether the (shard or partial) cache file ``path`` has ``prov``'s inputs; ``None``
+    when it cannot be read."""
     try:
-        with h5py.File(partial, "r") as h:
+        with h5py.File(path, "r") as h:
             attrs = _read_attrs(h)
     except OSError:
-        return False
+        return None
     return attrs.get("featx_schema") == SCHEMA_VERSION and not diff_provenance(attrs, prov)
 
 
@@ -192,48 +171,17 @@ def _after_commit(rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fill(writer: CacheWriter, root: Path, splits: dict, run, transform, cfg, device,
-          precision: str, workers: int, bar, rank: int) -> tuple[int, int]:
-    """Extract the rows of ``splits`` that ``writer`` has not committed; ``(written, skipped)``.
-
-    The same loop as :func:`featx.extract.extract`, over one shard's file lists.
-    """
-    from featx.data import ImageFiles
-    from featx.extract import forward_batch
-    tf = transform.eval_transform_uint8()
-    written = skipped = 0
-    for split, items in splits.items():
-        start = writer.next_index(split)
-        if start >= len(items):
-            continue
-        ds = torch.utils.data.Subset(ImageFiles(root, items, tf, transform.crop,
-                                                dtype=torch.uint8), range(start, len(items)))
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
-            pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
-        for images, labels, idx, errors in loader:
-            feats = forward_batch(run, images, transform, cfg.pools, device, precision,
-                             pad_to=cfg.batch_size if cfg.compile else None)
-            ok = np.array([e == "" for e in errors])
-            bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
-            writer.append(split, int(idx[-1]) + 1, {k: v[ok] for k, v in feats.items()},
-                          labels.numpy()[ok], [items[i][0] for i in idx[ok].tolist()], bad)
-            _after_commit(rank)
-            written += int(ok.sum())
-            skipped += len(bad)
-            bar.update(len(labels))
-    return written, skipped
-
-
 # -- joining --------------------------------------------------------------------------------
 
 def _join(path: Path, prov: dict, splits: dict, n_shards: int, dims: dict, store: str,
-          extra: dict) -> None:
-    """Copy the complete shards, in order, into one cache file at ``path`` (atomic rename).
+          extra: dict) -> float:
+    """Copy the complete shards, in order, into one cache file at ``path`` (atomic rename),
+    then remove them; returns the seconds it took.
 
     Rows, the skipped list and the full split lists come out in the order one process
     writes them: split by split, and within a split shard by shard.
     """
+    t0 = time.perf_counter()
     partial_path(path).unlink(missing_ok=True)  # a join killed half-way starts over
     writer = CacheWriter(path, prov, splits, dims, store)
     block = max(1, _JOIN_BYTES // (4 * sum(dims.values())))
@@ -260,40 +208,36 @@ def _join(path: Path, prov: dict, splits: dict, n_shards: int, dims: dict, store
         writer.close()
         raise
     writer.finish(extra)
+    # the cache is complete from here; a shard left behind is only wasted disk
+    shutil.rmtree(shard_dir(path), ignore_errors=True)
+    return time.perf_counter() - t0
 
 
 # -- the entry point ------------------------------------------------------------------------
 
-def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
-                    device: torch.device, precision: str):
+def extract_sharded(data, cfg, ready: RunSetup, *, path: Path, prov: dict):
     """Run :func:`featx.extract.extract`'s pass as one of ``torchrun``'s processes, or
     finish shards left on disk; ``None`` when neither applies (a plain single-process run).
 
     Every rank returns an :class:`~featx.extract.ExtractResult` for the final cache ``path``;
     rank 0's counts cover all ranks, another rank's its own shards.
     """
-    from featx.backbones import FeatureModel, build_backbone, get_backbone
-    from featx.extract import ExtractResult, compile_model, prepare_for_inference
+    from featx.extract import ExtractResult, feature_dims, fill_cache, frozen_model
     env = dist_env()
     if env.world_size == 1 and not shard_dir(path).is_dir():
         return None
     if not 0 <= env.rank < env.world_size:
         raise FeatxError(f"RANK={env.rank} with WORLD_SIZE={env.world_size}: the rank must be "
                          f"0..{env.world_size - 1}.")
-    device = _init(env, device)
+    ready = dataclasses.replace(ready, device=_init(env, ready.device))
+    device = ready.device
     t0 = time.perf_counter()
     prov = {**prov, "device": str(device), "world_size": env.world_size}
-    try:
-        plan = _plan(path, prov, env.world_size) if env.rank == 0 else None
-    except Exception as exc:
-        plan = exc
-    n_shards = _from_rank0(plan, env)
+    n_shards = ddp.run_on_main(lambda: _plan(path, prov, env.world_size))
     if n_shards is None:
         return None
 
-    spec = get_backbone(cfg.model)
-    dims = {"penultimate": spec.penultimate_dim}
-    dims.update({feature_name(n): spec.spatial_channels * n * n for n in cfg.pools})
+    dims = feature_dims(cfg.model, cfg.pools)
     mine = [k for k in range(env.rank, n_shards, env.world_size)
             if not shard_path(path, k, n_shards).exists()]
     resumed = len(mine) < len(range(env.rank, n_shards, env.world_size))
@@ -305,14 +249,13 @@ def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
     bar = tqdm(total=total, unit="img", dynamic_ncols=True,
                desc=f"extract {cfg.model} [rank {env.rank}/{env.world_size}]",
                disable=not cfg.progress or env.rank != 0)
-    run = None
+    frozen = None
     workers = extract_workers(device) if cfg.workers is None else cfg.workers
     try:
         for k in mine:
-            if run is None:  # built only when this rank has work
-                fm = FeatureModel(spec, build_backbone(cfg.model, weights, image_size=transform.crop).to(device)).eval()
-                run = prepare_for_inference(fm)
-                run = compile_model(run, notes) if cfg.compile else run
+            if frozen is None:  # built only when this rank has work
+                frozen = frozen_model(cfg.model, ready, notes=notes,
+                                      compile_batch=cfg.batch_size if cfg.compile else None)
             t_shard = time.perf_counter()
             splits = _shard_splits(data.splits, k, n_shards)
             writer = CacheWriter(shard_path(path, k, n_shards),
@@ -321,48 +264,44 @@ def extract_sharded(data, cfg, *, path: Path, prov: dict, weights, transform,
             resumed |= writer.resumed
             bar.update(sum(writer.next_index(s) for s in splits))
             try:
-                n_ok, n_bad = _fill(writer, data.root, splits, run, transform, cfg, device,
-                                    precision, workers, bar, env.rank)
+                n_ok, bad = fill_cache(writer, data.root, splits, frozen, cfg.pools,
+                                       batch_size=cfg.batch_size, workers=workers, bar=bar,
+                                       after_commit=lambda: _after_commit(env.rank))
             except BaseException:
                 writer.close()
                 raise
-            written, skipped = written + n_ok, skipped + n_bad
+            written, skipped = written + n_ok, skipped + len(bad)
             seconds += time.perf_counter() - t_shard
             writer.finish({"timings": {"seconds": round(time.perf_counter() - t_shard, 3)}})
     finally:
         bar.close()
-    counts = _gather((written, skipped, resumed, seconds), env)  # waits for every shard
+    counts = ddp.all_gather_object((written, skipped, resumed, seconds))  # waits for every shard
 
     if env.rank == 0:
         n_all = sum(c[0] for c in counts)
         n_bad = sum(c[1] for c in counts)
         # the ranks run side by side: the job's pass takes as long as its slowest rank
         seconds = max(c[3] for c in counts)
-        t_join = time.perf_counter()
-        try:
-            _join(path, {**prov, "shard_count": n_shards}, data.splits, n_shards, dims,
-                  cfg.store, {"timings": {
-                      "seconds": round(seconds, 3),
-                      "images_per_s": round((n_all + n_bad) / max(seconds, 1e-9), 2),
-                      "wall_s": round(time.perf_counter() - t0, 3),
-                      "resumed": any(c[2] for c in counts), "images": n_all,
-                      "world_size": env.world_size, "shards": n_shards}})
-            # the cache is complete from here; a shard left behind is only wasted disk
-            shutil.rmtree(shard_dir(path), ignore_errors=True)
-            done = None
-        except Exception as exc:
-            done = exc
-        notes.append(f"{env.world_size} process(es) extracted {n_shards} shard(s); rank 0 "
-                     f"joined them in {time.perf_counter() - t_join:.1f} s.")
     else:
-        n_all, n_bad, done = written, skipped, None
+        n_all, n_bad = written, skipped
+    timings = {"seconds": round(seconds, 3),
+               "images_per_s": round((n_all + n_bad) / max(seconds, 1e-9), 2),
+               "wall_s": round(time.perf_counter() - t0, 3),
+               "resumed": any(c[2] for c in counts), "images": n_all,
+               "world_size": env.world_size, "shards": n_shards}
+    # rank 0 joins; the final file exists (or the join's error is raised) on every rank
+    join_s = ddp.run_on_main(lambda: _join(path, {**prov, "shard_count": n_shards}, data.splits,
+                                           n_shards, dims, cfg.store, {"timings": timings}))
+    if env.rank == 0:
+        notes.append(f"{env.world_size} process(es) extracted {n_shards} shard(s); rank 0 "
+                     f"joined them in {join_s:.1f} s.")
+    else:
         notes.append(f"rank {env.rank}/{env.world_size}: extracted shard(s) "
                      f"{', '.join(map(str, mine)) or '(none left)'} of {n_shards}; rank 0 "
                      f"joins them into {path.name}.")
-    _from_rank0(done, env)  # the final file exists (or the join's error) on every rank
     status = "resumed" if any(c[2] for c in counts) else "written"
     skipped_rows = Cache(path).skipped()
     return ExtractResult(path, status, n_all, len(skipped_rows) if env.rank == 0 else n_bad,
                          seconds, (n_all + n_bad) / seconds if seconds > 0 else 0.0,
-                         weights.source, skipped_rows if env.rank == 0 else [], notes,
-                         precision)
+                         ready.weights.source, skipped_rows if env.rank == 0 else [], notes,
+                         ready.precision)

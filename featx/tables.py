@@ -7,28 +7,33 @@ from typing import Sequence
 import numpy as np
 
 from featx.cache import PENULTIMATE, pool_of
+from featx.results import METRIC_COLUMNS
 
 __all__ = ["format_pool_matrix", "format_summary", "plot_pool_summary"]
 
 
-def _fmt(v, digits=3) -> str:
+def _fmt(v, fmt=".3f") -> str:
     if v is None or v == "" or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
-    return f"{float(v):.{digits}f}"
+    return format(float(v), fmt)
 
 
 def format_summary(rows: Sequence[dict]) -> str:
     """The runs as a text table, best test balanced accuracy first."""
     rows = sorted(rows, key=lambda r: -(r["test_balanced_accuracy"] or 0.0))
+    # the sort key's column first, then the others in their table order
+    columns = sorted(METRIC_COLUMNS, key=lambda c: c.key != "balanced_accuracy")
+    widths = [max(6, len(c.short)) for c in columns]
     header = (f"{'dataset':<14} {'model':<14} {'feature':<11} {'head':<8} {'mode':<7} "
-              f"{'bal_acc':>7} {'acc':>6} {'f1':>6} {'auc':>6} {'val':>6} {'fit_s':>7}")
+              + "".join(f"{c.short:>{w}} " for c, w in zip(columns, widths))
+              + f"{'val':>6} {'fit_s':>7}")
     lines = [header]
     for r in rows:
         lines.append(f"{r['dataset'][:14]:<14} {r['model'][:14]:<14} {r['feature']:<11} "
-                     f"{r['head']:<8} {r['mode']:<7} {_fmt(r['test_balanced_accuracy']):>7} "
-                     f"{_fmt(r['test_accuracy']):>6} {_fmt(r['test_macro_f1']):>6} "
-                     f"{_fmt(r['test_roc_auc']):>6} {_fmt(r['val_score']):>6} "
-                     f"{_fmt(r['select_s'] + r['fit_s'], 2):>7}")
+                     f"{r['head']:<8} {r['mode']:<7} "
+                     + "".join(f"{_fmt(r.get(c.name), c.short_fmt):>{w}} "
+                               for c, w in zip(columns, widths))
+                     + f"{_fmt(r['val_score']):>6} {_fmt(r['select_s'] + r['fit_s'], '.2f'):>7}")
     lines.append("val: balanced accuracy of the chosen setting on val (or CV on train); "
                  "fit_s: selection + refit")
     return "\n".join(lines)

@@ -242,24 +242,26 @@ def _owner(param: str) -> str:
 # --- transform ------------------------------------------------------------------------------
 
 def timm_transform(spec: TimmSpec, image_size: int | None = None):
-    """featx's :class:`~featx.data.TransformSpec` for timm's eval transform, and the config.
+    """featx's :class:`~featx.images.TransformSpec` for timm's eval transform, and the config.
 
     Same operations as ``timm.data.create_transform(**config)``: resize the short side to
     ``floor(size / crop_pct)``, center crop ``size``, normalise. ``image_size`` replaces the
     crop size as ``resolve_data_config({'input_size': (3, N, N)})`` would.
     """
-    from featx.data import DataError, TransformSpec
+    from featx.data import DataParameterError
+    from featx.images import TransformSpec
     cfg = dict(spec.data_config)
     if image_size is not None:
         if image_size < 16:
-            raise DataError(f"--image-size {image_size} is too small; use at least 16.")
+            raise DataParameterError("image_size", image_size, "is too small; use at least "
+                                     "16.", sep=" ")
         cfg["input_size"] = (3, image_size, image_size)
     _, h, w = cfg["input_size"]
     mode = cfg.get("crop_mode") or "center"
     if h != w or mode != "center":
         raise FeatxError(f"{spec.name}: timm's eval transform for it is {mode!r} crop at "
                          f"{h}x{w}; featx reproduces square center crops only (most timm "
-                         f"models); give --image-size N for a square one, or pick another model.")
+                         f"models); give {{image_size}} N for a square one, or pick another model.")
     crop_pct = cfg.get("crop_pct") or 0.875
     resize = math.floor(h / crop_pct)
     return TransformSpec(resize, int(h), tuple(float(v) for v in cfg["mean"]),

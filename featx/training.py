@@ -12,7 +12,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from featx import ddp
-from featx.data import ImageFiles, TransformSpec
+from featx.images import ImageFiles, TransformSpec
 from featx.runtime import autocast
 
 if TYPE_CHECKING:

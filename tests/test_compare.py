@@ -14,7 +14,7 @@ from featx.cli import main
 from featx.compare import CompareConfig, _heads_up_to_date, run_compare
 from featx.data import load_dataset
 from featx.heads import HeadsConfig, fit_heads
-from featx.metrics import read_result
+from featx.results import read_result
 
 from tests.conftest import PNEUMONIA
 from tests.test_heads import blob_splits, write_cache
@@ -128,7 +128,7 @@ def test_compare_cli_bad_finetune_mode_and_model(digits_dir, tmp_path):
     assert r.exit_code == 2 and "Invalid value for '--finetune'" in r.output
     assert "'sideways' is not one of 'none', 'full', 'backbone', 'both'" in r.output
     assert "Traceback" not in r.output
-    with pytest.raises(ValueError, match="--finetune 'sideways': use one of none, full"):
+    with pytest.raises(ValueError, match="finetune='sideways': use one of none, full"):
         run_compare(load_dataset(digits_dir), _cfg(tmp_path, finetune="sideways"))
     assert not (tmp_path / "cache").exists()  # refused before any extraction
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx.data import DataError, load_dataset, load_rgb, parse_split_fractions
+from featx.data import DataError, load_dataset, parse_split_fractions
+from featx.images import load_rgb
 
 
 def test_class_folders_are_split_stratified_and_deterministically(digits_dir):
@@ -121,7 +122,7 @@ def test_batch_normalisation_gives_the_per_image_transform_bit_for_bit(digits_di
     """Extraction's uint8 + normalize_batch path == Resize, CenterCrop, ToTensor, Normalize."""
     import torch
 
-    from featx.data import TransformSpec
+    from featx.images import TransformSpec
     spec = TransformSpec(resize=73, crop=64, mean=(0.485, 0.456, 0.406),
                          std=(0.229, 0.224, 0.225))
     files = sorted(digits_dir.rglob("*.png"))[:8]
@@ -328,7 +329,25 @@ def test_sixteen_bit_values_are_rounded_not_truncated(tmp_path):
 def test_seed_outside_the_valid_range_names_the_option():
     from featx.data import check_seed
     for bad in (-1, 2**32, 10**30):
-        with pytest.raises(DataError, match=rf"--seed {bad}: must be an integer from 0 to "
+        with pytest.raises(DataError, match=rf"seed={bad}: must be an integer from 0 to "
                                             rf"4294967295"):
             check_seed(bad)
     assert check_seed(2**32 - 1) == 2**32 - 1
+
+
+def test_data_and_cache_import_without_torch():
+    """Finding the images, fixing the split and reading a cache need no torch (seconds to
+    import): a fresh interpreter that imports featx.data and featx.cache has not loaded it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    script = ("import sys\nimport featx.cache, featx.data\n"
+              "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "[]"

@@ -18,9 +18,9 @@ from sklearn.svm import SVC
 
 from featx.cache import Cache
 from featx.cli import main
-from featx.data import TransformSpec
 from featx.export import UnsupportedHeadError, head_module, read_export_info
 from featx.heads import build_head, class_scores
+from featx.images import TransformSpec
 from featx.predict import predict
 
 PARAMS = {"linear": {"alpha": 1.0}, "logistic": {"C": 0.1}, "svm": {"C": 0.01},

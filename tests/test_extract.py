@@ -15,7 +15,8 @@ from torchvision.transforms._presets import ImageClassification
 
 from featx.backbones import build_backbone
 from featx.cache import Cache, CacheError, CacheWriter, StaleCacheError, partial_path
-from featx.data import load_dataset, load_rgb
+from featx.data import load_dataset
+from featx.images import load_rgb
 from featx.extract import ExtractConfig, extract
 
 SIZE = 48
@@ -155,7 +156,7 @@ def test_rerun_on_up_to_date_cache_does_nothing(digits_dir, tmp_path):
     assert _digest(path) == before
 
 
-@pytest.mark.parametrize("change", ["images", "pools", "image_size_same_name", "seed_split",
+@pytest.mark.parametrize("change", ["images", "pools", "image_size_same_name", "split_fractions",
                                     "image_replaced_same_name", "random_weights_other_seed",
                                     "weights_file_replaced_same_name"])
 def test_changed_inputs_are_refused_and_the_cache_is_untouched(digits_dir, tmp_path, change,
@@ -193,7 +194,8 @@ def test_changed_inputs_are_refused_and_the_cache_is_untouched(digits_dir, tmp_p
     elif change == "image_size_same_name":
         cfg, expect = _cfg(tmp_path, store="float16"), "store_dtype"
     else:
-        data, expect = load_dataset(digits_dir, seed=5), "split_seed"
+        # another split seed is another file (tests/test_config.py); other fractions are not
+        data, expect = load_dataset(digits_dir, split=(0.6, 0.2, 0.2)), "split_fractions"
     with pytest.raises(StaleCacheError, match=f"{expect}.*--overwrite"):
         extract(data, cfg)
     assert _digest(path) == before

@@ -21,7 +21,8 @@ from featx.data import load_dataset
 from featx.extract import ExtractConfig, extract
 from featx.finetune import (FinetuneConfig, build_model, data_from_cache, data_from_spec,
                             finetune, list_stages, make_loss)
-from featx.metrics import classification_metrics, make_result
+from featx.metrics import classification_metrics
+from featx.results import make_result
 
 from .conftest import write_digits
 

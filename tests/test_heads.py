@@ -25,7 +25,7 @@ from featx.cache import PROVENANCE_KEYS, Cache, CacheWriter
 from featx.cli import main
 from featx.heads import (STREAM_EPOCHS, HeadsConfig, build_head, class_scores, fit_heads,
                          get_head, list_heads, load_head, select_and_fit)
-from featx.metrics import read_result
+from featx.results import read_result
 
 CLASSES = ["alpha", "beta", "gamma"]
 

@@ -1,16 +1,14 @@
-"""Every reported number agrees with scikit-learn's own functions on the same predictions,
-and the result schema survives a round trip through JSON."""
+"""Every reported number agrees with scikit-learn's own functions on the same predictions."""
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from featx.metrics import (RESULT_SCHEMA, classification_metrics, file_list_fingerprint,
-                           make_result, read_result, write_json)
+from featx.data import file_list_fingerprint
+from featx.metrics import classification_metrics
 
 CLASSES = ["normal", "pneumonia", "covid", "other"]
 
@@ -80,38 +78,6 @@ def test_no_scores_means_no_auc_and_says_why():
     y, pred, _ = _predictions(seed=4)
     m = classification_metrics(y, pred, None, CLASSES)
     assert m["roc_auc"] is None and m["roc_auc_note"] == "the method gives no scores"
-
-
-def test_result_round_trips_through_json_with_nan_as_null(tmp_path):
-    y, pred, proba = _predictions(seed=5)
-    metrics = classification_metrics(y, pred, proba, CLASSES)
-    metrics["val_accuracy"] = float("nan")
-    dataset = {"name": "xray", "classes": CLASSES, "split_fingerprint": "a" * 64,
-               "test_fingerprint": file_list_fingerprint([("test/x.png", 1)])}
-    for kind in ("head", "finetune"):
-        result = make_result(kind=kind, method="m", dataset=dataset, model="resnet18",
-                             metrics=metrics, timings={"fit_s": np.float32(1.5)},
-                             settings={"C": np.float64(0.1)}, feature="pool2", head="svm")
-        path = write_json(tmp_path / f"{kind}.json", result)
-        back = read_result(path)
-        assert back["schema"] == RESULT_SCHEMA and back["kind"] == kind
-        assert back["metrics"]["val_accuracy"] is None
-        assert back["metrics"]["accuracy"] == metrics["accuracy"]
-        assert back["timings"]["fit_s"] == 1.5 and back["settings"]["C"] == 0.1
-        assert set(back) >= {"featx_version", "created", "method", "model", "feature", "head",
-                             "dataset", "settings", "selection", "metrics", "timings",
-                             "provenance", "artifacts"}
-    assert not list(tmp_path.glob(".*tmp"))
-
-
-def test_make_result_requires_the_fingerprints_and_read_result_refuses_other_json(tmp_path):
-    with pytest.raises(ValueError, match="test_fingerprint"):
-        make_result(kind="head", method="m", model="x", metrics={}, timings={},
-                    dataset={"name": "d", "classes": [], "split_fingerprint": "s"})
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps({"schema": "something/2"}))
-    with pytest.raises(ValueError, match="not a featx result"):
-        read_result(other)
 
 
 def test_fingerprint_depends_on_paths_labels_and_order():

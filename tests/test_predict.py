@@ -15,7 +15,7 @@ from torchvision import models
 from featx.cache import Cache
 from featx.cli import main
 from featx.heads import class_scores, load_head
-from featx.metrics import read_result
+from featx.results import read_result
 from featx.predict import find_images, load_predictor, predict, predict_batches
 
 

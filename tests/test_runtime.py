@@ -35,8 +35,8 @@ def test_workers_are_capped_at_the_cores_with_a_note(monkeypatch):
     monkeypatch.setattr(rt, "_usable_cores", lambda: 4)
     assert rt.cap_workers(3) == (3, None)
     n, note = rt.cap_workers(500)
-    assert n == 4 and "--workers 500 is more than the 4 CPU core(s) here; using 4" in note
-    with pytest.raises(DataError, match="--workers -1"):
+    assert n == 4 and note == "note: workers 500 is more than the 4 CPU core(s) here; using 4."
+    with pytest.raises(DataError, match="workers=-1"):
         rt.cap_workers(-1)
 
 
@@ -62,9 +62,9 @@ def test_setup_resolves_device_precision_weights_transform_in_order(tmp_path):
     assert ready.transform.crop == 48
     # the first bad option is the one reported: the device before precision and weights
     missing = str(tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match="--device 'tpu'"):
+    with pytest.raises(ValueError, match="device='tpu'"):
         rt.setup("resnet18", missing, device="tpu", precision="nope")
-    with pytest.raises(ValueError, match="--precision 'nope'"):
+    with pytest.raises(ValueError, match="precision='nope'"):
         rt.setup("resnet18", missing, device="cpu", precision="nope")
 
 
@@ -79,3 +79,31 @@ def test_one_distenv_for_extraction_and_finetuning(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert shards.dist_env() == rt.torchrun_env() == rt.DistEnv(1, 2, 1)
     assert not shards.is_main_process()
+
+
+def test_predict_computes_the_cached_features_to_the_bit(head_experiment):
+    """After setup, one build (featx.extract.frozen_model) serves extract and predict: the
+    features predict computes for the cache's own test images are the cached rows, bit for
+    bit (a backbone built without the BatchNorm folding moves them by ~1e-6)."""
+    import numpy as np
+
+    from featx.cache import Cache
+    from featx.predict import find_images, load_predictor, predict_batches
+
+    ex = head_experiment
+    cache = Cache(ex.cache)
+    predictor = load_predictor(ex.results[("pool2", "logistic")], device="cpu")
+    seen, forward = [], predictor.frozen.features
+
+    def spy(images, pools):
+        seen.append(forward(images, pools))
+        return seen[-1]
+
+    predictor.frozen.features = spy
+    images = find_images([ex.data / p for p, _ in cache.split_items("test")], cache.classes)
+    # one batch, as extract's (batch size 32): the same shapes, so the same kernels
+    list(predict_batches(predictor, images, batch_size=32))
+    assert len(seen) == 1
+    for feature in ("penultimate", "pool2"):
+        np.testing.assert_array_equal(seen[0][feature], cache.load("test", feature),
+                                      err_msg=feature)

@@ -20,6 +20,7 @@ from featx.data import load_dataset
 from featx.extract import ExtractConfig, extract
 from featx.shards import _plan, shard_bounds, shard_dir, shard_path
 from tests.conftest import write_digits
+from tests.test_extract import _datasets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,14 +56,6 @@ def _torchrun(args, cwd, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", "-m", "featx", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _datasets(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset)
-                     else None)
-    return out
 
 
 def _assert_same_cache(reference: Path, path: Path):

@@ -4,7 +4,7 @@ One *run* is one (cache, feature, head). It loads the train (and val) rows of th
 chooses the head's hyperparameters on the val split (sklearn ``PredefinedSplit``) or, when
 the cache has no val split, by stratified K-fold CV on train, refits the chosen pipeline on
 train, scores the test split once, and writes a result JSON (the schema of
-:mod:`featx.metrics`) with the fitted pipeline (joblib) beside it::
+:mod:`featx.results`) with the fitted pipeline (joblib) beside it::
 
     {out}/{cache stem}/heads/{feature}__{head}.json      result, schema featx-result/1
     {out}/{cache stem}/heads/{feature}__{head}.joblib    the fitted sklearn Pipeline

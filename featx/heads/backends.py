@@ -12,11 +12,11 @@ from typing import Iterator
 
 import joblib
 
-from featx.errors import FeatxError
+from featx.config import BACKENDS
+from featx.errors import ParameterError
 
 __all__ = ["BACKENDS", "check_backend", "heads_backend"]
 
-BACKENDS = ("loky", "dask", "ray")      # joblib backends the fits can run on
 
 _OPEN_BACKENDS: list[tuple[str, str | None]] = []  # heads_backend contexts open in this process
 
@@ -54,18 +54,19 @@ def _import_extra(module: str, extra: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError:
-        raise FeatxError(f"--backend {extra} needs the {extra} package: pip install "
-                         f"featx[{extra}]") from None
+        raise ParameterError("backend", extra, f"needs the {extra} package: pip install "
+                             f"featx[{extra}]", shown=extra, sep=" ") from None
 
 
 def check_backend(backend: str, scheduler: str | None = None) -> None:
     """Refuse an unknown ``backend``, a ``scheduler`` for loky, or a missing extra, with one
     line, before any work starts (the cluster itself is reached in :func:`heads_backend`)."""
     if backend not in BACKENDS:
-        raise FeatxError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+        raise ParameterError("backend", backend, f"use one of {', '.join(BACKENDS)}.")
     if scheduler and backend == "loky":
-        raise FeatxError(f"--scheduler {scheduler}: loky runs on this machine only; add "
-                         f"--backend dask or --backend ray to use a cluster.")
+        raise ParameterError("scheduler", scheduler, "loky runs on this machine only; add "
+                             "{backend} dask or {backend} ray to use a cluster.",
+                             shown=scheduler)
     if backend != "loky":
         _import_extra("distributed" if backend == "dask" else "ray", backend)
 
@@ -119,10 +120,11 @@ def _dask_client(stack: contextlib.ExitStack, scheduler: str | None, jobs: int):
         try:
             client = distributed.Client(scheduler, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
-            raise FeatxError(f"--scheduler {scheduler}: no dask scheduler answers there "
-                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                             f"); start one (`dask scheduler`) or leave --scheduler out for "
-                             f"a local cluster.") from None
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ParameterError("scheduler", scheduler, f"no dask scheduler answers there "
+                                 f"({why}); start one (`dask scheduler`) or leave "
+                                 "{scheduler} out for a local cluster.",
+                                 shown=scheduler) from None
         stack.callback(client.close)
         return client
     try:
@@ -147,9 +149,10 @@ def _start_ray(stack: contextlib.ExitStack, scheduler: str | None, jobs: int) ->
         try:
             ray.init(address=scheduler, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise FeatxError(f"--scheduler {scheduler}: no ray cluster answers there "
-                             f"({str(exc).splitlines()[0]}); start one (`ray start --head`) "
-                             f"or leave --scheduler out for a local one.") from None
+            raise ParameterError("scheduler", scheduler, f"no ray cluster answers there "
+                                 f"({str(exc).splitlines()[0]}); start one (`ray start "
+                                 "--head`) or leave {scheduler} out for a local one.",
+                                 shown=scheduler) from None
     else:
         ray.init(num_cpus=max(1, jobs), include_dashboard=False, log_to_driver=False)
     stack.callback(ray.shutdown)

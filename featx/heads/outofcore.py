@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
 from featx.cache import Cache
-from featx.errors import FeatxError
+from featx.errors import FeatxError, ParameterError
 from featx.heads.registry import _STREAM_GRID, get_head
 from featx.heads.selection import SELECTION_METRIC, _quiet
 
@@ -169,8 +169,8 @@ def _fit_reducer(cache: Cache, feature: str, n_components: int, standardize: boo
     """StandardScaler (optional) then IncrementalPCA, both fitted on train in row blocks."""
     n_train, dims = cache.shape("train", feature)
     if n_components > min(n_train, dims):
-        raise FeatxError(f"--pca {n_components}: must be at most min(train rows, feature "
-                         f"width) = {min(n_train, dims)} for {cache.path.name} {feature}.")
+        raise ParameterError("pca", n_components, f"must be at most min(train rows, feature "
+                             f"width) = {min(n_train, dims)} for {cache.path.name} {feature}.")
     scaler = StandardScaler() if standardize else "passthrough"
     if standardize:
         for X in _blocks(cache, "train", feature, rows):

@@ -17,12 +17,12 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from featx.errors import FeatxError
+from featx.config import DEFAULT_HEADS
+from featx.errors import FeatxError, ParameterError
 
 __all__ = ["DEFAULT_HEADS", "HeadSpec", "build_head", "class_scores", "get_head", "list_heads",
            "parse_heads", "register_head"]
 
-DEFAULT_HEADS = ("linear", "logistic", "svm", "mlp")
 _STREAM_GRID = {"alpha": [1e-3, 1e-4, 1e-5]}  # the sgd head's grid, also used when streaming
 
 
@@ -113,7 +113,7 @@ def parse_heads(text: str | Sequence[str]) -> list[str]:
     items = text.split(",") if isinstance(text, str) else list(text)
     names = list(dict.fromkeys(s.strip() for s in items if s and s.strip()))
     if not names:
-        raise FeatxError(f"--heads {text!r}: name at least one of {', '.join(list_heads())}.")
+        raise ParameterError("heads", text, f"name at least one of {', '.join(list_heads())}.")
     for name in names:
         get_head(name)
     return names

@@ -23,46 +23,19 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache, CacheError, partial_path, pool_of
-from featx.errors import FeatxError
+from featx.config import CLASS_WEIGHTS, SELECT_MODES, HeadsConfig
+from featx.errors import FeatxError, ParameterError
 from featx.files import atomic_write
 from featx.heads.backends import check_backend, heads_backend
 from featx.heads.outofcore import (_MB, _describe_plan, _fit_reducer, _reduce, memory_limit,
                                    plan_memory)
-from featx.heads.registry import DEFAULT_HEADS, get_head, parse_heads
+from featx.heads.registry import get_head, parse_heads
 from featx.heads.task import SUMMARY_COLUMNS, _run_indexed, _request, _summary_row, _Task
-from featx.metrics import _jsonable, write_json
+from featx.results import _jsonable, head_model_path, head_result_path, write_json
 from featx.tables import format_pool_matrix, plot_pool_summary
 
 __all__ = ["HeadsConfig", "HeadsRun", "fit_heads", "load_head", "open_cache",
            "resolve_features"]
-
-
-@dataclass
-class HeadsConfig:
-    """What ``featx fit-heads`` does, independent of the CLI.
-
-    ``features``: names, or ``("all",)`` for penultimate and every pool{n}. ``select``:
-    ``"val"`` (falls back to CV when a cache has no val split) or ``"cv"``. ``jobs``: the cap
-    on parallel fits (runs x grid points) with loky, the local cluster's size with dask or
-    ray and no ``scheduler``. ``backend``/``scheduler``: where the fits run (see
-    :func:`heads_backend`). ``pca``: components for features that do not fit (0: stream
-    them instead). ``memory_limit_mb``: None = measured (see :func:`memory_limit`).
-    """
-
-    heads: tuple[str, ...] = DEFAULT_HEADS
-    features: tuple[str, ...] = ("penultimate",)
-    select: str = "val"
-    cv: int = 5
-    class_weight: str | None = None
-    standardize: bool = True
-    jobs: int = 1
-    seed: int = 0
-    out_dir: Path = Path("results")
-    memory_limit_mb: float | None = None
-    pca: int = 0
-    backend: str = "loky"
-    scheduler: str | None = None
-    refit: bool = False  # fit again even where a current result exists
 
 
 @dataclass
@@ -91,7 +64,8 @@ def resolve_features(cache: Cache, features: Sequence[str]) -> list[str]:
     """Feature names to fit: ``["all"]`` -> penultimate + every pool{n}; others checked."""
     names = [f.strip() for f in features if f and f.strip()]
     if not names:
-        raise FeatxError(f"--features: name at least one of {', '.join(cache.features)}, or all.")
+        raise ParameterError("features", features, f"name at least one of "
+                             f"{', '.join(cache.features)}, or all.", shown="")
     if "all" in names:
         return cache.features
     for name in names:
@@ -133,7 +107,7 @@ def _write_run(task: _Task, result: dict, model: Pipeline) -> None:
     """The model, then its result JSON; an older JSON goes first, so no JSON ever sits
     beside a model it did not describe, and a run killed half-way reads as not done."""
     task.out_json.unlink(missing_ok=True)
-    _dump_atomic(model, task.out_json.with_suffix(".joblib"))
+    _dump_atomic(model, head_model_path(task.out_json))
     write_json(task.out_json, result)
 
 
@@ -144,7 +118,7 @@ def _current_result(task: _Task) -> dict | None:
         res = json.loads(task.out_json.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(res, dict) or not task.out_json.with_suffix(".joblib").is_file():
+    if not isinstance(res, dict) or not head_model_path(task.out_json).is_file():
         return None
     same_cache = res.get("provenance") == json.loads(json.dumps(_jsonable(task.cache.attrs)))
     same_request = (res.get("settings") or {}).get("request") == _request(task)
@@ -218,14 +192,15 @@ def _check_config(caches: Sequence[str | Path], config: HeadsConfig) -> HeadsCon
     """``config`` with its heads parsed; a bad setting raises before anything is read."""
     heads = parse_heads(config.heads)
     config = replace(config, heads=tuple(heads), out_dir=Path(config.out_dir))
-    if config.select not in ("val", "cv"):
-        raise FeatxError(f"--select {config.select!r}: use val or cv.")
-    if config.class_weight not in (None, "balanced"):
-        raise FeatxError(f"--class-weight {config.class_weight!r}: use none or balanced.")
+    if config.select not in SELECT_MODES:
+        raise ParameterError("select", config.select, f"use {' or '.join(SELECT_MODES)}.")
+    if config.class_weight not in (None, *CLASS_WEIGHTS[1:]):  # CLASS_WEIGHTS[0] "none" is None
+        raise ParameterError("class_weight", config.class_weight,
+                             f"use {' or '.join(CLASS_WEIGHTS)}.")
     if config.cv < 2:
-        raise FeatxError(f"--cv {config.cv}: need at least 2 folds.")
+        raise ParameterError("cv", config.cv, "need at least 2 folds.")
     if config.jobs < 1:
-        raise FeatxError(f"--jobs {config.jobs}: must be at least 1.")
+        raise ParameterError("jobs", config.jobs, "must be at least 1.")
     check_backend(config.backend, config.scheduler)
     if not caches:
         raise FeatxError("give at least one cache file.")
@@ -279,13 +254,14 @@ def _plan_tasks(prepared, config: HeadsConfig, limit: int, source: str,
                            if select_on == "cv" else "")
                 say("note: " + _describe_plan(plan, heads, f"{cache.path.name} {feature}",
                                               holdout))
-            out = config.out_dir / cache.path.stem / "heads"
             if plan.mode == "stream":
                 tasks.append(_Task(cache, dataset, feature, "sgd", plan, select_on, config,
-                                   out / f"{feature}__sgd.json"))
+                                   head_result_path(config.out_dir, cache.path.stem, feature,
+                                                    "sgd")))
                 continue
             group = [_Task(cache, dataset, feature, h, plan, select_on, config,
-                           out / f"{feature}__{h}.json") for h in heads]
+                           head_result_path(config.out_dir, cache.path.stem, feature, h))
+                     for h in heads]
             if plan.mode == "pca":
                 pca_groups.append(group)
             tasks.extend(group)

@@ -20,7 +20,8 @@ from featx.cache import Cache
 from featx.heads.outofcore import MemoryPlan, _blocks, _fit_streaming
 from featx.heads.registry import _STREAM_GRID, get_head
 from featx.heads.selection import SELECTION_METRIC, _predict, _quiet, select_and_fit
-from featx.metrics import classification_metrics, make_result
+from featx.metrics import classification_metrics
+from featx.results import METRIC_COLUMNS, head_model_path, make_result
 
 if TYPE_CHECKING:
     from featx.heads.run import HeadsConfig
@@ -126,7 +127,7 @@ def _run_task(task: _Task, X_train: np.ndarray | None = None, X_val: np.ndarray 
     if plan.mode == "stream":
         settings["replaces_heads"] = list(cfg.heads)
     settings["request"] = _request(task)
-    model_file = task.out_json.with_suffix(".joblib")
+    model_file = head_model_path(task.out_json)
     result = make_result(
         kind="head", method=f"{head} @ {task.feature}{suffix}", model=cache.attrs["model"],
         feature=task.feature, head=head, dataset=task.dataset, metrics=metrics,
@@ -151,10 +152,10 @@ def _request(task: _Task) -> dict:
     return json.loads(json.dumps(req))
 
 
-SUMMARY_COLUMNS = ["cache", "dataset", "model", "feature", "head", "mode", "selection",
-                   "chosen", "test_accuracy", "test_balanced_accuracy", "test_macro_f1",
-                   "test_roc_auc", "val_score", "val_accuracy", "val_balanced_accuracy",
-                   "select_s", "fit_s", "predict_s", "extract_s", "total_s", "json"]
+SUMMARY_COLUMNS = (["cache", "dataset", "model", "feature", "head", "mode", "selection",
+                    "chosen"] + [c.name for c in METRIC_COLUMNS]
+                   + ["val_score", "val_accuracy", "val_balanced_accuracy", "select_s", "fit_s",
+                      "predict_s", "extract_s", "total_s", "json"])
 
 
 def _summary_row(result: dict, task: _Task, plan: MemoryPlan) -> dict:
@@ -165,8 +166,7 @@ def _summary_row(result: dict, task: _Task, plan: MemoryPlan) -> dict:
         "model": result["model"], "feature": result["feature"], "head": result["head"],
         "mode": mode, "selection": result["selection"]["on"],
         "chosen": json.dumps(result["selection"]["chosen"], sort_keys=True),
-        "test_accuracy": m["accuracy"], "test_balanced_accuracy": m["balanced_accuracy"],
-        "test_macro_f1": m["macro_f1"], "test_roc_auc": m["roc_auc"],
+        **{c.name: m.get(c.key) for c in METRIC_COLUMNS},
         "val_score": m["selection_score"], "val_accuracy": m.get("val_accuracy"),
         "val_balanced_accuracy": m.get("val_balanced_accuracy"),
         "select_s": t["select_s"], "fit_s": t["fit_s"], "predict_s": t["predict_s"],

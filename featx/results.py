@@ -1,0 +1,150 @@
+"""The result record both ``fit-heads`` and ``finetune`` write and ``report`` reads.
+
+:func:`make_result` builds the one schema (JSON), :func:`write_json` writes it atomically and
+:func:`read_result` reads it back; :func:`head_result_path` and :func:`finetune_result_path`
+say where the records live; :data:`METRIC_COLUMNS` is the one list of metrics the tables
+show (report.md/csv, the terminal tables, heads_summary.csv). A new metric: compute it in
+:func:`featx.metrics.classification_metrics`, add its :class:`Column` here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featx.errors import FeatxError
+from featx.files import atomic_write
+
+__all__ = [
+    "FINETUNE_RESULT",
+    "HEADS_DIR",
+    "METRIC_COLUMNS",
+    "RESULT_SCHEMA",
+    "Column",
+    "finetune_result_path",
+    "head_model_path",
+    "head_result_path",
+    "make_result",
+    "read_result",
+    "write_json",
+]
+
+RESULT_SCHEMA = "featx-result/1"
+
+HEADS_DIR = "heads"              # {out}/{cache stem}/heads/ holds a cache's head results
+FINETUNE_RESULT = "result.json"  # a fine-tuning run folder's result
+
+
+def head_result_path(out_dir: str | Path, cache_stem: str, feature: str, head: str) -> Path:
+    """``{out_dir}/{cache_stem}/heads/{feature}__{head}.json``: one fit-heads run's result."""
+    return Path(out_dir) / cache_stem / HEADS_DIR / f"{feature}__{head}.json"
+
+
+def head_model_path(result_path: str | Path) -> Path:
+    """The fitted pipeline (``.joblib``) beside a head's result JSON."""
+    return Path(result_path).with_suffix(".joblib")
+
+
+def finetune_result_path(run_dir: str | Path) -> Path:
+    """``{run_dir}/result.json``: the result of one fine-tuning run."""
+    return Path(run_dir) / FINETUNE_RESULT
+
+
+@dataclass(frozen=True)
+class Column:
+    """One reported test metric and how the tables show it.
+
+    ``key`` is its key in ``result["metrics"]``; its CSV column (report.csv,
+    heads_summary.csv) is ``test_{key}`` (:attr:`name`). ``header``/``fmt``: the report's
+    table (terminal and report.md); ``short``/``short_fmt``: the fit-heads terminal table.
+    """
+
+    key: str
+    header: str
+    short: str
+    fmt: str = ".4f"
+    short_fmt: str = ".3f"
+
+    @property
+    def name(self) -> str:
+        return f"test_{self.key}"
+
+
+# in table order; the fit-heads table puts balanced accuracy (what it sorts by) first
+METRIC_COLUMNS: tuple[Column, ...] = (
+    Column("accuracy", "test acc", "acc"),
+    Column("balanced_accuracy", "bal. acc", "bal_acc"),
+    Column("macro_f1", "macro F1", "f1"),
+    Column("roc_auc", "ROC-AUC", "auc"),
+)
+
+
+def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: dict,
+                timings: dict, settings: dict | None = None, selection: dict | None = None,
+                feature: str | None = None, head: str | None = None,
+                provenance: dict | None = None, artifacts: dict | None = None) -> dict:
+    """One result record, the same schema for heads (``kind="head"``) and fine-tuning.
+
+    ``dataset`` must hold ``name``, ``classes``, ``split_fingerprint`` (all splits' file lists)
+    and ``test_fingerprint`` (the test list), which ``report`` uses to decide comparability.
+    ``timings`` are wall seconds (``fit_s``, ``predict_s``, ``total_s``, ...).
+    """
+    from featx import __version__
+    for key in ("name", "classes", "split_fingerprint", "test_fingerprint"):
+        if key not in dataset:
+            raise ValueError(f"dataset info lacks {key!r}")
+    return {
+        "schema": RESULT_SCHEMA,
+        "featx_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "kind": kind,
+        "method": method,
+        "model": model,
+        "feature": feature,
+        "head": head,
+        "dataset": dataset,
+        "settings": settings or {},
+        "selection": selection or {},
+        "metrics": metrics,
+        "timings": timings,
+        "provenance": provenance or {},
+        "artifacts": artifacts or {},
+    }
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN; null reads back in pandas as NaN
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON atomically (temporary file in the same folder, then replace)."""
+    path = Path(path)
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2)
+        f.write("\n")
+    return path
+
+
+def read_result(path: str | Path) -> dict:
+    """Load a result JSON and check its schema tag."""
+    with open(path) as f:
+        obj = json.load(f)
+    if not isinstance(obj, dict) or obj.get("schema") != RESULT_SCHEMA:
+        raise FeatxError(f"{path}: not a featx result (expected schema {RESULT_SCHEMA!r}, "
+                         f"found {obj.get('schema') if isinstance(obj, dict) else None!r})")
+    return obj
