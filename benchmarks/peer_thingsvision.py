@@ -236,7 +236,7 @@ def prepare(work: Path, data: Path | None, n: int, models) -> tuple[Path, dict, 
     import torchvision
 
     from benchmarks.run import _all_items, load_images, subset
-    from featx.backbones import hub_checkpoint_path
+    from featx.weights import hub_checkpoint_path
     spec, note = load_images(data, work)
     spec = subset(spec, n)
     images = work / "images"

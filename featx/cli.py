@@ -168,8 +168,8 @@ def models(show_all, pattern):
     (--all or --filter list them, with whether timm's pretrained file is cached here).
     """
     import fnmatch
-    from featx.backbones import (describe_weights_availability, get_backbone,
-                                 hub_checkpoint_path, list_backbones)
+    from featx.backbones import get_backbone, list_backbones
+    from featx.weights import describe_weights_availability, hub_checkpoint_path
     names = [n for n in list_backbones() if pattern is None or fnmatch.fnmatch(n, pattern)]
     if names:
         click.echo(f"{'model':<20} {'penultimate':>11} {'spatial C':>9} {'input':>5}  weights")
@@ -211,7 +211,7 @@ def weights():
 @click.option("--model", required=True, help="The backbone these weights are for.")
 def weights_import(file, model):
     """Check that FILE loads into MODEL, then put it where torchvision looks."""
-    from featx.backbones import import_weights
+    from featx.weights import import_weights
     target = import_weights(file, model)
     click.echo(f"{file} fits {model}; placed at {target}")
 

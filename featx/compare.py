@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from featx import ddp
-from featx.backbones import resolve_weights
+from featx.weights import resolve_weights
 from featx.cache import PENULTIMATE, Cache, feature_name
 from featx.config import FINETUNE_MODES, CompareConfig
 from featx.data import DatasetSpec

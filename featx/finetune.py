@@ -45,7 +45,7 @@ import torch.nn as nn
 
 import featx
 from featx import ddp
-from featx.backbones import ResolvedWeights
+from featx.weights import ResolvedWeights
 from featx.checkpoints import (_RUN_INDEPENDENT, _config_dict, _load_resume, _save_atomic,
                                _seed_epoch, _set_rng_state, _rng_state, _write_history)
 from featx.config import LOSSES, OPTIMIZERS, SCHEDULERS, FinetuneConfig

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
+from featx.backbones import BackboneSpec, build_backbone, get_backbone
+from featx.weights import ResolvedWeights
 from featx.config import LOSSES
 from featx.errors import ParameterError
 

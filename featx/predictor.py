@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.backbones import (ResolvedWeights, WeightsError, backbone_transform, build_backbone,
-                             get_backbone, resolve_weights)
+from featx.backbones import WeightsError, backbone_transform, build_backbone, get_backbone
 from featx.cache import PENULTIMATE, feature_name, pool_of
 from featx.errors import FeatxError
 from featx.images import TransformSpec
@@ -23,6 +22,7 @@ from featx.images import TransformSpec
 from featx.frozen import FrozenModel, feature_dims, frozen_model
 from featx.results import read_result
 from featx.runtime import RunSetup, autocast, resolve_device, resolve_precision
+from featx.weights import ResolvedWeights, resolve_weights
 
 __all__ = ["Predictor", "ResultMismatchError", "feature_width", "load_predictor"]
 

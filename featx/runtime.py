@@ -24,7 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from featx.backbones import ResolvedWeights, backbone_transform, resolve_weights
+from featx.backbones import backbone_transform
+from featx.weights import ResolvedWeights, resolve_weights
 from featx.config import DEFAULT_MAX_WORKERS, PRECISIONS
 from featx.data import DataParameterError
 from featx.errors import FeatxError, Note, ParameterError

@@ -37,8 +37,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from featx import ddp
-from featx.cache import (SCHEMA_VERSION, Cache, CacheWriter, _read_attrs, diff_provenance,
-                         partial_path)
+from featx.cache import SCHEMA_VERSION, Cache, _read_attrs, diff_provenance, partial_path
+from featx.cache_writer import CacheWriter
 from featx.errors import FeatxError
 from featx.runtime import DistEnv, RunSetup, extract_workers, join_group
 
