@@ -20,6 +20,8 @@ demo: setup
 	$(BIN)/featx demo
 
 test: setup
+	# the layering contract (setup.cfg [importlinter]): a new import cycle fails here
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x --durations=15
 
 bench: setup

@@ -123,8 +123,9 @@ def child_thingsvision(a: dict) -> dict:
 
 def child_featx(a: dict) -> dict:
     t0 = time.perf_counter()
+    from featx.config import ExtractConfig
     from featx.data import load_dataset
-    from featx.extract import ExtractConfig, extract
+    from featx.extract import extract
     t_import = time.perf_counter() - t0
     rss_import = _rss_kb()
     t1, c1 = time.perf_counter(), _cpu_s()
@@ -195,7 +196,8 @@ def describe_thingsvision(out: Path) -> str:
 # --- heads -------------------------------------------------------------------------------------
 
 def head_featx(cache: Path, out: Path) -> dict:
-    from featx.heads import HeadsConfig, fit_heads
+    from featx.config import HeadsConfig
+    from featx.heads import fit_heads
     t = time.perf_counter()
     run = fit_heads([cache], HeadsConfig(heads=("logistic",), jobs=1, out_dir=out, refit=True))
     s = time.perf_counter() - t
@@ -236,7 +238,7 @@ def prepare(work: Path, data: Path | None, n: int, models) -> tuple[Path, dict, 
     import torchvision
 
     from benchmarks.run import _all_items, load_images, subset
-    from featx.weights import hub_checkpoint_path
+    from featx.backbones import hub_checkpoint_path
     spec, note = load_images(data, work)
     spec = subset(spec, n)
     images = work / "images"

@@ -66,8 +66,9 @@ if str(ROOT) not in sys.path:
 
 from featx.backbones import get_backbone  # noqa: E402
 from featx.cache import Cache, cache_filename  # noqa: E402
+from featx.config import ExtractConfig
 from featx.data import DatasetSpec, load_dataset  # noqa: E402
-from featx.extract import ExtractConfig, extract  # noqa: E402
+from featx.extract import extract  # noqa: E402
 from featx.runtime import cpu_has_native_bf16, extract_workers, resolve_precision  # noqa: E402
 
 PNEUMONIA = ROOT.parent / "shared" / "data" / "pneumoniamnist"
@@ -351,12 +352,13 @@ def _model_only_rate(name: str, size: int, bs: int, n: int, device: str,
                      precision: str = "fp32", compile: bool = False) -> tuple[float, float]:
     """(images/s, seconds of the first call) of featx's prepared model on random tensors
     already on the device: what extraction could reach if decoding and writing were free."""
-    from featx.frozen import frozen_model
-    from featx.runtime import autocast, setup
+    from featx.backbones import frozen_model, resolve_run
+    from featx.runtime import autocast
     # extraction's own build (random weights); frozen.run is the bare forward, without
     # forward_batch's normalising, pooling and copying back
-    frozen = frozen_model(name, setup(name, "none", device=device, precision=precision,
-                                      image_size=size), compile_batch=bs if compile else None)
+    frozen = frozen_model(name, resolve_run(name, "none", device=device, precision=precision,
+                                            image_size=size),
+                          compile_batch=bs if compile else None)
     dev, run = frozen.device, frozen.run
     x = torch.randn(bs, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     batches = max(1, n // bs)
@@ -547,7 +549,8 @@ def _frozen_loop(spec: DatasetSpec, name: str, size: int, epochs: int, batch_siz
 def _featx_heads_path(spec: DatasetSpec, name: str, size: int, batch_size: int,
                       work: Path) -> dict:
     """featx extract + fit-heads logistic (C chosen on val) on the cache, timed together."""
-    from featx.heads import HeadsConfig, fit_heads
+    from featx.config import HeadsConfig
+    from featx.heads import fit_heads
     t0 = time.perf_counter()
     res = extract(spec, ExtractConfig(model=name, weights="none", image_size=size,
                                       batch_size=batch_size, out_dir=work / "cache",
@@ -636,7 +639,8 @@ def bench_memory(ctx: Context) -> list[Row]:
 
 def bench_heads(ctx: Context) -> list[Row]:
     s = ctx.settings
-    from featx.heads import HeadsConfig, fit_heads
+    from featx.config import HeadsConfig
+    from featx.heads import fit_heads
     spec = subset(ctx.data, s.heads_images)
     # resnet18 pool2 = 512 x 2 x 2 = 2,048 real features per image; a small input keeps the
     # extraction short, the heads do not care where the numbers came from

@@ -12,9 +12,21 @@ from pathlib import Path
 
 import click
 
-from featx.config import (BACKENDS, CLASS_WEIGHTS, FINETUNE_MODES, LOSSES, OPTIMIZERS,
-                          PRECISIONS, SCHEDULERS, SELECT_MODES, STORE_DTYPES, CompareConfig,
-                          ExtractConfig, FinetuneConfig, HeadsConfig)
+from featx.config import (
+    BACKENDS,
+    CLASS_WEIGHTS,
+    FINETUNE_MODES,
+    LOSSES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULERS,
+    SELECT_MODES,
+    STORE_DTYPES,
+    CompareConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    HeadsConfig,
+)
 
 __all__ = ["main"]
 
@@ -168,8 +180,13 @@ def models(show_all, pattern):
     (--all or --filter list them, with whether timm's pretrained file is cached here).
     """
     import fnmatch
-    from featx.backbones import get_backbone, list_backbones
-    from featx.weights import describe_weights_availability, hub_checkpoint_path
+
+    from featx.backbones import (
+        describe_weights_availability,
+        get_backbone,
+        hub_checkpoint_path,
+        list_backbones,
+    )
     names = [n for n in list_backbones() if pattern is None or fnmatch.fnmatch(n, pattern)]
     if names:
         click.echo(f"{'model':<20} {'penultimate':>11} {'spatial C':>9} {'input':>5}  weights")
@@ -182,7 +199,7 @@ def models(show_all, pattern):
     if names:
         click.echo(f"\nweights folder: {hub_checkpoint_path(list_backbones()[0]).parent}")
     try:
-        from featx.timm_backbones import list_timm_models
+        from featx.backbones import list_timm_models
         timm_names = list_timm_models(pattern) if (show_all or pattern) else list_timm_models()
     except Exception:  # timm not installed: the extra is optional
         click.echo("timm models: pip install 'featx[timm]' to use any timm model as timm:NAME.")
@@ -191,7 +208,7 @@ def models(show_all, pattern):
         click.echo(f"timm: {len(timm_names)} more models as --model timm:NAME; "
                    f"`featx models --all` or --filter 'vit_*' lists them.")
         return
-    from featx.timm_backbones import timm_cached_names
+    from featx.backbones import timm_cached_names
     cached = timm_cached_names(timm_names)
     if timm_names:
         click.echo(f"\ntimm models ({len(timm_names)}; * = pretrained file in the local cache):")
@@ -211,7 +228,7 @@ def weights():
 @click.option("--model", required=True, help="The backbone these weights are for.")
 def weights_import(file, model):
     """Check that FILE loads into MODEL, then put it where torchvision looks."""
-    from featx.weights import import_weights
+    from featx.backbones import import_weights
     target = import_weights(file, model)
     click.echo(f"{file} fits {model}; placed at {target}")
 
@@ -240,8 +257,10 @@ def extract(models_, data_path, split_fractions, split_seed, seed, pool, weights
     the images and the job writes the same single cache file (README: Scaling out).
     """
     from featx.backbones import get_backbone
-    from featx.extract import ExtractConfig, extract as run_extract, parse_pools
-    from featx.shards import is_main_process
+    from featx.config import ExtractConfig
+    from featx.distributed import is_main_process
+    from featx.extract import extract as run_extract
+    from featx.extract import parse_pools
     names = [m for arg in models_ for m in arg.split(",") if m]
     for name in names:
         get_backbone(name)  # fail on a bad name before reading any data
@@ -338,8 +357,9 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
     OUT/heads_summary.csv, and prints a table sorted by test balanced accuracy. A result
     already made from the same cache file with the same settings is reused, not refitted.
     """
-    from featx.heads import HeadsConfig, fit_heads as run_fit_heads
-    from featx.tables import format_summary
+    from featx.config import HeadsConfig
+    from featx.heads import fit_heads as run_fit_heads
+    from featx.heads import format_summary
     cfg = HeadsConfig(heads=tuple(heads.split(",")), features=tuple(features.split(",")),
                       select=select, cv=cv,
                       class_weight=None if class_weight == "none" else class_weight,
@@ -398,9 +418,10 @@ def finetune(model, data_path, split_fractions, split_seed, seed, split_from, we
       torchrun --nproc-per-node 4 -m featx finetune ...
     --batch-size is then per process; only rank 0 prints and writes files.
     """
-    from featx import ddp
-    from featx.finetune import (FinetuneConfig, check_config, data_from_cache, data_from_spec,
-                                finetune as run_finetune, list_stages)
+    from featx import distributed
+    from featx.config import FinetuneConfig
+    from featx.finetune import check_config, data_from_cache, data_from_spec, list_stages
+    from featx.finetune import finetune as run_finetune
     if show_stages:
         for name in list_stages(model):
             click.echo(name)
@@ -416,17 +437,17 @@ def finetune(model, data_path, split_fractions, split_seed, seed, split_from, we
     check_config(cfg)  # bad settings fail before any image is read
     if (data_path is None) == (split_from is None):
         raise click.ClickException("give exactly one of --data PATH or --split-from CACHE.")
-    env = ddp.setup(device)  # under torchrun: join the process group; else nothing
+    env = distributed.init_process_group(device)  # under torchrun: join the process group; else nothing
     # under torchrun rank 0 reads the split (and decodes every image once) for all ranks
     if split_from is not None:
-        data = ddp.run_on_main(lambda: data_from_cache(split_from,
+        data = distributed.run_on_main(lambda: data_from_cache(split_from,
                                                        allow_missing=allow_missing))
         if data.info.get("missing_files") and env.is_main:
             click.echo(f"note: {data.info['missing_files']} image(s) of {split_from} are gone; "
                        f"fine-tuning without them (not comparable with the cache's heads)",
                        err=True)
     else:
-        data = ddp.run_on_main(lambda: data_from_spec(
+        data = distributed.run_on_main(lambda: data_from_spec(
             load_data_arg(data_path, split_fractions, split_seed), workers=workers))
     if env.is_main:
         click.echo(f"data: {data.source}, classes {', '.join(data.classes)}; "
@@ -486,7 +507,7 @@ def predict(head, finetuned, data_paths, images, out, weights, batch_size, devic
       featx predict --head results/C/heads/pool2__logistic.json --data new_images/
       featx predict --finetuned results/RUN/result.json new/*.png --out new.csv
     """
-    from featx.predict import predict as run_predict
+    from featx.apply import predict as run_predict
     if (head is None) == (finetuned is None):
         raise click.UsageError("give exactly one of --head RESULT.json or --finetuned "
                                "RESULT.json.")
@@ -528,7 +549,7 @@ def export(result, out, weights):
     their scaler into one Linear; MLP heads become torch layers; knn and rbf are refused.
     Load with torch.export.load(PATH).module().
     """
-    from featx.export import export_result
+    from featx.apply import export_result
     path, info = export_result(result, out, weights=weights)
     shape = "x".join(str(v) for v in info["input"]["shape"])
     click.echo(f"input uint8 {shape} ({info['input']['preprocess']}); output "
@@ -586,15 +607,16 @@ def compare(data_path, split_fractions, split_seed, seed, models_, pool, heads, 
     Under torchrun the fine-tuning runs use every process (DDP; --batch-size per process);
     extraction, heads and the report run on rank 0 while the others wait.
     """
-    from featx import ddp
+    from featx import distributed
     from featx.backbones import get_backbone
-    from featx.compare import CompareConfig, run_compare
+    from featx.compare import run_compare
+    from featx.config import CompareConfig
     from featx.extract import parse_pools
     models = tuple(m for m in models_.split(",") if m)
     for name in models:
         get_backbone(name)
-    env = ddp.setup(device)
-    data = ddp.run_on_main(lambda: load_data_arg(data_path, split_fractions, split_seed))
+    env = distributed.init_process_group(device)
+    data = distributed.run_on_main(lambda: load_data_arg(data_path, split_fractions, split_seed))
     cfg = CompareConfig(models=models, pools=parse_pools(pool),
                         heads=tuple(h for h in heads.split(",") if h),
                         finetune=finetune_mode, epochs=epochs, weights=weights,
@@ -625,9 +647,10 @@ def demo(quick, epochs, out, cache_dir, progress):
     mobilenet_v2 at 64 px, pools 1/2, four heads, fine-tuning of the head only and of the
     whole network. Uses ImageNet weights when available offline, random weights otherwise.
     """
-    from featx.compare import CompareConfig, run_compare
-    from featx.data import load_dataset
-    from featx.demo import ensure_demo_weights, write_digits_dataset
+    from featx.compare import run_compare
+    from featx.config import CompareConfig
+    from featx.data import load_dataset, write_digits_dataset
+    from featx.demo import ensure_demo_weights
     weights, why = ensure_demo_weights("mobilenet_v2")
     click.echo(f"demo: {why}", err=True)
     if quick:

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from featx import ddp
-from featx.weights import resolve_weights
-from featx.cache import PENULTIMATE, Cache, feature_name
-from featx.config import FINETUNE_MODES, CompareConfig
+from featx import distributed
+from featx.backbones import resolve_weights
+from featx.cache import Cache
+from featx.config import FINETUNE_MODES, CompareConfig, ExtractConfig, FinetuneConfig
 from featx.data import DatasetSpec
 from featx.errors import ParameterError
-from featx.extract import ExtractConfig, extract
-from featx.finetune import FinetuneConfig, data_from_cache, finetune, run_dir_name
+from featx.extract import extract
+from featx.features import PENULTIMATE, feature_name
+from featx.finetune import data_from_cache, finetune, run_dir_name
 from featx.results import finetune_result_path, head_result_path, read_result
 
 # featx.heads (sklearn, scipy: about half of torch's import time) and featx.report (matplotlib)
@@ -78,7 +79,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     """Extract each model, fit the heads on every feature, fine-tune, and write the report.
 
     Under ``torchrun`` every process shares the extraction (featx/shards.py) and the
-    fine-tuning (DDP, featx/ddp.py); the heads and the report run once, on rank 0, while
+    fine-tuning (DDP, featx/distributed.py); the heads and the report run once, on rank 0, while
     the others wait.
     """
     if cfg.finetune not in FINETUNE_MODES:
@@ -91,7 +92,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     if not all(any(out.glob(head_result_path("", "*", "*", h).as_posix())) for h in heads):
         from featx.heads import parse_heads
         heads = parse_heads(cfg.heads)  # a fresh run: bad names fail before extracting
-    env = ddp.setup(cfg.device)
+    env = distributed.init_process_group(cfg.device)
     say = log if env.is_main else (lambda message: None)
     run = CompareRun()
 
@@ -106,12 +107,12 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
         say(f"extract {model}: {ex.status} -> {ex.path}")
         run.caches.append(ex.path)
 
-    done, skipped = ddp.run_on_main(lambda: _fit_heads(run.caches, heads, cfg, out, log))
+    done, skipped = distributed.run_on_main(lambda: _fit_heads(run.caches, heads, cfg, out, log))
     run.done += done
     run.skipped += skipped
 
     for model, path in zip(cfg.models, run.caches):  # every rank: DDP under torchrun
-        ft_data = ddp.run_on_main(lambda: data_from_cache(path))  # the heads' very files
+        ft_data = distributed.run_on_main(lambda: data_from_cache(path))  # the heads' very files
         for freeze in FINETUNE_MODES[cfg.finetune]:
             fcfg = FinetuneConfig(
                 model=model, weights=cfg.weights, freeze=freeze, epochs=cfg.epochs,
@@ -121,14 +122,14 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
                 progress=cfg.progress)
             run_dir = out / run_dir_name(ft_data, fcfg, resolve_weights(model, cfg.weights,
                                                                         seed=cfg.seed))
-            if ddp.run_on_main(lambda: _finished(finetune_result_path(run_dir))):
+            if distributed.run_on_main(lambda: _finished(finetune_result_path(run_dir))):
                 run.skipped.append(f"finetune {model} freeze={freeze}: done ({run_dir})")
                 say(f"finetune {model} freeze={freeze}: up to date")
                 continue
             res = finetune(ft_data, fcfg, log=log)
             run.done.append(f"finetune {model} freeze={freeze}: {res.run_dir}")
 
-    run.report = ddp.run_on_main(lambda: _report(out, fresh=not run.done))
+    run.report = distributed.run_on_main(lambda: _report(out, fresh=not run.done))
     return run
 
 
@@ -159,7 +160,8 @@ def _fit_heads(caches: list[Path], heads: list[str], cfg: CompareConfig, out: Pa
         else:
             todo_by_cache.append((path, todo))
     if todo_by_cache:  # one cluster (or loky pool) for every cache's heads
-        from featx.heads import HeadsConfig, fit_heads, heads_backend, parse_heads
+        from featx.config import HeadsConfig
+        from featx.heads import fit_heads, heads_backend, parse_heads
         heads = parse_heads(heads)
         with heads_backend(cfg.backend, scheduler=cfg.scheduler, jobs=cfg.jobs):
             for path, todo in todo_by_cache:

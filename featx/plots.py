@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from featx.cache import pool_of
+from featx.features import pool_of
 from featx.files import atomic_write
 
 __all__ = ["plot_confusion_matrix", "plot_pool_sizes", "plot_score_vs_time",

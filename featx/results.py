@@ -117,11 +117,11 @@ def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: d
     }
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -135,7 +135,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as JSON atomically (temporary file in the same folder, then replace)."""
     path = Path(path)
     with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
+        json.dump(jsonable(obj), f, indent=2)
         f.write("\n")
     return path
 

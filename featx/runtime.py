@@ -1,62 +1,24 @@
-"""Where and how a run computes: device, precision, DataLoader workers, the torchrun process.
+"""Where and how a run computes: device, precision, DataLoader workers.
 
 One place for what every command decides before it touches data: the device (``auto``:
 CUDA when present), the precision (``auto``: bf16 where it is fast, see
-:func:`resolve_precision`), how many DataLoader workers by default, and, under ``torchrun``,
-this process's rank and the process group. :func:`setup` is the step extraction and
-fine-tuning share: device -> precision -> weights -> transform.
-
-featx never starts processes itself: ``torchrun`` (directly, or from ``srun`` on SLURM) starts
-one process per GPU (or per CPU slot) and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
-rendezvous address. :func:`init_process_group` joins the process group those variables
-describe: NCCL when the run uses CUDA (each process on ``cuda:LOCAL_RANK``), gloo on the CPU.
-Outside torchrun every function here acts on a world of one process, so callers keep one code
-path. The collectives (broadcast, gather, rank-0-only work) are in :mod:`featx.ddp`.
+:func:`resolve_precision`) and how many DataLoader workers by default. The torchrun process
+and its group are :mod:`featx.distributed`'s; resolving a model's weights and transform is
+:func:`featx.backbones.resolve_run`'s.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
-from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
-from featx.backbones import backbone_transform
-from featx.weights import ResolvedWeights, resolve_weights
 from featx.config import DEFAULT_MAX_WORKERS, PRECISIONS
 from featx.data import DataParameterError
-from featx.errors import FeatxError, Note, ParameterError
-from featx.images import TransformSpec
+from featx.errors import Note, ParameterError
 
-__all__ = [
-    "DEFAULT_MAX_WORKERS",
-    "PRECISIONS",
-    "DistEnv",
-    "RunSetup",
-    "autocast",
-    "cap_workers",
-    "cpu_has_native_bf16",
-    "current",
-    "extract_workers",
-    "finetune_workers",
-    "init_process_group",
-    "local_device",
-    "resolve_device",
-    "resolve_precision",
-    "setup",
-    "torchrun_env",
-]
-
-
-
-# Ranks other than 0 wait at a collective while rank 0 alone does file work (compare's
-# extraction and heads); torch's default (10 min NCCL, 30 min gloo) would kill a long wait.
-# torchrun stops every process when one fails, so a long timeout does not hide a crash.
-_TIMEOUT_ENV = "FEATX_DDP_TIMEOUT_S"
-_DEFAULT_TIMEOUT_S = 6 * 3600
+__all__ = ["autocast", "cap_workers", "cpu_has_native_bf16", "extract_workers",
+           "finetune_workers", "resolve_device", "resolve_precision"]
 
 
 # -- device and precision -------------------------------------------------------------------
@@ -150,137 +112,3 @@ def cap_workers(requested: int, param: str = "workers") -> tuple[int, str | None
         return requested, None
     return cores, Note(f"note: {{{param}}} {requested} is more than the {cores} CPU core(s) "
                        f"here; using {cores}.")
-
-
-# -- the step extraction and fine-tuning share ----------------------------------------------
-
-@dataclass(frozen=True)
-class RunSetup:
-    """What :func:`setup` resolved: where and in what precision to run, which weights, and
-    the transform that goes with them (``transform.crop`` pixels square)."""
-
-    device: torch.device
-    precision: str
-    weights: ResolvedWeights
-    transform: TransformSpec
-
-
-def setup(model: str, weights: str = "imagenet", *, device: str = "auto",
-          precision: str = "auto", image_size: int | None = None, seed: int = 0,
-          env: DistEnv | None = None) -> RunSetup:
-    """Device -> precision -> weights -> transform for ``model``, in that order (so the first
-    bad option is the one reported). Under torchrun (``env`` joined) a CUDA device is this
-    process's ``cuda:LOCAL_RANK``. ``seed`` draws random init (``weights="none"``).
-    """
-    dev = resolve_device(device)
-    if env is not None:
-        dev = local_device(dev, env)
-    prec = resolve_precision(precision, dev)
-    resolved = resolve_weights(model, weights, seed=seed)
-    return RunSetup(dev, prec, resolved, backbone_transform(model, resolved, image_size))
-
-
-# -- torchrun: this process and the process group -------------------------------------------
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process stands: ``rank`` of ``world_size``, ``local_rank`` on its node.
-
-    ``backend`` is ``"gloo"`` or ``"nccl"`` when a process group is joined, else ``None``
-    (a plain ``python -m featx`` run: rank 0 of 1).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-
-    @property
-    def distributed(self) -> bool:
-        """True inside a joined process group (even of one process)."""
-        return self.backend is not None
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that prints and writes files."""
-        return self.rank == 0
-
-
-def _env_int(name: str) -> int:
-    raw = os.environ[name]
-    try:
-        return int(raw)
-    except ValueError:
-        raise FeatxError(f"{name}={raw!r}: torchrun sets it to an integer; start featx with "
-                         f"torchrun, or unset it for a single process.") from None
-
-
-def torchrun_env() -> DistEnv | None:
-    """``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as torchrun sets them, or ``None`` when absent."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
-    local = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
-    if world < 1 or not 0 <= rank < world:
-        raise FeatxError(f"RANK={rank}, WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE.")
-    return DistEnv(rank, world, local)
-
-
-def current() -> DistEnv:
-    """This process's place in the joined process group (rank 0 of 1 when there is none)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistEnv()
-    local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local, str(dist.get_backend()))
-
-
-def _wants_cuda(device: str) -> bool:
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-
-
-def init_process_group(device: str = "auto") -> DistEnv:
-    """Join the process group torchrun describes, once; a no-op outside torchrun.
-
-    ``device`` is the run's ``--device``: with CUDA (``cuda`` or ``auto`` on a GPU machine)
-    the backend is NCCL and this process uses ``cuda:LOCAL_RANK``; on the CPU it is gloo.
-    The group is left at interpreter exit.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return current()
-    env = torchrun_env()
-    if env is None:
-        return DistEnv()
-    if not dist.is_available():
-        raise FeatxError("torchrun started featx, but this torch build has no "
-                         "torch.distributed; run a single process (python -m featx ...).")
-    cuda = _wants_cuda(device)
-    if cuda:
-        if not torch.cuda.is_available():
-            raise ParameterError("device", device, "no CUDA device is available here; use "
-                                 "{device} cpu (gloo) or run where GPUs are.", shown=device)
-        if env.local_rank >= torch.cuda.device_count():
-            raise FeatxError(f"LOCAL_RANK {env.local_rank} has no GPU: this node sees "
-                             f"{torch.cuda.device_count()}; start at most that many processes "
-                             f"per node (torchrun --nproc-per-node).")
-        torch.cuda.set_device(env.local_rank)
-    timeout = float(os.environ.get(_TIMEOUT_ENV, _DEFAULT_TIMEOUT_S))
-    join_group("nccl" if cuda else "gloo", timedelta(seconds=timeout))
-    return current()
-
-
-def join_group(backend: str, timeout: timedelta) -> None:
-    """``torch.distributed.init_process_group`` (from torchrun's variables), left at exit."""
-    dist.init_process_group(backend, timeout=timeout)
-    atexit.register(_teardown)
-
-
-def _teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def local_device(device: torch.device, env: DistEnv) -> torch.device:
-    """``device`` for this process: under torchrun a CUDA device is ``cuda:LOCAL_RANK``."""
-    if env.distributed and device.type == "cuda":
-        return torch.device("cuda", env.local_rank)
-    return device

@@ -107,9 +107,10 @@ def head_experiment(tmp_path_factory):
     import torch
     from torchvision import models
 
+    from featx.config import ExtractConfig, HeadsConfig
     from featx.data import load_dataset
-    from featx.extract import ExtractConfig, extract
-    from featx.heads import HeadsConfig, fit_heads
+    from featx.extract import extract
+    from featx.heads import fit_heads
 
     root = tmp_path_factory.mktemp("head_experiment")
     data = write_digits(root / "digits", per_class=20, size=32)

@@ -8,9 +8,17 @@ import torch
 from torch import nn
 from torchvision import models
 
-from featx.backbones import (FeatureModel, UnknownModelError, WeightsError, build_backbone,
-                             get_backbone, import_weights, list_backbones, resolve_weights)
-from featx.extract import prepare_for_inference
+from featx.backbones import (
+    FeatureModel,
+    UnknownModelError,
+    WeightsError,
+    build_backbone,
+    get_backbone,
+    import_weights,
+    list_backbones,
+    prepare_for_inference,
+    resolve_weights,
+)
 
 ALL = list_backbones()
 

@@ -115,7 +115,7 @@ def test_weights_import_checks_the_file(tmp_path):
 
 
 def test_interrupt_and_full_disk_are_one_line(digits_dir, tmp_path, monkeypatch):
-    import featx.extract as ex
+    import featx.cache.writer as ex
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -166,7 +166,7 @@ def test_too_many_workers_capped_and_pool_beyond_the_map_noted(digits_dir, tmp_p
     assert "note: --workers 64 is more than the 1 CPU core(s) here; using 1." in r.output
     assert "note: --pool 2,4 is larger than resnet18's last spatial map at 32 px (1x1)" \
         in r.output
-    from featx.extract import pool_notes
+    from featx.backbones import pool_notes
     assert pool_notes((2, 2), 64, (1, 2), "resnet18") == []
     assert "--pool 3 is larger" in pool_notes((2, 2), 64, (1, 2, 3), "resnet18")[0]
 

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 from featx.cache import Cache
 from featx.cli import main
-from featx.compare import CompareConfig, _heads_up_to_date, run_compare
+from featx.compare import _heads_up_to_date, run_compare
+from featx.config import CompareConfig, HeadsConfig
 from featx.data import load_dataset
-from featx.heads import HeadsConfig, fit_heads
+from featx.heads import fit_heads
 from featx.results import read_result
-
 from tests.conftest import PNEUMONIA
 from tests.test_heads import blob_splits, write_cache
 
@@ -85,7 +85,7 @@ def test_compare_redoes_only_what_is_missing(digits_dir, tmp_path):
     assert again.done[0].endswith("pool2")
     after = read_result(heads_dir / "pool2__linear.json")
     if distributed is not None:  # only the missing pool2 linear runs (the other pool2 result is reused)
-        assert sum("_run_indexed" in str(t["key"]) for t in stream.data) == 1
+        assert sum("run_indexed" in str(t["key"]) for t in stream.data) == 1
     for r in (before, after):
         for key in ("fit_s", "select_s", "predict_s"):
             r["metrics"].pop(key)

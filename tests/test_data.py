@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from featx.data import DataError, load_dataset, parse_split_fractions
-from featx.images import load_rgb
+from featx.data.images import load_rgb
 
 
 def test_class_folders_are_split_stratified_and_deterministically(digits_dir):
@@ -122,7 +122,7 @@ def test_batch_normalisation_gives_the_per_image_transform_bit_for_bit(digits_di
     """Extraction's uint8 + normalize_batch path == Resize, CenterCrop, ToTensor, Normalize."""
     import torch
 
-    from featx.images import TransformSpec
+    from featx.data.images import TransformSpec
     spec = TransformSpec(resize=73, crop=64, mean=(0.485, 0.456, 0.406),
                          std=(0.229, 0.224, 0.225))
     files = sorted(digits_dir.rglob("*.png"))[:8]
@@ -345,7 +345,7 @@ def test_data_and_cache_import_without_torch():
 
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    script = ("import sys\nimport featx.cache, featx.cache_writer, featx.data\n"
+    script = ("import sys\nimport featx.cache, featx.data\n"
               "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                        timeout=120)

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from featx import ddp
+from featx import distributed
+from featx.config import FinetuneConfig
 from featx.data import load_dataset
-from featx.finetune import FinetuneConfig, data_from_spec, finetune
+from featx.finetune import data_from_spec, finetune
 
 from .conftest import write_digits
 
@@ -34,7 +35,7 @@ N_TEST = 9
 _RECORDING_MAIN = """
 import os, signal
 from pathlib import Path
-import featx.finetune as ft
+import featx.finetune.run as ft
 rank = int(os.environ["RANK"])
 log = open(os.path.join(os.environ["FEATX_TEST_LOG"], f"rank{rank}.log"), "a")
 def recorded(fn):
@@ -43,8 +44,8 @@ def recorded(fn):
         log.write(f"{path.name}\\n"); log.flush()
         return fn(*args)
     return wrapper
-ft._save_atomic = recorded(ft._save_atomic)
-ft._write_history = recorded(ft._write_history)
+ft.save_checkpoint = recorded(ft.save_checkpoint)
+ft.write_history = recorded(ft.write_history)
 ft.write_json = recorded(ft.write_json)
 die_in = int(os.environ.get("FEATX_TEST_KILL_RANK1_IN_EPOCH", 0))
 real_train, epochs = ft.train_one_epoch, []
@@ -191,22 +192,22 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(runs):
 def test_outside_torchrun_the_helpers_act_on_one_process(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    env = ddp.setup("cpu")
+    env = distributed.init_process_group("cpu")
     assert (env.rank, env.world_size, env.distributed, env.is_main) == (0, 1, False, True)
-    assert ddp.all_gather_object({"a": 1}) == [{"a": 1}]
-    assert ddp.run_on_main(lambda: 42) == 42
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.run_on_main(lambda: 42) == 42
     with pytest.raises(ZeroDivisionError):
-        ddp.run_on_main(lambda: 1 / 0)
+        distributed.run_on_main(lambda: 1 / 0)
 
 
 def test_bad_torchrun_variables_are_named(monkeypatch):
     monkeypatch.setenv("RANK", "two")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="RANK='two'"):
-        ddp.torchrun_env()
+        distributed.dist_env()
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="0 <= RANK < WORLD_SIZE"):
-        ddp.torchrun_env()
+        distributed.dist_env()
 
 
 def test_python_dash_m_featx_is_the_cli():
@@ -228,7 +229,7 @@ def test_cuda_under_torchrun_without_a_gpu_for_this_rank_is_one_line(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="LOCAL_RANK 1 has no GPU: this node sees 1"):
-        ddp.setup("auto")
+        distributed.init_process_group("auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     r = CliRunner().invoke(main, ["finetune", "--model", "resnet18", "--data", str(tmp_path),
                                   "--device", "cuda", "--no-progress"])

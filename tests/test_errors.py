@@ -7,11 +7,10 @@ from featx.errors import FeatxError, user_error_message
 
 
 def test_every_error_of_the_users_is_a_featx_error_and_shows_its_first_line():
+    from featx.apply import ResultMismatchError, UnsupportedHeadError
     from featx.backbones import UnknownModelError, WeightsError
     from featx.cache import CacheError, CacheLockedError, StaleCacheError
     from featx.data import DataError
-    from featx.export import UnsupportedHeadError
-    from featx.predict import ResultMismatchError
     for cls in (UnknownModelError, WeightsError, CacheError, StaleCacheError, CacheLockedError,
                 DataError, UnsupportedHeadError, ResultMismatchError):
         assert issubclass(cls, FeatxError), cls

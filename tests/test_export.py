@@ -16,12 +16,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from featx.apply import UnsupportedHeadError, head_module, predict, read_export_info
 from featx.cache import Cache
 from featx.cli import main
-from featx.export import UnsupportedHeadError, head_module, read_export_info
+from featx.data.images import TransformSpec
 from featx.heads import build_head, class_scores
-from featx.images import TransformSpec
-from featx.predict import predict
 
 PARAMS = {"linear": {"alpha": 1.0}, "logistic": {"C": 0.1}, "svm": {"C": 0.01},
           "sgd": {"alpha": 1e-3}, "mlp": {"hidden_layer_sizes": (16,), "alpha": 1e-3}}

@@ -15,9 +15,10 @@ from torchvision.transforms._presets import ImageClassification
 
 from featx.backbones import build_backbone
 from featx.cache import Cache, CacheError, CacheWriter, StaleCacheError, partial_path
+from featx.config import ExtractConfig
 from featx.data import load_dataset
-from featx.images import load_rgb
-from featx.extract import ExtractConfig, extract
+from featx.data.images import load_rgb
+from featx.extract import extract
 
 SIZE = 48
 
@@ -67,7 +68,7 @@ def test_penultimate_and_pools_match_torchvision_on_real_images(digits_dir, tmp_
 
 
 def test_all_pool_sizes_come_from_one_forward_pass(digits_dir, tmp_path, monkeypatch):
-    import featx.frozen as ex
+    import featx.backbones.frozen as ex
     calls = []
     real_build = ex.build_backbone
 

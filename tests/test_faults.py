@@ -163,7 +163,7 @@ def test_hdf5_running_out_of_space_is_one_line_and_the_next_run_starts_cleanly(s
     old = small_disk / cache32.name  # an earlier cache on that disk
     old.write_bytes(cache32.read_bytes())
     before = _digest(old)
-    code = ("import sys, featx.cache_writer as c; c.free_bytes = lambda folder: 1 << 40; "
+    code = ("import sys, featx.cache.writer as c; c.free_bytes = lambda folder: 1 << 40; "
             "from featx.cli import main; sys.argv = ['featx'] + sys.argv[1:]; main()")
     args = [*EXTRACT, "--data", digits, "--pool", "1,2,4", "--out", small_disk]
     r = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=_env(),

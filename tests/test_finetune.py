@@ -14,13 +14,20 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import featx.finetune as ft
+import featx.finetune.run as ft
 from featx.cache import Cache
 from featx.cli import main
+from featx.config import ExtractConfig, FinetuneConfig
 from featx.data import load_dataset
-from featx.extract import ExtractConfig, extract
-from featx.finetune import (FinetuneConfig, build_model, data_from_cache, data_from_spec,
-                            finetune, list_stages, make_loss)
+from featx.extract import extract
+from featx.finetune import (
+    build_model,
+    data_from_cache,
+    data_from_spec,
+    finetune,
+    list_stages,
+    make_loss,
+)
 from featx.metrics import classification_metrics
 from featx.results import make_result
 

@@ -21,9 +21,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torchvision import transforms as T
 
-import featx.finetune as ft
+import featx.finetune.run as ft
+from featx.config import FinetuneConfig
 from featx.data import load_dataset
-from featx.finetune import FinetuneConfig, build_model, data_from_spec, finetune
+from featx.finetune import build_model, data_from_spec, finetune
 
 from .conftest import write_digits
 

@@ -23,8 +23,17 @@ from sklearn.preprocessing import StandardScaler
 
 from featx.cache import PROVENANCE_KEYS, Cache, CacheWriter
 from featx.cli import main
-from featx.heads import (STREAM_EPOCHS, HeadsConfig, build_head, class_scores, fit_heads,
-                         get_head, list_heads, load_head, select_and_fit)
+from featx.config import HeadsConfig
+from featx.heads import (
+    build_head,
+    class_scores,
+    fit_heads,
+    get_head,
+    list_heads,
+    load_head,
+    select_and_fit,
+)
+from featx.heads.outofcore import STREAM_EPOCHS
 from featx.results import read_result
 
 CLASSES = ["alpha", "beta", "gamma"]
@@ -475,7 +484,7 @@ def test_dask_cluster_gives_the_results_of_one_job_and_runs_every_fit_there(tmp_
                          cluster.scheduler_address, "--out", tmp_path / "dask"))
     assert _comparable(tmp_path / "dask") == expected
     ran = [t["key"] if isinstance(t["key"], str) else str(t["key"]) for t in stream.data]
-    assert sum("_run_indexed" in k for k in ran) == 4  # every (feature, head) run
+    assert sum("run_indexed" in k for k in ran) == 4  # every (feature, head) run
     assert sum("_fit_and_score" in k for k in ran) >= 4  # grid points went back to dask
     assert "4 result(s)" in res.stderr
 

@@ -18,9 +18,9 @@ import torchvision
 from click.testing import CliRunner
 
 import featx.backbones as backbones
-import featx.frozen as frozen_mod
+import featx.backbones.frozen as frozen_mod
+import featx.backbones.weights as weights_mod
 import featx.heads.task as heads_task
-import featx.weights as weights_mod
 from featx.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

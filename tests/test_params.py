@@ -9,9 +9,16 @@ import pytest
 from click.testing import CliRunner
 
 from featx.cli import _FLAGS, main
-from featx.errors import (PARAMETERS, FeatxError, Note, ParameterError, name_parameters,
-                          user_error_message)
-from featx.finetune import FinetuneConfig, check_config
+from featx.config import FinetuneConfig
+from featx.errors import (
+    PARAMETERS,
+    FeatxError,
+    Note,
+    ParameterError,
+    name_parameters,
+    user_error_message,
+)
+from featx.finetune import check_config
 
 
 def _bad_batch_size() -> ParameterError:
@@ -127,7 +134,7 @@ def test_every_parameter_a_message_can_name_is_a_flag_of_some_command():
 
 
 def test_head_settings_name_parameters_in_the_library_and_flags_in_the_cli(tmp_path):
-    from featx.heads import HeadsConfig
+    from featx.config import HeadsConfig
     from featx.heads.run import _check_config
     for kwargs, library in [
             (dict(cv=1), "cv=1: need at least 2 folds."),

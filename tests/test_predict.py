@@ -12,11 +12,11 @@ import torch
 from click.testing import CliRunner
 from torchvision import models
 
+from featx.apply import find_images, load_predictor, predict, predict_batches
 from featx.cache import Cache
 from featx.cli import main
 from featx.heads import class_scores, load_head
 from featx.results import read_result
-from featx.predict import find_images, load_predictor, predict, predict_batches
 
 
 def run(*args, env=None):
@@ -155,7 +155,8 @@ def test_images_are_read_batch_by_batch(head_experiment, tmp_path):
 
 
 def test_finetuned_run_predicts_with_its_best_checkpoint(head_experiment, tmp_path):
-    from featx.finetune import FinetuneConfig, data_from_cache, finetune
+    from featx.config import FinetuneConfig
+    from featx.finetune import data_from_cache, finetune
     ex = head_experiment
     res = finetune(data_from_cache(ex.cache), FinetuneConfig(
         model="resnet18", weights=str(ex.weights), epochs=1, batch_size=16, image_size=32,

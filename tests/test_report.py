@@ -14,8 +14,8 @@ from PIL import Image
 from featx.cli import main
 from featx.data import dataset_fingerprints
 from featx.metrics import classification_metrics
-from featx.results import make_result, write_json
 from featx.report import REPORT_COLUMNS, load_results, rank_results, write_report
+from featx.results import make_result, write_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TILES = ("ADI", "LYM", "TUM")

@@ -13,13 +13,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featx.heads import SUMMARY_COLUMNS, HeadsConfig, fit_heads
+from featx.config import HeadsConfig
+from featx.heads import fit_heads, format_summary
+from featx.heads.task import SUMMARY_COLUMNS
 from featx.metrics import classification_metrics
 from featx.report import REPORT_COLUMNS
-from featx.results import (METRIC_COLUMNS, RESULT_SCHEMA, finetune_result_path,
-                           head_model_path, head_result_path, make_result, read_result,
-                           write_json)
-from featx.tables import format_summary
+from featx.results import (
+    METRIC_COLUMNS,
+    RESULT_SCHEMA,
+    finetune_result_path,
+    head_model_path,
+    head_result_path,
+    make_result,
+    read_result,
+    write_json,
+)
 from tests.test_heads import blob_splits, write_cache
 
 CLASSES = ["normal", "pneumonia", "covid", "other"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import featx.runtime as rt
-from featx.backbones import backbone_transform, resolve_weights
+from featx.backbones import backbone_transform, resolve_run, resolve_weights
 from featx.data import DataError
 
 
@@ -54,7 +54,7 @@ def test_default_workers_by_purpose(monkeypatch):
 
 
 def test_setup_resolves_device_precision_weights_transform_in_order(tmp_path):
-    ready = rt.setup("resnet18", "none", device="cpu", precision="fp32", image_size=48, seed=3)
+    ready = resolve_run("resnet18", "none", device="cpu", precision="fp32", image_size=48, seed=3)
     assert (ready.device, ready.precision) == (torch.device("cpu"), "fp32")
     want = resolve_weights("resnet18", "none", seed=3)
     assert ready.weights.tag == want.tag and ready.weights.source == want.source
@@ -63,22 +63,23 @@ def test_setup_resolves_device_precision_weights_transform_in_order(tmp_path):
     # the first bad option is the one reported: the device before precision and weights
     missing = str(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="device='tpu'"):
-        rt.setup("resnet18", missing, device="tpu", precision="nope")
+        resolve_run("resnet18", missing, device="tpu", precision="nope")
     with pytest.raises(ValueError, match="precision='nope'"):
-        rt.setup("resnet18", missing, device="cpu", precision="nope")
+        resolve_run("resnet18", missing, device="cpu", precision="nope")
 
 
-def test_one_distenv_for_extraction_and_finetuning(monkeypatch):
-    from featx import ddp, shards
-    assert shards.DistEnv is ddp.DistEnv is rt.DistEnv
+def test_one_reader_of_rank_and_world_size(monkeypatch):
+    """dist_env is the one reader: a plain run is rank 0 of 1; torchrun's variables give its
+    place before any group is joined; extraction and fine-tuning both ask it."""
+    from featx.distributed import DistEnv, dist_env, is_main_process, launched_by_torchrun
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    assert shards.dist_env() == rt.DistEnv() and rt.torchrun_env() is None
+    assert dist_env() == DistEnv() and not launched_by_torchrun() and is_main_process()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert shards.dist_env() == rt.torchrun_env() == rt.DistEnv(1, 2, 1)
-    assert not shards.is_main_process()
+    assert dist_env() == DistEnv(1, 2, 1) and launched_by_torchrun()
+    assert not is_main_process()
 
 
 def test_predict_computes_the_cached_features_to_the_bit(head_experiment):
@@ -87,8 +88,8 @@ def test_predict_computes_the_cached_features_to_the_bit(head_experiment):
     bit (a backbone built without the BatchNorm folding moves them by ~1e-6)."""
     import numpy as np
 
+    from featx.apply import find_images, load_predictor, predict_batches
     from featx.cache import Cache
-    from featx.predict import find_images, load_predictor, predict_batches
 
     ex = head_experiment
     cache = Cache(ex.cache)

@@ -16,9 +16,10 @@ from torchvision import models
 
 from featx.cache import Cache, CacheWriter, partial_path
 from featx.cli import main
+from featx.config import ExtractConfig
 from featx.data import load_dataset
-from featx.extract import ExtractConfig, extract
-from featx.shards import _plan, shard_bounds, shard_dir, shard_path
+from featx.extract import extract, shard_bounds, shard_dir, shard_path
+from featx.extract.sharded import _plan
 from tests.conftest import write_digits
 from tests.test_extract import _datasets
 

@@ -17,11 +17,18 @@ from PIL import Image
 
 timm = pytest.importorskip("timm")
 
-from featx.backbones import (WeightsError, backbone_transform, build_backbone,  # noqa: E402
-                             get_backbone, resolve_weights, UnknownModelError)
+from featx.backbones import (  # noqa: E402
+    FeatureModel,  # noqa: E402
+    UnknownModelError,
+    WeightsError,
+    backbone_transform,
+    build_backbone,
+    forward_batch,
+    get_backbone,
+    prepare_for_inference,
+    resolve_weights,
+)
 from featx.cli import main  # noqa: E402
-from featx.extract import forward_batch, prepare_for_inference  # noqa: E402
-from featx.backbones import FeatureModel  # noqa: E402
 
 from .conftest import write_digits  # noqa: E402
 
@@ -239,9 +246,9 @@ def test_models_lists_timm_names_with_all_and_filter():
 
 
 def test_finetune_lists_timm_stages_freezes_them_and_learns(tmp_path):
-    from featx.finetune import (FinetuneConfig, build_model, data_from_spec, finetune,
-                                list_stages)
+    from featx.config import FinetuneConfig
     from featx.data import load_dataset
+    from featx.finetune import build_model, data_from_spec, finetune, list_stages
     name = "timm:vit_small_patch14_reg4_dinov2"
     r = CliRunner().invoke(main, ["finetune", "--model", name, "--list-stages"])
     stages = r.output.split()

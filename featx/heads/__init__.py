@@ -27,15 +27,22 @@ The package: :mod:`~featx.heads.registry` (heads and grids), :mod:`~featx.heads.
 :mod:`~featx.heads.backends` (loky, dask, ray), :mod:`~featx.heads.task` (one run) and
 :mod:`~featx.heads.run` (the whole command).
 """
-from featx.heads.backends import BACKENDS, check_backend, heads_backend
+from featx.config import BACKENDS, DEFAULT_HEADS, HeadsConfig
+from featx.heads.backends import check_backend, heads_backend
 from featx.heads.outofcore import STREAM_EPOCHS, MemoryPlan, memory_limit, plan_memory  # noqa: F401
-from featx.heads.registry import (DEFAULT_HEADS, HeadSpec, build_head, class_scores, get_head,
-                                  list_heads, parse_heads, register_head)
-from featx.heads.run import (HeadsConfig, HeadsRun, fit_heads, load_head, open_cache,
-                             resolve_features)
+from featx.heads.registry import (
+                                  HeadSpec,
+                                  build_head,
+                                  class_scores,
+                                  get_head,
+                                  list_heads,
+                                  parse_heads,
+                                  register_head,
+)
+from featx.heads.run import HeadsRun, fit_heads, load_head, open_cache, resolve_features
 from featx.heads.selection import SELECTION_METRIC, select_and_fit  # noqa: F401
+from featx.heads.summary import format_pool_matrix, format_summary
 from featx.heads.task import SUMMARY_COLUMNS  # noqa: F401
-from featx.tables import format_pool_matrix, format_summary
 
 __all__ = [
     "BACKENDS",

@@ -25,13 +25,13 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from featx.cache import Cache
 from featx.errors import FeatxError, ParameterError
-from featx.heads.registry import _STREAM_GRID, get_head
-from featx.heads.selection import SELECTION_METRIC, _quiet
+from featx.heads.registry import STREAM_GRID, get_head
+from featx.heads.selection import SELECTION_METRIC, quiet_fit_warnings
 
 __all__ = ["STREAM_EPOCHS", "MemoryPlan", "memory_limit", "plan_memory"]
 
 STREAM_EPOCHS = 5                       # passes over train per streamed SGD fit
-_MB = 2 ** 20
+MB = 2 ** 20
 
 
 def memory_limit(limit_mb: float | None = None) -> tuple[int, str]:
@@ -41,11 +41,11 @@ def memory_limit(limit_mb: float | None = None) -> tuple[int, str]:
     now (``MemAvailable`` of /proc/meminfo, else ``os.sysconf``), capped by a cgroup limit.
     """
     if limit_mb is not None:
-        return int(float(limit_mb) * _MB), f"--memory-limit-mb {limit_mb:g}"
+        return int(float(limit_mb) * MB), f"--memory-limit-mb {limit_mb:g}"
     env = os.environ.get("FEATX_MEMORY_LIMIT_MB")
     if env:
         try:
-            return int(float(env) * _MB), f"FEATX_MEMORY_LIMIT_MB={env}"
+            return int(float(env) * MB), f"FEATX_MEMORY_LIMIT_MB={env}"
         except ValueError:
             raise FeatxError(f"FEATX_MEMORY_LIMIT_MB={env!r}: give megabytes as a number, "
                              f"e.g. 4096.") from None
@@ -119,7 +119,7 @@ def plan_memory(rows: int, dims: int, heads: Sequence[str], *, limit_bytes: int,
     need = rows * dims * 4 * factor
     # streaming blocks: a quarter of the limit for the block and its few working copies
     block = int(np.clip(limit_bytes / 4 / (max(dims, 1) * 4 * 4), 64, 8192))
-    common = dict(rows=rows, dims=dims, need_mb=need / _MB, limit_mb=limit_bytes / _MB,
+    common = dict(rows=rows, dims=dims, need_mb=need / MB, limit_mb=limit_bytes / MB,
                   limit_source=limit_source, block_rows=block)
     if need <= limit_bytes:
         return MemoryPlan("memory", **common)
@@ -128,7 +128,7 @@ def plan_memory(rows: int, dims: int, heads: Sequence[str], *, limit_bytes: int,
     return MemoryPlan("stream", **common)
 
 
-def _describe_plan(plan: MemoryPlan, heads: Sequence[str], name: str, holdout: str = ""
+def describe_plan(plan: MemoryPlan, heads: Sequence[str], name: str, holdout: str = ""
                    ) -> str:
     head = (f"{name}: ~{plan.need_mb:.1f} MB needed to fit {plan.rows} x {plan.dims} features "
             f"in memory, limit {plan.limit_mb:.1f} MB ({plan.limit_source}); ")
@@ -143,7 +143,7 @@ def _describe_plan(plan: MemoryPlan, heads: Sequence[str], name: str, holdout: s
 
 # --- reading rows -----------------------------------------------------------------------------
 
-def _blocks(cache: Cache, split: str, feature: str, rows: int) -> Iterator[np.ndarray]:
+def row_blocks(cache: Cache, split: str, feature: str, rows: int) -> Iterator[np.ndarray]:
     for _, X in cache.iter_rows(split, feature, rows):
         yield X
 
@@ -164,7 +164,7 @@ def _shuffled_blocks(cache: Cache, split: str, feature: str, index: np.ndarray, 
 
 # --- PCA and streaming for features that do not fit -------------------------------------------
 
-def _fit_reducer(cache: Cache, feature: str, n_components: int, standardize: bool,
+def fit_reducer(cache: Cache, feature: str, n_components: int, standardize: bool,
                  rows: int) -> Pipeline:
     """StandardScaler (optional) then IncrementalPCA, both fitted on train in row blocks."""
     n_train, dims = cache.shape("train", feature)
@@ -173,11 +173,11 @@ def _fit_reducer(cache: Cache, feature: str, n_components: int, standardize: boo
                              f"width) = {min(n_train, dims)} for {cache.path.name} {feature}.")
     scaler = StandardScaler() if standardize else "passthrough"
     if standardize:
-        for X in _blocks(cache, "train", feature, rows):
+        for X in row_blocks(cache, "train", feature, rows):
             scaler.partial_fit(X)
     pca = IncrementalPCA(n_components=n_components)
     prev = None
-    for X in _blocks(cache, "train", feature, rows):
+    for X in row_blocks(cache, "train", feature, rows):
         X = scaler.transform(X) if standardize else X
         if prev is not None and len(X) < n_components:  # a short last block joins the one before
             X, prev = np.concatenate([prev, X]), None
@@ -188,12 +188,12 @@ def _fit_reducer(cache: Cache, feature: str, n_components: int, standardize: boo
     return Pipeline([("prescale", scaler), ("pca", pca)])
 
 
-def _reduce(reducer: Pipeline, cache: Cache, split: str, feature: str, rows: int) -> np.ndarray:
+def reduce_rows(reducer: Pipeline, cache: Cache, split: str, feature: str, rows: int) -> np.ndarray:
     return np.concatenate([reducer.transform(X).astype(np.float32)
-                           for X in _blocks(cache, split, feature, rows)])
+                           for X in row_blocks(cache, split, feature, rows)])
 
 
-def _fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standardize: bool,
+def fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standardize: bool,
                    class_weight: str | None, seed: int, rows: int
                    ) -> tuple[Pipeline, dict, dict]:
     """SGDClassifier(log_loss) by partial_fit over shuffled HDF5 blocks; alpha chosen on val
@@ -216,7 +216,7 @@ def _fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standard
     t0 = time.perf_counter()
     scaler = StandardScaler() if standardize else "passthrough"
     if standardize:  # on all of train: unsupervised, and the final model needs it anyway
-        for X in _blocks(cache, "train", feature, rows):
+        for X in row_blocks(cache, "train", feature, rows):
             scaler.partial_fit(X)
 
     def transform(X):
@@ -234,7 +234,7 @@ def _fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standard
     def holdout_score(clf):
         if hold is None:
             pred = np.concatenate([clf.predict(transform(X))
-                                   for X in _blocks(cache, "val", feature, rows)])
+                                   for X in row_blocks(cache, "val", feature, rows)])
             return balanced_accuracy_score(y_val, pred)
         with h5py.File(cache.path, "r") as f:
             ds = f[f"train/{feature}"]
@@ -243,8 +243,8 @@ def _fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standard
         return balanced_accuracy_score(y[hold], pred)
 
     grid, fitted = [], []
-    with _quiet():
-        for alpha in _STREAM_GRID["alpha"]:
+    with quiet_fit_warnings():
+        for alpha in STREAM_GRID["alpha"]:
             clf = train(alpha, fit_rows)
             grid.append({"params": {"alpha": alpha}, "score": float(holdout_score(clf))})
             fitted.append(clf)
@@ -254,7 +254,7 @@ def _fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standard
     if hold is None:
         clf = fitted[best]  # already fitted on exactly the train rows
     else:
-        with _quiet():
+        with quiet_fit_warnings():
             clf = train(grid[best]["params"]["alpha"], all_rows)
     fit_s = time.perf_counter() - t0
     model = Pipeline([("scaler", scaler), ("head", clf)])

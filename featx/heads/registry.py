@@ -23,7 +23,7 @@ from featx.errors import FeatxError, ParameterError
 __all__ = ["DEFAULT_HEADS", "HeadSpec", "build_head", "class_scores", "get_head", "list_heads",
            "parse_heads", "register_head"]
 
-_STREAM_GRID = {"alpha": [1e-3, 1e-4, 1e-5]}  # the sgd head's grid, also used when streaming
+STREAM_GRID = {"alpha": [1e-3, 1e-4, 1e-5]}  # the sgd head's grid, also used when streaming
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ register_head(HeadSpec(
     supports_class_weight=False, fit_grid=_neighbours_within))
 register_head(HeadSpec(
     "sgd", lambda seed, cw: SGDClassifier(loss="log_loss", class_weight=cw, random_state=seed),
-    dict(_STREAM_GRID), "SGDClassifier(log_loss), the head used when features are streamed"))
+    dict(STREAM_GRID), "SGDClassifier(log_loss), the head used when features are streamed"))
 
 
 def list_heads() -> list[str]:

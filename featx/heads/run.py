@@ -22,17 +22,24 @@ import joblib
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from featx.cache import Cache, CacheError, partial_path, pool_of
+from featx.cache import Cache, CacheError, partial_path
 from featx.config import CLASS_WEIGHTS, SELECT_MODES, HeadsConfig
 from featx.errors import FeatxError, ParameterError
+from featx.features import pool_of
 from featx.files import atomic_write
 from featx.heads.backends import check_backend, heads_backend
-from featx.heads.outofcore import (_MB, _describe_plan, _fit_reducer, _reduce, memory_limit,
-                                   plan_memory)
+from featx.heads.outofcore import (
+    MB,
+    describe_plan,
+    fit_reducer,
+    memory_limit,
+    plan_memory,
+    reduce_rows,
+)
 from featx.heads.registry import get_head, parse_heads
-from featx.heads.task import SUMMARY_COLUMNS, _run_indexed, _request, _summary_row, _Task
-from featx.results import _jsonable, head_model_path, head_result_path, write_json
-from featx.tables import format_pool_matrix, plot_pool_summary
+from featx.heads.summary import format_pool_matrix, plot_pool_summary
+from featx.heads.task import SUMMARY_COLUMNS, HeadTask, head_request, run_indexed, summary_row
+from featx.results import head_model_path, head_result_path, jsonable, write_json
 
 __all__ = ["HeadsConfig", "HeadsRun", "fit_heads", "load_head", "open_cache",
            "resolve_features"]
@@ -103,7 +110,7 @@ def _check_labels(cache: Cache, select_on: str, cv: int) -> list[str]:
     return notes
 
 
-def _write_run(task: _Task, result: dict, model: Pipeline) -> None:
+def _write_run(task: HeadTask, result: dict, model: Pipeline) -> None:
     """The model, then its result JSON; an older JSON goes first, so no JSON ever sits
     beside a model it did not describe, and a run killed half-way reads as not done."""
     task.out_json.unlink(missing_ok=True)
@@ -111,7 +118,7 @@ def _write_run(task: _Task, result: dict, model: Pipeline) -> None:
     write_json(task.out_json, result)
 
 
-def _current_result(task: _Task) -> dict | None:
+def _current_result(task: HeadTask) -> dict | None:
     """The result at ``task.out_json`` when it was made from this very cache file (its
     provenance, creation time included) with the same request and its model is there."""
     try:
@@ -120,8 +127,8 @@ def _current_result(task: _Task) -> dict | None:
         return None
     if not isinstance(res, dict) or not head_model_path(task.out_json).is_file():
         return None
-    same_cache = res.get("provenance") == json.loads(json.dumps(_jsonable(task.cache.attrs)))
-    same_request = (res.get("settings") or {}).get("request") == _request(task)
+    same_cache = res.get("provenance") == json.loads(json.dumps(jsonable(task.cache.attrs)))
+    same_request = (res.get("settings") or {}).get("request") == head_request(task)
     return res if same_cache and same_request else None
 
 
@@ -179,7 +186,7 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
     finished = _fit_todo(tasks, pca_groups, reused, config, limit)
     for i, task in enumerate(tasks):
         if id(task) in reused:
-            finished[i] = (reused[id(task)], _summary_row(reused[id(task)], task, task.plan))
+            finished[i] = (reused[id(task)], summary_row(reused[id(task)], task, task.plan))
         run.results.append(finished[i][0])
         run.rows.append(finished[i][1])
         run.json_paths.append(task.out_json)
@@ -237,7 +244,7 @@ def _open_caches(caches: Sequence[str | Path], config: HeadsConfig,
 
 
 def _plan_tasks(prepared, config: HeadsConfig, limit: int, source: str,
-                say: Callable[[str], None]) -> tuple[list[_Task], list[list[_Task]]]:
+                say: Callable[[str], None]) -> tuple[list[HeadTask], list[list[HeadTask]]]:
     """One task per (cache, feature, head), or one sgd task per streamed feature; and the
     tasks of each PCA-reduced (cache, feature), which share one reduction."""
     heads = config.heads
@@ -252,14 +259,14 @@ def _plan_tasks(prepared, config: HeadsConfig, limit: int, source: str,
             if plan.mode != "memory":
                 holdout = (f", alpha chosen on a stratified 1/{config.cv} holdout of train"
                            if select_on == "cv" else "")
-                say("note: " + _describe_plan(plan, heads, f"{cache.path.name} {feature}",
+                say("note: " + describe_plan(plan, heads, f"{cache.path.name} {feature}",
                                               holdout))
             if plan.mode == "stream":
-                tasks.append(_Task(cache, dataset, feature, "sgd", plan, select_on, config,
+                tasks.append(HeadTask(cache, dataset, feature, "sgd", plan, select_on, config,
                                    head_result_path(config.out_dir, cache.path.stem, feature,
                                                     "sgd")))
                 continue
-            group = [_Task(cache, dataset, feature, h, plan, select_on, config,
+            group = [HeadTask(cache, dataset, feature, h, plan, select_on, config,
                            head_result_path(config.out_dir, cache.path.stem, feature, h))
                      for h in heads]
             if plan.mode == "pca":
@@ -268,7 +275,7 @@ def _plan_tasks(prepared, config: HeadsConfig, limit: int, source: str,
     return tasks, pca_groups
 
 
-def _current_results(tasks: list[_Task], config: HeadsConfig,
+def _current_results(tasks: list[HeadTask], config: HeadsConfig,
                      say: Callable[[str], None]) -> dict[int, dict]:
     """``id(task) -> result`` for every task whose stored result is current."""
     # a re-run reuses every result that is current: nothing is loaded, reduced or fitted
@@ -280,17 +287,17 @@ def _current_results(tasks: list[_Task], config: HeadsConfig,
     return reused
 
 
-def _reduce_features(pca_groups: list[list[_Task]], config: HeadsConfig
+def _reduce_features(pca_groups: list[list[HeadTask]], config: HeadsConfig
                      ) -> dict[int, tuple]:
     """``id(task) -> (train, val, test)`` reduced rows, one PCA per (cache, feature)."""
     arrays = {}
     for group in pca_groups:  # reduce once per (cache, feature), shared by its heads
         t = group[0]
         t0 = time.perf_counter()
-        reducer = _fit_reducer(t.cache, t.feature, t.plan.pca, config.standardize,
+        reducer = fit_reducer(t.cache, t.feature, t.plan.pca, config.standardize,
                                t.plan.block_rows)
         has_val = "val" in t.cache.splits and len(t.cache.labels("val")) > 0
-        reduced = tuple(_reduce(reducer, t.cache, split, t.feature, t.plan.block_rows)
+        reduced = tuple(reduce_rows(reducer, t.cache, split, t.feature, t.plan.block_rows)
                         if split != "val" or has_val else None
                         for split in ("train", "val", "test"))
         reduce_s = time.perf_counter() - t0
@@ -300,7 +307,7 @@ def _reduce_features(pca_groups: list[list[_Task]], config: HeadsConfig
     return arrays
 
 
-def _fit_todo(tasks: list[_Task], pca_groups: list[list[_Task]], reused: dict[int, dict],
+def _fit_todo(tasks: list[HeadTask], pca_groups: list[list[HeadTask]], reused: dict[int, dict],
               config: HeadsConfig, limit: int) -> dict[int, tuple[dict, dict]]:
     """Fit the tasks without a current result on the backend; ``i -> (result, row)``.
 
@@ -317,26 +324,26 @@ def _fit_todo(tasks: list[_Task], pca_groups: list[list[_Task]], reused: dict[in
     return finished
 
 
-def _dispatch(todo: list[tuple[int, _Task]], arrays: dict[int, tuple], config: HeadsConfig,
+def _dispatch(todo: list[tuple[int, HeadTask]], arrays: dict[int, tuple], config: HeadsConfig,
               limit: int) -> Iterator[tuple[int, dict, dict, Pipeline]]:
     """``(i, result, row, model)`` of each task, inside the open joblib backend."""
     if config.backend == "loky":
-        in_memory = [t.plan.need_mb * _MB for _, t in todo if t.plan.mode == "memory"]
+        in_memory = [t.plan.need_mb * MB for _, t in todo if t.plan.mode == "memory"]
         outer, inner = _n_jobs(config.jobs, len(todo), limit, max(in_memory, default=1.0))
     else:  # the cluster's cores; dask sends a run's grid points back to the cluster
         outer, inner = -1, -1 if config.backend == "dask" else 1
     for _, t in todo:
         t.inner_jobs = inner
     if outer == 1:
-        return (_run_indexed(i, t, *arrays.get(id(t), ())) for i, t in todo)
+        return (run_indexed(i, t, *arrays.get(id(t), ())) for i, t in todo)
     # results as they finish, so each is written as soon as it exists (ray's
     # multiprocessing-style backend only returns the whole list)
     return joblib.Parallel(
         n_jobs=outer, return_as="list" if config.backend == "ray" else "generator_unordered")(
-        joblib.delayed(_run_indexed)(i, t, *arrays.get(id(t), ())) for i, t in todo)
+        joblib.delayed(run_indexed)(i, t, *arrays.get(id(t), ())) for i, t in todo)
 
 
-def _compare_pool_sizes(run: HeadsRun, prepared, tasks: list[_Task], reused: dict[int, dict],
+def _compare_pool_sizes(run: HeadsRun, prepared, tasks: list[HeadTask], reused: dict[int, dict],
                         config: HeadsConfig) -> None:
     """Where a cache ran 2+ features including a pool: its matrix and pool_sizes.png."""
     for cache, features, _ in prepared:

@@ -25,7 +25,7 @@ __all__ = ["SELECTION_METRIC", "select_and_fit"]
 SELECTION_METRIC = "balanced_accuracy"
 
 
-def _predict(model, blocks: Iterator[np.ndarray], n_classes: int):
+def predict_blocks(model, blocks: Iterator[np.ndarray], n_classes: int):
     preds, scores = [], []
     for X in blocks:
         preds.append(model.predict(X))
@@ -98,7 +98,7 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
     search = GridSearchCV(pipe, _param_grid(spec, n_fit), scoring=SELECTION_METRIC,
                           cv=splitter, refit=False, n_jobs=n_jobs, error_score="raise")
     t0 = time.perf_counter()
-    with _quiet():
+    with quiet_fit_warnings():
         search.fit(X, y)
     select_s = time.perf_counter() - t0
     del X, y
@@ -112,7 +112,7 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
     best = search.best_index_  # first of the best: grids run from simple to complex
     model = clone(pipe).set_params(**res["params"][best])
     t0 = time.perf_counter()
-    with _quiet():
+    with quiet_fit_warnings():
         model.fit(X_train, y_train)
     fit_s = time.perf_counter() - t0
     selection = {"on": select, "metric": SELECTION_METRIC, "chosen": grid[best]["params"],
@@ -122,7 +122,7 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
     return model, selection, {"select_s": select_s, "fit_s": fit_s}
 
 
-class _quiet(warnings.catch_warnings):
+class quiet_fit_warnings(warnings.catch_warnings):
     """Grid points that do not converge or predict one class are expected, not news."""
 
     def __enter__(self):

@@ -17,20 +17,25 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache
-from featx.heads.outofcore import MemoryPlan, _blocks, _fit_streaming
-from featx.heads.registry import _STREAM_GRID, get_head
-from featx.heads.selection import SELECTION_METRIC, _predict, _quiet, select_and_fit
+from featx.heads.outofcore import MemoryPlan, fit_streaming, row_blocks
+from featx.heads.registry import STREAM_GRID, get_head
+from featx.heads.selection import (
+    SELECTION_METRIC,
+    predict_blocks,
+    quiet_fit_warnings,
+    select_and_fit,
+)
 from featx.metrics import classification_metrics
 from featx.results import METRIC_COLUMNS, head_model_path, make_result
 
 if TYPE_CHECKING:
-    from featx.heads.run import HeadsConfig
+    from featx.config import HeadsConfig
 
 __all__ = ["SUMMARY_COLUMNS"]
 
 
 @dataclass
-class _Task:
+class HeadTask:
     cache: Cache
     dataset: dict
     feature: str
@@ -44,7 +49,7 @@ class _Task:
     reduce_s: float = 0.0
 
 
-def _run_task(task: _Task, X_train: np.ndarray | None = None, X_val: np.ndarray | None = None,
+def _run_task(task: HeadTask, X_train: np.ndarray | None = None, X_val: np.ndarray | None = None,
               X_test: np.ndarray | None = None) -> tuple[dict, dict, Pipeline]:
     """Fit, select and score one (cache, feature, head); returns (result, row, pipeline).
 
@@ -61,12 +66,12 @@ def _run_task(task: _Task, X_train: np.ndarray | None = None, X_val: np.ndarray 
     t0 = time.perf_counter()
     load_s = reduce_s = 0.0
     if plan.mode == "stream":
-        model, selection, tm = _fit_streaming(
+        model, selection, tm = fit_streaming(
             cache, task.feature, select=task.select_on, cv=cfg.cv, standardize=cfg.standardize,
             class_weight=cw, seed=cfg.seed, rows=plan.block_rows)
         saved = model
-        test_blocks = _blocks(cache, "test", task.feature, plan.block_rows)
-        val_blocks = _blocks(cache, "val", task.feature, plan.block_rows) if has_val else None
+        test_blocks = row_blocks(cache, "test", task.feature, plan.block_rows)
+        val_blocks = row_blocks(cache, "val", task.feature, plan.block_rows) if has_val else None
     else:
         if plan.mode == "pca":
             reducer, reduce_s = task.reducer, task.reduce_s
@@ -74,7 +79,7 @@ def _run_task(task: _Task, X_train: np.ndarray | None = None, X_val: np.ndarray 
         else:
             X_train = cache.load("train", task.feature)
             X_val = cache.load("val", task.feature) if has_val else None
-            test_blocks = _blocks(cache, "test", task.feature, plan.block_rows)
+            test_blocks = row_blocks(cache, "test", task.feature, plan.block_rows)
             load_s = time.perf_counter() - t0
         model, selection, tm = select_and_fit(
             task.head, X_train, y_train, X_val, y_val, select=task.select_on, cv=cfg.cv,
@@ -84,10 +89,10 @@ def _run_task(task: _Task, X_train: np.ndarray | None = None, X_val: np.ndarray 
         saved = Pipeline(reducer.steps + model.steps) if plan.mode == "pca" else model
         val_blocks = iter([X_val]) if has_val else None
     t1 = time.perf_counter()
-    with _quiet():
-        pred, score = _predict(model, test_blocks, len(classes))
+    with quiet_fit_warnings():
+        pred, score = predict_blocks(model, test_blocks, len(classes))
     predict_s = time.perf_counter() - t1
-    with _quiet():
+    with quiet_fit_warnings():
         metrics = classification_metrics(y_test, pred, score, classes)
         if has_val:
             val_pred = np.concatenate([model.predict(X) for X in val_blocks])
@@ -118,7 +123,7 @@ def _run_task(task: _Task, X_train: np.ndarray | None = None, X_val: np.ndarray 
         "select": selection["on"],
         "selection_metric": SELECTION_METRIC,
         "refit": "train",
-        "grid": _STREAM_GRID if plan.mode == "stream" else spec.grid,
+        "grid": STREAM_GRID if plan.mode == "stream" else spec.grid,
         "memory": plan.to_dict(),
         "estimator": spec.description,
     }
@@ -126,21 +131,21 @@ def _run_task(task: _Task, X_train: np.ndarray | None = None, X_val: np.ndarray 
         settings["cv"] = cfg.cv
     if plan.mode == "stream":
         settings["replaces_heads"] = list(cfg.heads)
-    settings["request"] = _request(task)
+    settings["request"] = head_request(task)
     model_file = head_model_path(task.out_json)
     result = make_result(
         kind="head", method=f"{head} @ {task.feature}{suffix}", model=cache.attrs["model"],
         feature=task.feature, head=head, dataset=task.dataset, metrics=metrics,
         timings=timings, settings=settings, selection=selection, provenance=cache.attrs,
         artifacts={"model": model_file.name, "cache": str(cache.path)})
-    return result, _summary_row(result, task, plan), saved
+    return result, summary_row(result, task, plan), saved
 
 
-def _run_indexed(i: int, task: _Task, *arrays) -> tuple[int, dict, dict, Pipeline]:
+def run_indexed(i: int, task: HeadTask, *arrays) -> tuple[int, dict, dict, Pipeline]:
     return (i, *_run_task(task, *arrays))
 
 
-def _request(task: _Task) -> dict:
+def head_request(task: HeadTask) -> dict:
     """Everything a result depends on besides the cache: an equal request on the same cache
     finds the result current (:func:`_current_result`). JSON-normalised, as stored."""
     cfg, plan = task.config, task.plan
@@ -148,7 +153,7 @@ def _request(task: _Task) -> dict:
            "select": task.select_on, "cv": cfg.cv, "standardize": cfg.standardize,
            "class_weight": cfg.class_weight, "seed": cfg.seed,
            "heads": list(cfg.heads) if plan.mode == "stream" else [task.head],
-           "grid": _STREAM_GRID if plan.mode == "stream" else get_head(task.head).grid}
+           "grid": STREAM_GRID if plan.mode == "stream" else get_head(task.head).grid}
     return json.loads(json.dumps(req))
 
 
@@ -158,7 +163,7 @@ SUMMARY_COLUMNS = (["cache", "dataset", "model", "feature", "head", "mode", "sel
                       "predict_s", "extract_s", "total_s", "json"])
 
 
-def _summary_row(result: dict, task: _Task, plan: MemoryPlan) -> dict:
+def summary_row(result: dict, task: HeadTask, plan: MemoryPlan) -> dict:
     m, t = result["metrics"], result["timings"]
     mode = {"memory": "memory", "pca": f"pca{plan.pca}", "stream": "stream"}[plan.mode]
     return {

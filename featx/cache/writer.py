@@ -21,8 +21,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featx.cache import (SCHEMA_VERSION, CacheError, _encode, _read_attrs, diff_provenance,
-                         partial_path)
+from featx.cache.layout import (
+    SCHEMA_VERSION,
+    CacheError,
+    diff_provenance,
+    encode_attr,
+    partial_path,
+    read_attrs,
+)
 from featx.errors import DiskFullError, is_disk_full
 
 __all__ = ["CacheLockedError", "CacheWriter", "free_bytes", "lock_cache", "lock_path"]
@@ -189,7 +195,7 @@ class CacheWriter:
     def _can_resume(self, provenance: dict) -> bool:
         try:
             with h5py.File(self.tmp, "r") as f:
-                attrs = _read_attrs(f)
+                attrs = read_attrs(f)
                 if attrs.get("featx_schema") != SCHEMA_VERSION:
                     return False
                 same = not diff_provenance(attrs, provenance)
@@ -202,7 +208,7 @@ class CacheWriter:
     def _create(self, provenance: dict) -> None:
         f = self.f
         for k, v in provenance.items():
-            f.attrs[k] = _encode(v)
+            f.attrs[k] = encode_attr(v)
         f.attrs["featx_schema"] = SCHEMA_VERSION
         f.attrs["complete"] = False
         for split, items in self.splits.items():
@@ -304,7 +310,7 @@ class CacheWriter:
                                  f"not marking it complete.")
         with self._space_guard():
             for k, v in extra_attrs.items():
-                self.f.attrs[k] = _encode(v)
+                self.f.attrs[k] = encode_attr(v)
             self.f.attrs["complete"] = True
             self.f.close()
         self.f = None

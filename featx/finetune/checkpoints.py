@@ -22,16 +22,16 @@ from featx.files import atomic_write
 
 if TYPE_CHECKING:
     from featx.config import FinetuneConfig
-    from featx.finetune_data import FinetuneData
+    from featx.finetune.data import FinetuneData
 
 __all__: list[str] = []
 
 # Settings that do not change what a run computes: they stay out of the run's folder name
 # and may differ on --resume.
-_RUN_INDEPENDENT = ("resume", "progress", "workers", "device", "out_dir")
+RUN_INDEPENDENT = ("resume", "progress", "workers", "device", "out_dir")
 
 
-def _config_dict(cfg: FinetuneConfig) -> dict:
+def config_dict(cfg: FinetuneConfig) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
 
 
@@ -52,7 +52,7 @@ class _WriteErrors:
         self.f.flush()
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
+def save_checkpoint(obj: dict, path: Path) -> None:
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             out = _WriteErrors(f)
@@ -71,7 +71,7 @@ def _save_atomic(obj: dict, path: Path) -> None:
                 raise exc from None
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -79,7 +79,7 @@ def _rng_state() -> dict:
             "python": list(random.getstate())}
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -89,7 +89,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _seed_epoch(seed: int, epoch: int, generator: torch.Generator, rank: int = 0) -> int:
+def seed_epoch(seed: int, epoch: int, generator: torch.Generator, rank: int = 0) -> int:
     """Seed everything random in an epoch from (seed, epoch) alone; return the shuffle's seed.
 
     Under torchrun the other ranks add their rank, so they augment their images differently;
@@ -108,7 +108,7 @@ def _seed_epoch(seed: int, epoch: int, generator: torch.Generator, rank: int = 0
 _HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_s")
 
 
-def _write_history(history: list[dict], path: Path) -> None:
+def write_history(history: list[dict], path: Path) -> None:
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, _HISTORY_COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -116,7 +116,7 @@ def _write_history(history: list[dict], path: Path) -> None:
             w.writerow({k: ("" if row.get(k) is None else row[k]) for k in _HISTORY_COLUMNS})
 
 
-def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
+def load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
@@ -127,8 +127,8 @@ def _load_resume(path: Path, cfg: FinetuneConfig, data: FinetuneData) -> dict:
         raise ParameterError("resume", True, f"{path} cannot be read ({reason}); it is "
                              f"damaged. Run the same command without {{resume}} to start this "
                              f"run afresh.", shown="") from None
-    old = {k: v for k, v in ckpt["config"].items() if k not in _RUN_INDEPENDENT}
-    new = {k: v for k, v in _config_dict(cfg).items() if k not in _RUN_INDEPENDENT}
+    old = {k: v for k, v in ckpt["config"].items() if k not in RUN_INDEPENDENT}
+    new = {k: v for k, v in config_dict(cfg).items() if k not in RUN_INDEPENDENT}
     diffs = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if ckpt.get("split_fingerprint") != data.info["split_fingerprint"]:

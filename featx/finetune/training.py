@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from featx import ddp
-from featx.images import ImageFiles, TransformSpec
+from featx import distributed
+from featx.data.images import ImageFiles, TransformSpec
 from featx.runtime import autocast
 
 if TYPE_CHECKING:
-    from featx.finetune_data import FinetuneData
+    from featx.finetune.data import FinetuneData
 
 __all__ = ["evaluate", "load_data", "train_one_epoch"]
 
@@ -62,11 +62,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             "images_per_s": n / seconds if seconds > 0 else 0.0}
 
 
-def _join_train_stats(stats: dict) -> dict:
+def join_train_stats(stats: dict) -> dict:
     """:func:`train_one_epoch`'s numbers over every process's shard (images/s summed)."""
-    if not ddp.current().distributed:
+    if not distributed.dist_env().distributed:
         return stats
-    parts = ddp.all_gather_object(stats)
+    parts = distributed.all_gather_object(stats)
     n = sum(p["n"] for p in parts)
     return {"loss": sum(p["loss"] * p["n"] for p in parts) / max(n, 1),
             "acc": sum(p["acc"] * p["n"] for p in parts) / max(n, 1), "n": n,
@@ -104,17 +104,17 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, device: torch.devic
             "seconds": time.perf_counter() - t0}
 
 
-def _join_eval_stats(local: dict) -> dict:
+def join_eval_stats(local: dict) -> dict:
     """:func:`evaluate`'s numbers on this process's shard, joined with every other process's.
 
     The shards split the images by index without padding, so the joined arrays hold each
     image once, in dataset order, as a single process computes them; every process gets the
     same numbers (``loss`` summed in rank order), hence the same checkpoint decisions.
     """
-    if not ddp.current().distributed:
+    if not distributed.dist_env().distributed:
         return local
     keys = ("y_true", "scores", "index", "n", "loss", "seconds")
-    gathered = ddp.all_gather_object({k: local[k] for k in keys})
+    gathered = distributed.all_gather_object({k: local[k] for k in keys})
     seconds = max(p["seconds"] for p in gathered)
     parts = [p for p in gathered if p["n"]]
     n = sum(p["n"] for p in parts)

@@ -13,16 +13,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.backbones import WeightsError, backbone_transform, build_backbone, get_backbone
-from featx.cache import PENULTIMATE, feature_name, pool_of
-from featx.errors import FeatxError
-from featx.images import TransformSpec
 # extract's own model and batch forward: new images get the very features the cache holds
 # (same BatchNorm folding, memory format, precision handling)
-from featx.frozen import FrozenModel, feature_dims, frozen_model
+from featx.backbones import (
+    FrozenModel,
+    ResolvedWeights,
+    RunSetup,
+    WeightsError,
+    backbone_transform,
+    build_backbone,
+    feature_dims,
+    frozen_model,
+    get_backbone,
+    resolve_weights,
+)
+from featx.data.images import TransformSpec
+from featx.errors import FeatxError
+from featx.features import PENULTIMATE, feature_name, pool_of
 from featx.results import read_result
-from featx.runtime import RunSetup, autocast, resolve_device, resolve_precision
-from featx.weights import ResolvedWeights, resolve_weights
+from featx.runtime import autocast, resolve_device, resolve_precision
 
 __all__ = ["Predictor", "ResultMismatchError", "feature_width", "load_predictor"]
 

@@ -21,7 +21,7 @@ What a run decides and why:
   history, and ``resume`` ends where an uninterrupted run ends.
 * Checkpoints (``best.pt``, ``last.pt``) are written to a temporary file and renamed, best
   before last, so an interrupted run always leaves a complete previous best behind.
-* Under ``torchrun`` (see :mod:`featx.ddp`) the model is wrapped in DistributedDataParallel:
+* Under ``torchrun`` (see :mod:`featx.distributed`) the model is wrapped in DistributedDataParallel:
   ``batch_size`` is per process (global batch = ``batch_size x world size``, as in
   torchvision's reference script) and ``lr`` is used as given. Each process trains on its
   shard of the train split; val and test are split by index without padding and the
@@ -44,47 +44,45 @@ import torch
 import torch.nn as nn
 
 import featx
-from featx import ddp
-from featx.weights import ResolvedWeights
-from featx.checkpoints import (_RUN_INDEPENDENT, _config_dict, _load_resume, _save_atomic,
-                               _seed_epoch, _set_rng_state, _rng_state, _write_history)
+from featx import distributed
+from featx.backbones import ResolvedWeights, pool_notes, resolve_run
 from featx.config import LOSSES, OPTIMIZERS, SCHEDULERS, FinetuneConfig
 from featx.data import DataError, check_seed
 from featx.errors import ParameterError
-from featx.extract import pool_notes
-from featx.finetune_data import FinetuneData, data_from_cache, data_from_spec
-from featx.finetune_model import (FinetuneModel, FocalLoss, _make_optimizer, _make_scheduler,
-                                  build_model, list_stages, make_loss)
+from featx.finetune.checkpoints import (
+    RUN_INDEPENDENT,
+    config_dict,
+    load_resume,
+    rng_state,
+    save_checkpoint,
+    seed_epoch,
+    set_rng_state,
+    write_history,
+)
+from featx.finetune.data import FinetuneData
+from featx.finetune.model import (
+    FinetuneModel,
+    build_model,
+    list_stages,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+)
+from featx.finetune.training import (
+    evaluate,
+    join_eval_stats,
+    join_train_stats,
+    load_data,
+    train_one_epoch,
+)
 from featx.metrics import classification_metrics
 from featx.results import finetune_result_path, make_result, write_json
-from featx.runtime import cap_workers, finetune_workers, setup
-from featx.training import (_join_eval_stats, _join_train_stats, evaluate, load_data,
-                            train_one_epoch)
+from featx.runtime import cap_workers, finetune_workers
 
 if TYPE_CHECKING:
-    from featx.images import TransformSpec
+    from featx.data.images import TransformSpec
 
-__all__ = [
-    "LOSSES",
-    "OPTIMIZERS",
-    "SCHEDULERS",
-    "FinetuneConfig",
-    "FinetuneData",
-    "FinetuneModel",
-    "FinetuneResult",
-    "FocalLoss",
-    "build_model",
-    "check_config",
-    "data_from_cache",
-    "data_from_spec",
-    "evaluate",
-    "finetune",
-    "list_stages",
-    "load_data",
-    "make_loss",
-    "run_dir_name",
-    "train_one_epoch",
-]
+__all__ = ["FinetuneResult", "check_config", "finetune", "run_dir_name"]
 
 
 @dataclass
@@ -155,7 +153,7 @@ def run_dir_name(data: FinetuneData, cfg: FinetuneConfig, weights: ResolvedWeigh
     the same command always finds the same folder (for ``--resume``) and different settings
     never share one.
     """
-    key = {k: v for k, v in _config_dict(cfg).items() if k not in _RUN_INDEPENDENT}
+    key = {k: v for k, v in config_dict(cfg).items() if k not in RUN_INDEPENDENT}
     key.update(weights_sha256=weights.sha256, split=data.info["split_fingerprint"])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in data.name)
@@ -176,7 +174,7 @@ def finetune(data: FinetuneData, cfg: FinetuneConfig, *,
     checkpoint on the test split.
 
     Under torchrun every process calls this with the same arguments; it joins the process
-    group (:func:`featx.ddp.setup`), trains with DistributedDataParallel, and only rank 0
+    group (:func:`featx.distributed.init_process_group`), trains with DistributedDataParallel, and only rank 0
     logs and writes files. Every process returns the same result.
     """
     run = _Run(data, cfg, log)
@@ -209,7 +207,7 @@ class _Run:
     stopped: bool = False
     resumed: bool = False
     # set by _prepare
-    env: ddp.DistEnv = field(init=False)
+    env: distributed.DistEnv = field(init=False)
     device: torch.device = field(init=False)
     precision: str = field(init=False)
     weights: ResolvedWeights = field(init=False)
@@ -248,11 +246,11 @@ def _prepare(run: _Run) -> None:
     """Join the process group, check the settings and the data, resolve device, precision,
     weights and transform, cap the workers, make the run's folder."""
     cfg, data = run.cfg, run.data
-    run.env = ddp.setup(cfg.device)
+    run.env = distributed.init_process_group(cfg.device)
     check_config(cfg)
     _check_data(data, cfg)
-    ready = setup(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
-                  image_size=cfg.image_size, seed=cfg.seed, env=run.env)
+    ready = resolve_run(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
+                        image_size=cfg.image_size, seed=cfg.seed, env=run.env)
     run.device, run.precision, run.weights, run.transform = (ready.device, ready.precision,
                                                              ready.weights, ready.transform)
     run.workers, note = cap_workers(finetune_workers() if cfg.workers is None else cfg.workers)
@@ -280,8 +278,8 @@ def _build(run: _Run) -> None:
     counts = np.bincount([lab for _, lab in data.splits["train"]], minlength=len(data.classes))
     run.model = model
     run.criterion = make_loss(cfg.loss, class_counts=counts, gamma=cfg.focal_gamma).to(device)
-    run.optimizer = _make_optimizer(model, cfg)
-    run.scheduler = _make_scheduler(run.optimizer, cfg)
+    run.optimizer = make_optimizer(model, cfg)
+    run.scheduler = make_scheduler(run.optimizer, cfg)
     run.scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
     run.generator = torch.Generator()
     run.loaders = _loaders(run, data, augment=cfg.augment)
@@ -297,7 +295,7 @@ def _resume(run: _Run) -> None:
     """With ``resume`` and a last.pt: its weights, optimizer, schedule, RNG and history."""
     cfg, env = run.cfg, run.env
     # rank 0 reads it and hands it on: only rank 0 needs to see the output folder
-    ckpt = ddp.run_on_main(lambda: _load_resume(run.last_path, cfg, run.data)
+    ckpt = distributed.run_on_main(lambda: load_resume(run.last_path, cfg, run.data)
                            if cfg.resume and run.last_path.is_file() else None)
     if ckpt is not None:
         run.model.load_state_dict(ckpt["model"])
@@ -305,7 +303,7 @@ def _resume(run: _Run) -> None:
         if run.scheduler is not None:
             run.scheduler.load_state_dict(ckpt["scheduler"])
         run.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         run.history, run.best, run.stopped = ckpt["history"], ckpt["best"], ckpt["stopped_early"]
         run.start_epoch, run.resumed = ckpt["epoch"] + 1, True
         run.say(f"resuming {run.run_dir} after epoch {ckpt['epoch']}")
@@ -351,15 +349,15 @@ def _epoch(run: _Run, epoch: int, on_epoch_end: Callable[[int, dict], None] | No
 def _train_and_validate(run: _Run, epoch: int) -> tuple[dict, dict | None, dict]:
     """Train on this process's shard, then validate rank 0's model; append the history row."""
     cfg, env = run.cfg, run.env
-    run.loaders["train"].sampler.set_epoch(_seed_epoch(cfg.seed, epoch, run.generator,
+    run.loaders["train"].sampler.set_epoch(seed_epoch(cfg.seed, epoch, run.generator,
                                                        env.rank))
     t0 = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
     tr = train_one_epoch(run.net, run.criterion, run.optimizer, run.loaders["train"],
                          run.device, run.precision, run.scaler,
                          desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress and env.is_main)
-    tr = _join_train_stats(tr)
-    ddp.broadcast_module(run.model)  # one model (rank 0's BatchNorm statistics) to evaluate
+    tr = join_train_stats(tr)
+    distributed.broadcast_module(run.model)  # one model (rank 0's BatchNorm statistics) to evaluate
     va = _evaluate_all(run, "val") if run.has_val else None
     if run.scheduler is not None:
         run.scheduler.step()
@@ -384,7 +382,7 @@ def _select(run: _Run, epoch: int, row: dict) -> bool:
         run.stopped = True
     # the same inputs give every rank the same decision; rank 0's is made binding so a
     # disagreement can never leave ranks waiting at different barriers
-    improved, run.best, run.stopped = ddp.broadcast_object((improved, run.best, run.stopped))
+    improved, run.best, run.stopped = distributed.broadcast_object((improved, run.best, run.stopped))
     return improved
 
 
@@ -394,18 +392,18 @@ def _checkpoint(run: _Run, epoch: int, improved: bool) -> None:
         state = _checkpoint_state(run, epoch)
         if improved:  # best before last: last.pt never names a best that is not on disk
             # best.pt is for scoring and use, so it skips the optimizer state (2x the model)
-            _save_atomic({**state, "optimizer": None, "scheduler": None, "scaler": None},
+            save_checkpoint({**state, "optimizer": None, "scheduler": None, "scaler": None},
                          run.best_path)
-        _save_atomic(state, run.last_path)
-        _write_history(run.history, run.run_dir / "history.csv")
-    ddp.barrier()
+        save_checkpoint(state, run.last_path)
+        write_history(run.history, run.run_dir / "history.csv")
+    distributed.barrier()
 
 
 def _checkpoint_state(run: _Run, epoch: int) -> dict:
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
-            "scaler": run.scaler.state_dict(), "epoch": epoch, "config": _config_dict(run.cfg),
-            "rng": _rng_state(), "best": dict(run.best), "history": list(run.history),
+            "scaler": run.scaler.state_dict(), "epoch": epoch, "config": config_dict(run.cfg),
+            "rng": rng_state(), "best": dict(run.best), "history": list(run.history),
             "stopped_early": run.stopped, "classes": list(run.data.classes),
             "split_fingerprint": run.data.info["split_fingerprint"],
             "world_size": run.env.world_size, "featx_version": featx.__version__}
@@ -413,13 +411,13 @@ def _checkpoint_state(run: _Run, epoch: int) -> dict:
 
 def _evaluate_all(run: _Run, split: str) -> dict:
     """:func:`evaluate` on every process's shard of ``split``, joined (each image once)."""
-    return _join_eval_stats(evaluate(run.model, run.criterion, run.loaders[split], run.device,
+    return join_eval_stats(evaluate(run.model, run.criterion, run.loaders[split], run.device,
                                      run.precision))
 
 
 def _score(run: _Run) -> tuple[str, dict]:
     """The chosen checkpoint, once, on the test split (without one: val, else train)."""
-    run.model.load_state_dict(ddp.run_on_main(
+    run.model.load_state_dict(distributed.run_on_main(
         lambda: torch.load(run.best_path, map_location="cpu", weights_only=True)["model"]))
     scored = next(s for s in ("test", "val", "train") if s in run.loaders)
     if scored != "test":
@@ -461,7 +459,7 @@ def _record(run: _Run, scored: str, te: dict) -> FinetuneResult:
         plot_training_curves(history, run.run_dir / "curves.png",
                              title=f"{cfg.model} on {run.data.name} ({run.run_dir.name})")
         write_json(result_path, result)
-    ddp.barrier()
+    distributed.barrier()
     return FinetuneResult(run.run_dir, result_path, result, history, best["epoch"],
                           run.stopped, run.resumed, run.notes)
 
@@ -472,7 +470,7 @@ def _result_record(data: FinetuneData, cfg: FinetuneConfig, model: FinetuneModel
     """The run as one record of the shared result schema (artifacts relative to its folder)."""
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    settings = {**_config_dict(cfg), **used, "split_source": data.source,
+    settings = {**config_dict(cfg), **used, "split_source": data.source,
                 "trainable_params": n_train, "frozen_params": n_all - n_train}
     provenance = {"featx_version": featx.__version__, "torch_version": torch.__version__,
                   "host": socket.gethostname(), "weights_kind": weights.kind,
@@ -482,7 +480,7 @@ def _result_record(data: FinetuneData, cfg: FinetuneConfig, model: FinetuneModel
                  "curves": "curves.png"}
     if data.cache is not None:
         artifacts["cache"] = str(data.cache)
-    from featx.cache import PENULTIMATE, feature_name
+    from featx.features import PENULTIMATE, feature_name
     return make_result(kind="finetune",
                        method=f"finetune freeze={cfg.freeze} loss={cfg.loss} pool={cfg.pool}",
                        dataset=data.info, model=cfg.model, metrics=metrics, timings=timings,

@@ -21,28 +21,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+# what runs (re-exported: `from featx.predict import load_predictor` keeps working)
+from featx.apply.predictor import Predictor, load_predictor
 from featx.data import IMAGE_EXTENSIONS, DataError, DataParameterError
+from featx.data.images import ImageFiles
 from featx.errors import ParameterError
 from featx.files import atomic_write
-from featx.images import ImageFiles
 from featx.metrics import classification_metrics
-# what runs (re-exported: `from featx.predict import load_predictor` keeps working)
-from featx.predictor import (Predictor, ResultMismatchError, feature_width,  # noqa: F401
-                             load_predictor)
 from featx.results import write_json
 
-__all__ = [
-    "NewImages",
-    "PredictRun",
-    "Predictor",
-    "ResultMismatchError",
-    "feature_width",
-    "find_images",
-    "load_predictor",
-    "predict",
-    "predict_batches",
-    "write_predictions",
-]
+__all__ = ["NewImages", "PredictRun", "find_images", "predict", "predict_batches", "write_predictions"]
 
 
 

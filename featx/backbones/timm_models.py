@@ -1,6 +1,6 @@
 """timm's models as featx backbones: ``--model timm:NAME`` for any name ``timm.list_models`` knows.
 
-:mod:`featx.backbones` owns the registry and hands every ``timm:`` name to :func:`timm_spec`;
+:mod:`featx.backbones.registry` hands every ``timm:`` name to :func:`timm_spec` (registered below);
 this module holds what only timm models need, in timm's own terms:
 
 * ``penultimate`` is ``forward_head(forward_features(x), pre_logits=True)``, exactly as timm
@@ -36,6 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featx.backbones.registry import UnknownModelError, WeightsError, register_source
+from featx.backbones.state_dicts import check_state_dict
+from featx.data import DataParameterError
+from featx.data.images import TransformSpec
 from featx.errors import FeatxError
 
 __all__ = ["PREFIX", "TimmSpec", "timm_spec", "list_timm_models", "timm_cached_names",
@@ -48,7 +52,6 @@ def _timm():
     try:
         import timm
     except ImportError:
-        from featx.backbones import UnknownModelError
         raise UnknownModelError("timm models need the timm package: pip install 'featx[timm]' "
                                 "(or pip install timm).") from None
     return timm
@@ -140,7 +143,6 @@ def list_timm_models(pattern: str | None = None) -> list[str]:
 
 def _check_name(timm_name: str) -> None:
     timm = _timm()
-    from featx.backbones import UnknownModelError
     arch, _, tag = timm_name.partition(".")
     if arch and timm.is_model(arch):
         if tag and timm_name not in timm.list_pretrained(f"{arch}.*"):
@@ -248,8 +250,6 @@ def timm_transform(spec: TimmSpec, image_size: int | None = None):
     ``floor(size / crop_pct)``, center crop ``size``, normalise. ``image_size`` replaces the
     crop size as ``resolve_data_config({'input_size': (3, N, N)})`` would.
     """
-    from featx.data import DataParameterError
-    from featx.images import TransformSpec
     cfg = dict(spec.data_config)
     if image_size is not None:
         if image_size < 16:
@@ -295,7 +295,6 @@ def timm_pretrained_file(spec: TimmSpec, *, download: bool = False) -> Path:
     Raises :class:`~featx.backbones.WeightsError` naming the repo and file it expects when
     it is not there and ``download`` is false (offline) or the download fails.
     """
-    from featx.backbones import WeightsError
     cfg = spec.pretrained_cfg
     repo, names = _hf_candidates(cfg)
     url = cfg.get("url") or ""
@@ -364,7 +363,6 @@ def load_timm_state(path: str) -> dict:
     """A timm state dict from ``path``: a bare state dict, safetensors, or a checkpoint dict
     with ``state_dict`` / ``model`` (timm's train.py / featx checkpoints), ``module.`` removed.
     """
-    from featx.backbones import WeightsError
     from timm.models import load_state_dict
     try:
         # use_ema=False: the weights that were trained, not timm's EMA copy
@@ -390,7 +388,6 @@ def build_timm_model(spec: TimmSpec, path: str | None, *, seed: int = 0,
     embedding resampled by timm's checkpoint filter on load, as ``pretrained=True`` does).
     The classifier gets as many classes as the file's, so a fine-tuned file loads as it is.
     """
-    from featx.backbones import check_state_dict
     state = load_timm_state(path) if path is not None else None
     kwargs: dict = {}
     if state is not None:
@@ -439,3 +436,6 @@ def _filtered(model: nn.Module, state: dict) -> dict:
     except Exception:  # a filter that does not understand the file: report keys as they are
         return state
     return out if isinstance(out, dict) else state
+
+
+register_source(PREFIX, timm_spec)

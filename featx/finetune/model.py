@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from featx.backbones import BackboneSpec, build_backbone, get_backbone
-from featx.weights import ResolvedWeights
+from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
 from featx.config import LOSSES
 from featx.errors import ParameterError
 
@@ -143,7 +142,7 @@ def make_loss(kind: str, *, class_counts=None, gamma: float = 2.0) -> nn.Module:
     raise ParameterError("loss", kind, f"use one of {', '.join(LOSSES)}.")
 
 
-def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     groups = [{"name": "head", "lr": cfg.lr,
                "params": [p for p in model.head.parameters() if p.requires_grad]}]
     body = [p for p in model.backbone.parameters() if p.requires_grad]
@@ -156,7 +155,7 @@ def _make_optimizer(model: FinetuneModel, cfg: FinetuneConfig) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _make_scheduler(optimizer, cfg: FinetuneConfig):
+def make_scheduler(optimizer, cfg: FinetuneConfig):
     """Stepped once per epoch: cosine reaches zero after the last epoch; step: x0.1 at each
     third of the run."""
     if cfg.scheduler == "cosine":

@@ -33,7 +33,7 @@ from featx.results import FINETUNE_RESULT, HEADS_DIR, METRIC_COLUMNS, RESULT_SCH
 
 __all__ = ["COMPARABLE_RULE", "RANK_RULE", "WALL_TIME_RULE", "load_results", "rank_results"]
 
-_BEST_MARK = {"head": "best head", "finetune": "best finetune"}
+BEST_MARK = {"head": "best head", "finetune": "best finetune"}
 
 WALL_TIME_RULE = (
     "fine-tuning = the whole run (timings.total_s); a head = its own run "
@@ -200,7 +200,7 @@ def _main_split(rows: list[dict]) -> str:
     return max(counts, key=lambda fp: (counts[fp], latest[fp], fp))
 
 
-def _run_folder(source: str) -> str:
+def run_folder(source: str) -> str:
     parent = Path(source).parent
     if parent.name == HEADS_DIR:  # fit-heads writes {cache stem}/heads/{feature}__{head}.json
         parent = parent.parent
@@ -264,13 +264,13 @@ def rank_results(rows: Sequence[dict]) -> list[dict]:
         twice = Counter((r["model"], r["method"]) for r in members)
         for r in members:
             if twice[(r["model"], r["method"])] > 1:
-                r["method"] = f"{r['method']} [{_run_folder(r['source'])}]"
+                r["method"] = f"{r['method']} [{run_folder(r['source'])}]"
         members.sort(key=_sort_key)
         marked = set()
         for i, r in enumerate(members, 1):
             r["rank"] = i
             r["best"] = ""
-            mark = _BEST_MARK.get(r["kind"])
+            mark = BEST_MARK.get(r["kind"])
             if mark and mark not in marked and r["test_balanced_accuracy"] is not None:
                 r["best"] = mark
                 marked.add(mark)

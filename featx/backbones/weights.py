@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from featx.backbones import BackboneSpec, WeightsError, _load_state_dict, get_backbone, is_timm
+from featx.backbones.registry import BackboneSpec, WeightsError, get_backbone, is_timm
+from featx.backbones.state_dicts import load_state_dict
+from featx.backbones.timm_models import timm_pretrained_file
 from featx.errors import ParameterError
 from featx.files import atomic_write
 
@@ -81,7 +83,6 @@ def describe_weights_availability(name: str) -> str | None:
     """The ImageNet weights entry available offline for ``name`` (e.g. ``IMAGENET1K_V1``;
     for timm models the pretrained tag, e.g. ``augreg_in21k_ft_in1k``)."""
     if is_timm(name):
-        from featx.timm_backbones import timm_pretrained_file
         spec = get_backbone(name)
         try:
             timm_pretrained_file(spec)
@@ -181,7 +182,6 @@ def resolve_weights(name: str, weights: str = "imagenet", *, seed: int = 0) -> R
     if weights == "none":
         return ResolvedWeights("none", None, f"none-seed{seed}", f"random init (seed {seed})", seed)
     if weights == "imagenet" and is_timm(name):
-        from featx.timm_backbones import timm_pretrained_file
         target = timm_pretrained_file(spec, download=not _offline())
         tag = spec.pretrained_cfg.get("tag") or "pretrained"
         return ResolvedWeights("imagenet", str(target), _sha256(target),
@@ -224,7 +224,7 @@ def import_weights(path: str | Path, name: str) -> Path:
         raise WeightsError(f"featx weights import is for torchvision models; pass a timm file "
                            f"directly: --model {name} --weights {path}.")
     model = spec.builder(weights=None, **spec.build_kwargs)
-    _load_state_dict(spec, model, str(path))
+    load_state_dict(spec, model, str(path))
     # keep torchvision's own file name when the file is one of its releases (e.g. V1 vs V2)
     known = {os.path.basename(w.url): w for w in spec.weights_enum}
     target = hub_checkpoint_path(name, known.get(Path(path).name))

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from featx.cache import PENULTIMATE, pool_of
+from featx.features import PENULTIMATE, pool_of
 from featx.results import METRIC_COLUMNS
 
 __all__ = ["format_pool_matrix", "format_summary", "plot_pool_summary"]

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featx.cache import pool_of
 from featx.errors import FeatxError
+from featx.features import pool_of
 from featx.files import atomic_write
 
 __all__ = ["ExportedClassifier", "HeadLayers", "UnsupportedHeadError", "export_result",
@@ -211,7 +211,7 @@ def export_result(result_path: str | Path, out: str | Path | None = None, *,
     module's), and only then moved into place. ``info`` (also stored in the file as
     ``featx.json``, see :func:`read_export_info`) says what goes in and what comes out.
     """
-    from featx.predict import load_predictor
+    from featx.apply.predictor import load_predictor
     predictor = load_predictor(result_path, weights=weights, device="cpu", precision="fp32")
     module, outputs = _module_for(predictor)
     # channels-last weights (featx's fast CPU form) are saved by torch.export as partial

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from featx.data import DataError, DatasetSpec, dataset_fingerprints
-from featx.images import ImageFiles
+from featx.data.images import ImageFiles
 from featx.runtime import cap_workers, finetune_workers
 
 __all__ = ["FinetuneData", "data_from_cache", "data_from_spec"]

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from featx.backbones import FeatureModel, build_backbone, get_backbone
-from featx.cache import PENULTIMATE, feature_name
-from featx.images import TransformSpec
-from featx.runtime import RunSetup, autocast
+from featx.backbones.build import FeatureModel, RunSetup, build_backbone
+from featx.backbones.registry import get_backbone
+from featx.data.images import TransformSpec
+from featx.features import PENULTIMATE, feature_name
+from featx.runtime import autocast
 
 __all__ = ["FrozenModel", "compile_model", "feature_dims", "forward_batch", "frozen_model",
            "prepare_for_inference"]

@@ -16,14 +16,21 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from featx.cache import pool_of
 from featx.errors import FeatxError
+from featx.features import pool_of
 from featx.files import atomic_write
-from featx.ranking import (COMPARABLE_RULE, RANK_RULE, WALL_TIME_RULE, _BEST_MARK, _run_folder,
-                           load_results, rank_results)
+from featx.report.ranking import (
+    BEST_MARK,
+    COMPARABLE_RULE,
+    RANK_RULE,
+    WALL_TIME_RULE,
+    load_results,
+    rank_results,
+    run_folder,
+)
 from featx.results import METRIC_COLUMNS
 
-__all__ = ["REPORT_COLUMNS", "format_table", "load_results", "rank_results", "write_report"]
+__all__ = ["REPORT_COLUMNS", "format_table", "write_report"]
 
 REPORT_COLUMNS = (["group", "comparable", "reason", "dataset", "rank", "best", "model", "method",
                    "kind", "feature", "head"] + [c.name for c in METRIC_COLUMNS]
@@ -174,7 +181,7 @@ def _pool_scores(members: list[dict]) -> dict[str, dict[str, float]]:
 
 def _plots_for_group(members: list[dict], out: Path, suffix: str,
                      notes: list[str]) -> list[Path]:
-    from featx.plots import (plot_confusion_matrix, plot_pool_sizes, plot_score_vs_time)
+    from featx.plots import plot_confusion_matrix, plot_pool_sizes, plot_score_vs_time
     name = members[0]["group"]
     written = []
     scores = _pool_scores(members)
@@ -193,7 +200,7 @@ def _plots_for_group(members: list[dict], out: Path, suffix: str,
     written.append(plot_score_vs_time(points, out / f"score_vs_time{suffix}.png",
                                       title=f"{name}: frozen heads vs fine-tuning"))
 
-    for kind, mark in _BEST_MARK.items():
+    for kind, mark in BEST_MARK.items():
         best = next((r for r in members if r["best"] == mark), None)
         if best is None:
             continue
@@ -219,7 +226,7 @@ def _curves(ranked: Sequence[dict], out: Path, notes: list[str]) -> list[Path]:
         if history is None:
             notes.append(f"{r['source']}: {why}; training curves skipped")
             continue
-        name = _slug(_run_folder(r["source"]))
+        name = _slug(run_folder(r["source"]))
         written.append(plot_training_curves(
             history, out / "curves" / f"{name}.png",
             title=f"{r['group']}: {r['model']} {r['method']}"))

@@ -28,49 +28,32 @@ import re
 import shutil
 import signal
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import h5py
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from featx import ddp
-from featx.cache import SCHEMA_VERSION, Cache, _read_attrs, diff_provenance, partial_path
-from featx.cache_writer import CacheWriter
-from featx.errors import FeatxError
-from featx.runtime import DistEnv, RunSetup, extract_workers, join_group
+from featx.backbones import RunSetup, feature_dims, frozen_model
+from featx.cache import (
+    SCHEMA_VERSION,
+    Cache,
+    CacheWriter,
+    diff_provenance,
+    partial_path,
+    read_attrs,
+)
+from featx.distributed import DistEnv, all_gather_object, dist_env, init_process_group, run_on_main
+from featx.extract.fill import ExtractResult, fill_cache
+from featx.runtime import extract_workers
 
-__all__ = ["DistEnv", "dist_env", "extract_sharded", "is_main_process", "shard_bounds",
-           "shard_dir", "shard_path"]
+__all__ = ["extract_sharded", "shard_bounds", "shard_dir", "shard_path"]
 
 _SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.h5(\.partial)?$")
-# A fast rank waits at the barrier for the slowest one, and rank 0's join copies every row:
-# both can take hours on big image sets, far beyond torch's default 10-30 min.
-_TIMEOUT = timedelta(hours=24)
 _JOIN_BYTES = 64 << 20  # rows copied per block when joining shards
 # Test hook: "RANK:N" makes that rank SIGKILL itself after committing N batches, so tests can
 # kill one rank at a known point instead of racing a timer.
 _KILL_ENV = "FEATX_TEST_KILL_AFTER_BATCHES"
-
-
-def dist_env() -> DistEnv:
-    """Rank, world size and local rank from the variables ``torchrun`` sets (``0, 1, 0``
-    outside torchrun; unlike :func:`featx.runtime.torchrun_env`, a missing one is a default)."""
-    try:
-        return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
-    except ValueError:
-        raise FeatxError(f"RANK={os.environ.get('RANK')!r}, WORLD_SIZE="
-                         f"{os.environ.get('WORLD_SIZE')!r}, LOCAL_RANK="
-                         f"{os.environ.get('LOCAL_RANK')!r}: torchrun sets these to integers; "
-                         f"unset them to run a single process.") from None
-
-
-def is_main_process() -> bool:
-    """Whether this process is rank 0 (always true outside ``torchrun``)."""
-    return dist_env().rank == 0
 
 
 def shard_dir(path: str | Path) -> Path:
@@ -95,13 +78,11 @@ def _shard_splits(splits: dict, k: int, n_shards: int) -> dict:
 
 
 def _init(env: DistEnv, device: torch.device) -> torch.device:
-    """Join the process group (gloo on the CPU, NCCL on GPUs) and pick this rank's GPU."""
+    """Join the process group (gloo on the CPU, NCCL on GPUs); this rank's device."""
+    if env.world_size > 1:
+        init_process_group(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", env.local_rank)
-    if env.world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL's barrier and object collectives use it
-        join_group("nccl" if device.type == "cuda" else "gloo", _TIMEOUT)
     return device
 
 
@@ -150,7 +131,7 @@ def _same_inputs(path: Path, prov: dict) -> bool | None:
     when it cannot be read."""
     try:
         with h5py.File(path, "r") as h:
-            attrs = _read_attrs(h)
+            attrs = read_attrs(h)
     except OSError:
         return None
     return attrs.get("featx_schema") == SCHEMA_VERSION and not diff_provenance(attrs, prov)
@@ -222,36 +203,68 @@ def extract_sharded(data, cfg, ready: RunSetup, *, path: Path, prov: dict):
     Every rank returns an :class:`~featx.extract.ExtractResult` for the final cache ``path``;
     rank 0's counts cover all ranks, another rank's its own shards.
     """
-    from featx.extract import ExtractResult, fill_cache
-    from featx.frozen import feature_dims, frozen_model
     env = dist_env()
     if env.world_size == 1 and not shard_dir(path).is_dir():
         return None
-    if not 0 <= env.rank < env.world_size:
-        raise FeatxError(f"RANK={env.rank} with WORLD_SIZE={env.world_size}: the rank must be "
-                         f"0..{env.world_size - 1}.")
     ready = dataclasses.replace(ready, device=_init(env, ready.device))
-    device = ready.device
     t0 = time.perf_counter()
-    prov = {**prov, "device": str(device), "world_size": env.world_size}
-    n_shards = ddp.run_on_main(lambda: _plan(path, prov, env.world_size))
+    prov = {**prov, "device": str(ready.device), "world_size": env.world_size}
+    n_shards = run_on_main(lambda: _plan(path, prov, env.world_size))
     if n_shards is None:
         return None
-
     dims = feature_dims(cfg.model, cfg.pools)
     mine = [k for k in range(env.rank, n_shards, env.world_size)
             if not shard_path(path, k, n_shards).exists()]
-    resumed = len(mine) < len(range(env.rank, n_shards, env.world_size))
+    notes: list[str] = []
+    written, skipped, resumed, seconds = _fill_shards(data, cfg, ready, path, prov, env, mine,
+                                                      n_shards, dims, notes)
+    resumed |= len(mine) < len(range(env.rank, n_shards, env.world_size))
+    counts = all_gather_object((written, skipped, resumed, seconds))  # waits for every shard
+    if env.rank == 0:
+        n_all, n_bad = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        # the ranks run side by side: the job's pass takes as long as its slowest rank
+        seconds = max(c[3] for c in counts)
+    else:
+        n_all, n_bad = written, skipped
+    resumed = any(c[2] for c in counts)
+    timings = {"seconds": round(seconds, 3),
+               "images_per_s": round((n_all + n_bad) / max(seconds, 1e-9), 2),
+               "wall_s": round(time.perf_counter() - t0, 3),
+               "resumed": resumed, "images": n_all,
+               "world_size": env.world_size, "shards": n_shards}
+    # rank 0 joins; the final file exists (or the join's error is raised) on every rank
+    join_s = run_on_main(lambda: _join(path, {**prov, "shard_count": n_shards}, data.splits,
+                                       n_shards, dims, cfg.store, {"timings": timings}))
+    if env.rank == 0:
+        notes.append(f"{env.world_size} process(es) extracted {n_shards} shard(s); rank 0 "
+                     f"joined them in {join_s:.1f} s.")
+    else:
+        notes.append(f"rank {env.rank}/{env.world_size}: extracted shard(s) "
+                     f"{', '.join(map(str, mine)) or '(none left)'} of {n_shards}; rank 0 "
+                     f"joins them into {path.name}.")
+    skipped_rows = Cache(path).skipped()
+    return ExtractResult(path, "resumed" if resumed else "written", n_all,
+                         len(skipped_rows) if env.rank == 0 else n_bad,
+                         seconds, (n_all + n_bad) / seconds if seconds > 0 else 0.0,
+                         ready.weights.source, skipped_rows if env.rank == 0 else [], notes,
+                         ready.precision)
+
+
+def _fill_shards(data, cfg, ready: RunSetup, path: Path, prov: dict, env: DistEnv,
+                 mine: list[int], n_shards: int, dims: dict, notes: list[str]
+                 ) -> tuple[int, int, bool, float]:
+    """This rank's shards ``mine``, each its own cache file; ``(written, skipped, resumed,
+    seconds in the pass)``."""
     total = sum(hi - lo for k in mine for items in data.splits.values()
                 for lo, hi in [shard_bounds(len(items), k, n_shards)])
     written = skipped = 0
+    resumed = False
     seconds = 0.0  # in the pass itself, as a single process's timings count it
-    notes: list[str] = []
     bar = tqdm(total=total, unit="img", dynamic_ncols=True,
                desc=f"extract {cfg.model} [rank {env.rank}/{env.world_size}]",
                disable=not cfg.progress or env.rank != 0)
     frozen = None
-    workers = extract_workers(device) if cfg.workers is None else cfg.workers
+    workers = extract_workers(ready.device) if cfg.workers is None else cfg.workers
     try:
         for k in mine:
             if frozen is None:  # built only when this rank has work
@@ -276,33 +289,4 @@ def extract_sharded(data, cfg, ready: RunSetup, *, path: Path, prov: dict):
             writer.finish({"timings": {"seconds": round(time.perf_counter() - t_shard, 3)}})
     finally:
         bar.close()
-    counts = ddp.all_gather_object((written, skipped, resumed, seconds))  # waits for every shard
-
-    if env.rank == 0:
-        n_all = sum(c[0] for c in counts)
-        n_bad = sum(c[1] for c in counts)
-        # the ranks run side by side: the job's pass takes as long as its slowest rank
-        seconds = max(c[3] for c in counts)
-    else:
-        n_all, n_bad = written, skipped
-    timings = {"seconds": round(seconds, 3),
-               "images_per_s": round((n_all + n_bad) / max(seconds, 1e-9), 2),
-               "wall_s": round(time.perf_counter() - t0, 3),
-               "resumed": any(c[2] for c in counts), "images": n_all,
-               "world_size": env.world_size, "shards": n_shards}
-    # rank 0 joins; the final file exists (or the join's error is raised) on every rank
-    join_s = ddp.run_on_main(lambda: _join(path, {**prov, "shard_count": n_shards}, data.splits,
-                                           n_shards, dims, cfg.store, {"timings": timings}))
-    if env.rank == 0:
-        notes.append(f"{env.world_size} process(es) extracted {n_shards} shard(s); rank 0 "
-                     f"joined them in {join_s:.1f} s.")
-    else:
-        notes.append(f"rank {env.rank}/{env.world_size}: extracted shard(s) "
-                     f"{', '.join(map(str, mine)) or '(none left)'} of {n_shards}; rank 0 "
-                     f"joins them into {path.name}.")
-    status = "resumed" if any(c[2] for c in counts) else "written"
-    skipped_rows = Cache(path).skipped()
-    return ExtractResult(path, status, n_all, len(skipped_rows) if env.rank == 0 else n_bad,
-                         seconds, (n_all + n_bad) / seconds if seconds > 0 else 0.0,
-                         ready.weights.source, skipped_rows if env.rank == 0 else [], notes,
-                         ready.precision)
+    return written, skipped, resumed, seconds

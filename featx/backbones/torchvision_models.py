@@ -1,0 +1,127 @@
+"""torchvision's models in the registry: how each family reaches its last map and its
+penultimate vector, and one :class:`~featx.backbones.registry.BackboneSpec` per model."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision import models
+
+from featx.backbones.registry import BackboneSpec, register_backbone
+
+__all__: list[str] = []  # importing the module registers its models
+
+
+# --- how each family reaches its features -------------------------------------------------
+
+def _resnet_features(m, x):
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+
+def _resnet_head(m, f):
+    return torch.flatten(m.avgpool(f), 1)
+
+
+def _sequential_features(m, x):
+    return m.features(x)
+
+
+def _vgg_head(m, f):
+    # classifier[:-1] = Linear, ReLU, Dropout, Linear, ReLU, Dropout -> 4096
+    return m.classifier[:-1](torch.flatten(m.avgpool(f), 1))
+
+
+def _avgpool_classifier_head(m, f):
+    # MobileNetV3 / EfficientNet: avgpool, flatten, classifier[:-1]
+    return m.classifier[:-1](torch.flatten(m.avgpool(f), 1))
+
+
+def _mobilenet_v2_head(m, f):
+    return m.classifier[:-1](torch.flatten(F.adaptive_avg_pool2d(f, (1, 1)), 1))
+
+
+def _densenet_features(m, x):
+    # DenseNet applies a ReLU after `features` and pools that: it is the spatial map.
+    return F.relu(m.features(x))
+
+
+def _densenet_head(m, f):
+    return torch.flatten(F.adaptive_avg_pool2d(f, (1, 1)), 1)
+
+
+_GOOGLENET_TRUNK = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a",
+                    "inception3b", "maxpool3", "inception4a", "inception4b", "inception4c",
+                    "inception4d", "inception4e", "maxpool4", "inception5a", "inception5b")
+
+
+def _googlenet_features(m, x):
+    x = m._transform_input(x)
+    for name in _GOOGLENET_TRUNK:
+        x = getattr(m, name)(x)
+    return x
+
+
+def _googlenet_head(m, f):
+    return m.dropout(torch.flatten(m.avgpool(f), 1))
+
+
+_SHUFFLENET_TRUNK = ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
+
+
+def _shufflenet_features(m, x):
+    for name in _SHUFFLENET_TRUNK:
+        x = getattr(m, name)(x)
+    return x
+
+
+def _shufflenet_head(m, f):
+    return f.mean([2, 3])
+
+
+_RESNET_STAGES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+
+
+def _indexed(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{i}" for i in range(n))
+
+
+for _name, _builder, _enum, _dim in [
+    ("resnet18", models.resnet18, models.ResNet18_Weights, 512),
+    ("resnet34", models.resnet34, models.ResNet34_Weights, 512),
+    ("resnet50", models.resnet50, models.ResNet50_Weights, 2048),
+    ("resnet101", models.resnet101, models.ResNet101_Weights, 2048),
+]:
+    register_backbone(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc",
+                           _resnet_features, _resnet_head, _RESNET_STAGES))
+
+register_backbone(BackboneSpec("vgg16", models.vgg16, models.VGG16_Weights, 4096, 512, "classifier.6",
+                       _sequential_features, _vgg_head, _indexed("features", 31)))
+register_backbone(BackboneSpec("vgg16_bn", models.vgg16_bn, models.VGG16_BN_Weights, 4096, 512,
+                       "classifier.6", _sequential_features, _vgg_head, _indexed("features", 44)))
+register_backbone(BackboneSpec("googlenet", models.googlenet, models.GoogLeNet_Weights, 1024, 1024, "fc",
+                       _googlenet_features, _googlenet_head, _GOOGLENET_TRUNK,
+                       build_kwargs={"aux_logits": False, "transform_input": True,
+                                     "init_weights": True},
+                       ignore_keys=("aux1.", "aux2.")))
+for _name, _builder, _enum in [
+    ("shufflenet_v2_x1_0", models.shufflenet_v2_x1_0, models.ShuffleNet_V2_X1_0_Weights),
+    ("shufflenet_v2_x2_0", models.shufflenet_v2_x2_0, models.ShuffleNet_V2_X2_0_Weights),
+]:
+    _dim = 1024 if _name.endswith("1_0") else 2048
+    register_backbone(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc", _shufflenet_features,
+                           _shufflenet_head, _SHUFFLENET_TRUNK))
+register_backbone(BackboneSpec("mobilenet_v2", models.mobilenet_v2, models.MobileNet_V2_Weights, 1280,
+                       1280, "classifier.1", _sequential_features, _mobilenet_v2_head,
+                       _indexed("features", 19)))
+register_backbone(BackboneSpec("mobilenet_v3_large", models.mobilenet_v3_large,
+                       models.MobileNet_V3_Large_Weights, 1280, 960, "classifier.3",
+                       _sequential_features, _avgpool_classifier_head, _indexed("features", 17)))
+register_backbone(BackboneSpec("densenet121", models.densenet121, models.DenseNet121_Weights, 1024, 1024,
+                       "classifier", _densenet_features, _densenet_head,
+                       ("features.conv0", "features.norm0", "features.relu0", "features.pool0",
+                        "features.denseblock1", "features.transition1", "features.denseblock2",
+                        "features.transition2", "features.denseblock3", "features.transition3",
+                        "features.denseblock4", "features.norm5")))
+register_backbone(BackboneSpec("efficientnet_b0", models.efficientnet_b0, models.EfficientNet_B0_Weights,
+                       1280, 1280, "classifier.1", _sequential_features, _avgpool_classifier_head,
+                       _indexed("features", 9)))
