@@ -5,7 +5,7 @@ where it stopped: extraction reuses up-to-date caches and resumes ``.partial`` o
 whose result JSON matches the current cache and settings are not refitted, fine-tuning runs
 with a ``result.json`` are not retrained (an unfinished one resumes from ``last.pt``).
 
-Under ``torchrun`` the extraction (shards, see :mod:`featx.shards`) and the fine-tuning runs
+Under ``torchrun`` the extraction (shards, see :mod:`featx.extract.sharded`) and the fine-tuning runs
 (DistributedDataParallel, see :func:`featx.finetune.finetune`) use every process; the heads
 and the report run on rank 0 alone while the other processes wait.
 """
@@ -78,7 +78,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
                 log: Callable[[str], None] = print) -> CompareRun:
     """Extract each model, fit the heads on every feature, fine-tune, and write the report.
 
-    Under ``torchrun`` every process shares the extraction (featx/shards.py) and the
+    Under ``torchrun`` every process shares the extraction (featx/extract/sharded.py) and the
     fine-tuning (DDP, featx/distributed.py); the heads and the report run once, on rank 0, while
     the others wait.
     """

@@ -3,7 +3,7 @@
 A head result (``fit-heads``) links everything needed: its ``provenance`` is the cache's (model,
 weights and their sha256, transform, precision), and its fitted pipeline sits beside it
 (``artifacts.model``, a ``.joblib``). A fine-tuning result names its best checkpoint
-(``best.pt``), which holds the whole network. :func:`~featx.predictor.load_predictor` rebuilds
+(``best.pt``), which holds the whole network. :func:`~featx.apply.predictor.load_predictor` rebuilds
 either one and refuses, with one line, when what it would run is not what produced the result
 (other weights, another model, a checkpoint of another run). This module finds the new images
 (:func:`find_images`), streams them through it batch by batch (:func:`predict_batches`) and

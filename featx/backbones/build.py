@@ -45,7 +45,7 @@ def build_backbone(name: str, weights: ResolvedWeights | str = "imagenet", *,
 
 
 def backbone_transform(name: str, weights: ResolvedWeights, image_size: int | None = None):
-    """The eval :class:`~featx.images.TransformSpec` for ``name`` with ``weights``.
+    """The eval :class:`~featx.data.images.TransformSpec` for ``name`` with ``weights``.
 
     torchvision: the weights entry's own transform; timm: timm's resolved data config.
     ``image_size`` replaces the crop (resize scaled the way the model's family does it).

@@ -2,7 +2,7 @@
 folded into the convolutions, channels-last, optionally ``torch.compile``-d), and the one
 forward the cache's features come from.
 
-Extraction (one process or torchrun's shards, featx/extract.py and featx/shards.py) and
+Extraction (one process or torchrun's shards, featx/extract/) and
 ``featx predict`` all build the model here, so new images get the very features the cache
 holds.
 """

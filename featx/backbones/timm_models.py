@@ -244,7 +244,7 @@ def _owner(param: str) -> str:
 # --- transform ------------------------------------------------------------------------------
 
 def timm_transform(spec: TimmSpec, image_size: int | None = None):
-    """featx's :class:`~featx.images.TransformSpec` for timm's eval transform, and the config.
+    """featx's :class:`~featx.data.images.TransformSpec` for timm's eval transform, and the config.
 
     Same operations as ``timm.data.create_transform(**config)``: resize the short side to
     ``floor(size / crop_pct)``, center crop ``size``, normalise. ``image_size`` replaces the

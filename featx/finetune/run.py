@@ -4,10 +4,10 @@
 ``references/classification/train.py``: it runs named steps top to bottom (prepare, build,
 resume, the epochs, score, record). Settings travel in a :class:`FinetuneConfig`
 (:mod:`featx.config`), never in the CLI's argument object. The parts live beside it: the
-data in :mod:`featx.finetune_data`, the model, losses and optimizers in
-:mod:`featx.finetune_model`, one epoch's :func:`train_one_epoch` / :func:`evaluate` /
-:func:`load_data` in :mod:`featx.training`, checkpoints, RNG state and resume in
-:mod:`featx.checkpoints`; their public names are importable from here too.
+data in :mod:`featx.finetune.data`, the model, losses and optimizers in
+:mod:`featx.finetune.model`, one epoch's :func:`train_one_epoch` / :func:`evaluate` /
+:func:`load_data` in :mod:`featx.finetune.training`, checkpoints, RNG state and resume in
+:mod:`featx.finetune.checkpoints`; :mod:`featx.finetune` exports the public names.
 
 What a run decides and why:
 

@@ -1,8 +1,8 @@
 """Tables and plots from result files: frozen heads and fine-tuning, ranked side by side.
 
-:func:`~featx.ranking.load_results` reads every featx result JSON under a folder,
-:func:`~featx.ranking.rank_results` groups them by dataset and split, works out each row's
-wall time and ranks the rows within their group (the rules are in :mod:`featx.ranking`),
+:func:`~featx.report.ranking.load_results` reads every featx result JSON under a folder,
+:func:`~featx.report.ranking.rank_results` groups them by dataset and split, works out each row's
+wall time and ranks the rows within their group (the rules are in :mod:`featx.report.ranking`),
 :func:`format_table` prints them, and :func:`write_report` writes ``report.md``,
 ``report.csv`` and the PNG figures.
 """
