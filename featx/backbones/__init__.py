@@ -3,57 +3,25 @@ inference form.
 
 Read in this order: :mod:`~featx.backbones.registry` (one entry per model, the lookups),
 :mod:`~featx.backbones.torchvision_models` and :mod:`~featx.backbones.timm_models` (the
-sources that fill it), :mod:`~featx.backbones.weights` (which weights a model gets),
+sources that fill it; timm's weights files in :mod:`~featx.backbones.timm_weights`), :mod:`~featx.backbones.weights` (which weights a model gets),
 :mod:`~featx.backbones.build` (resolve, build, load, wrap) and
 :mod:`~featx.backbones.frozen` (the fast eval form extraction and predict run).
 """
 from featx.backbones import torchvision_models  # noqa: F401  (registers its models)
-from featx.backbones.build import (
-                                   FeatureModel,
-                                   RunSetup,
-                                   backbone_provenance,
-                                   backbone_transform,
-                                   build_backbone,
-                                   pool_notes,
-                                   resolve_run,
-)
-from featx.backbones.frozen import (
-                                   FrozenModel,
-                                   compile_model,
-                                   feature_dims,
-                                   forward_batch,
-                                   frozen_model,
-                                   prepare_for_inference,
-)
-from featx.backbones.registry import (
-                                   BackboneSpec,
-                                   UnknownModelError,
-                                   WeightsError,
-                                   get_backbone,
-                                   is_timm,
-                                   list_backbones,
-                                   register_backbone,
-                                   register_source,
-)
+from featx.backbones.build import (FeatureModel, RunSetup, backbone_provenance,
+                                   backbone_transform, build_backbone, pool_notes, resolve_run)
+from featx.backbones.frozen import (FrozenModel, compile_model, feature_dims, forward_batch,
+                                    frozen_model, prepare_for_inference)
+from featx.backbones.registry import (BackboneSpec, UnknownModelError, WeightsError,
+                                      get_backbone, is_timm, list_backbones, register_backbone,
+                                      register_source)
 from featx.backbones.state_dicts import check_state_dict, load_state_dict
-from featx.backbones.timm_models import (
-                                   TimmSpec,
-                                   build_timm_model,
-                                   list_timm_models,
-                                   load_timm_state,
-                                   timm_cached_names,
-                                   timm_pretrained_file,
-                                   timm_spec,
-                                   timm_transform,
-)
-from featx.backbones.weights import (
-                                   ResolvedWeights,
-                                   describe_weights_availability,
-                                   hub_checkpoint_path,
-                                   import_weights,
-                                   resolve_weights,
-                                   weights_transform_source,
-)
+from featx.backbones.timm_models import TimmSpec, list_timm_models, timm_spec, timm_transform
+from featx.backbones.timm_weights import (build_timm_model, load_timm_state, timm_cached_names,
+                                          timm_pretrained_file)
+from featx.backbones.weights import (ResolvedWeights, describe_weights_availability,
+                                     hub_checkpoint_path, import_weights, resolve_weights,
+                                     weights_transform_source)
 
 __all__ = ["BackboneSpec", "FeatureModel", "FrozenModel", "ResolvedWeights", "RunSetup",
            "TimmSpec", "UnknownModelError", "WeightsError", "backbone_provenance",

@@ -12,7 +12,8 @@ from torch import nn
 
 from featx.backbones.registry import BackboneSpec, get_backbone, is_timm
 from featx.backbones.state_dicts import load_state_dict
-from featx.backbones.timm_models import build_timm_model, timm_transform
+from featx.backbones.timm_models import timm_transform
+from featx.backbones.timm_weights import build_timm_model
 from featx.backbones.weights import ResolvedWeights, resolve_weights, weights_transform_source
 from featx.data.images import TransformSpec
 from featx.distributed import DistEnv, local_device

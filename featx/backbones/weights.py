@@ -16,7 +16,7 @@ import torch
 
 from featx.backbones.registry import BackboneSpec, WeightsError, get_backbone, is_timm
 from featx.backbones.state_dicts import load_state_dict
-from featx.backbones.timm_models import timm_pretrained_file
+from featx.backbones.timm_weights import timm_pretrained_file
 from featx.errors import ParameterError
 from featx.files import atomic_write
 
