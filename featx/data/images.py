@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from featx.data.dataset import DataParameterError
+from featx.data.spec import DataParameterError
 
 __all__ = [
     "ImageFiles",
