@@ -56,7 +56,7 @@ def check_row(row: dict) -> bool:
 
 
 def test_quick_pools_run_prints_rows_whose_ratios_match_their_numbers(tmp_path, capsys):
-    from tests.conftest import write_digits
+    from tests.builders import write_digits
     data = write_digits(tmp_path / "digits", per_class=8, size=28, layout="split")
     out = tmp_path / "bench.md"
     assert bench.main(["--quick", "--only", "pools", "--images", "12", "--data", str(data),

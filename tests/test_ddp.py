@@ -24,8 +24,7 @@ from featx import distributed
 from featx.config import FinetuneConfig
 from featx.data import load_dataset
 from featx.finetune import data_from_spec, finetune
-
-from .conftest import write_digits
+from tests.builders import write_digits
 
 REPO = Path(__file__).resolve().parents[1]
 N_TEST = 9

@@ -19,6 +19,7 @@ from featx.config import ExtractConfig
 from featx.data import load_dataset
 from featx.data.images import load_rgb
 from featx.extract import extract
+from tests.builders import h5_datasets as _datasets
 
 SIZE = 48
 
@@ -107,13 +108,6 @@ def test_vgg16_pools_come_from_features_and_penultimate_from_classifier(digits_d
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-
-def _datasets(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset)
-                     else None)
-    return out
 
 
 def test_interrupted_run_resumes_to_the_same_file(digits_dir, tmp_path, monkeypatch):
@@ -326,7 +320,7 @@ def test_killed_process_resumes_to_the_same_file(tmp_path):
     import sys
     import time
 
-    from tests.conftest import write_digits
+    from tests.builders import write_digits
     root = write_digits(tmp_path / "d", per_class=100, size=32)
     args = [sys.executable, "-m", "featx.cli", "extract", "--model", "resnet18", "--data",
             str(root), "--weights", "none", "--pool", "1,2", "--image-size", "64",

@@ -20,8 +20,8 @@ from featx.config import ExtractConfig
 from featx.data import load_dataset
 from featx.extract import extract, shard_bounds, shard_dir, shard_path
 from featx.extract.sharded import _plan
-from tests.conftest import write_digits
-from tests.test_extract import _datasets
+from tests.builders import h5_datasets as _datasets
+from tests.builders import write_digits
 
 REPO = Path(__file__).resolve().parents[1]
 
