@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import peer_thingsvision as peer  # noqa: E402
-from benchmarks import run as bench  # noqa: E402
+from benchmarks import peer_thingsvision as peer
+from benchmarks import run as bench
 
 
 def _interval(cell: str) -> tuple[float, float]:
