@@ -19,6 +19,7 @@ from featx.config import ExtractConfig
 from featx.data import load_dataset
 from featx.data.images import load_rgb
 from featx.extract import extract
+from tests.builders import CROSS_ATOL, CROSS_RTOL
 from tests.builders import h5_datasets as _datasets
 
 SIZE = 48
@@ -348,8 +349,11 @@ def test_killed_process_resumes_to_the_same_file(tmp_path):
     assert r.returncode == 0, r.stderr
     a = _datasets(tmp_path / "whole" / "d_resnet18_none_64.h5")
     b = _datasets(out / "d_resnet18_none_64.h5")
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k in a:  # three processes wrote these rows: floats to CROSS_RTOL, the rest exactly
+        if a[k].dtype.kind == "f":
+            np.testing.assert_allclose(b[k], a[k], rtol=CROSS_RTOL, atol=CROSS_ATOL, err_msg=k)
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_compiled_extraction_gives_the_same_features(digits_dir, tmp_path):
