@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q -x --durations=15
 
 bench: setup
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks.run
 
 # SIGKILL `featx extract` at random points of a long run, resume, compare with an uninterrupted
 # run (not in the unit suite; SOAK_IMAGES=2000 for a quick look)
@@ -38,7 +38,8 @@ soak: setup
 # (torch 2.0.1, tensorflow<2.16, numpy<2) would replace them, so it is installed --no-deps with
 # what its import and a torchvision extraction need (tensorflow-cpu 2.15: 2.21 segfaulted
 # on import beside torch; numpy 1.26: thingsvision uses np.AxisError, gone in numpy 2).
-PEER_VENV ?= /work/tv-venv
+# inside the checkout (ignored by git); PEER_VENV=/elsewhere to share one between checkouts
+PEER_VENV ?= .peer-venv
 $(PEER_VENV)/bin/thingsvision-ok:
 	$(PYTHON) -m venv $(PEER_VENV)
 	$(PEER_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
@@ -49,4 +50,4 @@ $(PEER_VENV)/bin/thingsvision-ok:
 	touch $@
 
 bench-peer: $(PEER_VENV)/bin/thingsvision-ok
-	PYTHONPATH=$(CURDIR) $(PEER_VENV)/bin/python benchmarks/peer_thingsvision.py
+	PYTHONPATH=$(CURDIR) $(PEER_VENV)/bin/python -m benchmarks.peer_thingsvision

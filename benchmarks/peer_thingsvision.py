@@ -2,10 +2,10 @@
 """featx vs thingsvision, side by side: the same images, model and weights, in one run.
 
 thingsvision (PyPI) is the closest extraction tool. It is never a featx dependency: it lives
-in its own venv (``make bench-peer`` builds it at /work/tv-venv, see BENCHMARKS.md), and this
-script runs with that venv's python and featx on the path::
+in its own venv (``make bench-peer`` builds it at ``.peer-venv`` in the checkout, see
+BENCHMARKS.md), and this script runs as a module of the checkout with that venv's python::
 
-    PYTHONPATH=$PWD /work/tv-venv/bin/python benchmarks/peer_thingsvision.py \\
+    .peer-venv/bin/python -m benchmarks.peer_thingsvision \\
         --images 960 --reps 2 --out peer.md
 
 Each extraction runs in a fresh subprocess of that python (one torch build for both tools),
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.common import child_env
+from benchmarks.common import cpu_s as _cpu_s
+from benchmarks.common import rss_kb as _rss_kb
 
 # the penultimate vector of each model, as a thingsvision module name (flattened)
 TV_MODULE = {"resnet18": "avgpool", "resnet50": "avgpool", "mobilenet_v2": "classifier.0"}
@@ -75,17 +75,6 @@ def rate_ratio(n: int, featx_s: list[float], ref_s: list[float]) -> tuple[float,
 
 
 # --- the two children -------------------------------------------------------------------------
-
-def _cpu_s() -> float:
-    import resource
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _rss_kb(field: str = "VmRSS") -> int:
-    return next(int(line.split()[1]) for line in open("/proc/self/status")
-                if line.startswith(field))
-
 
 def child_thingsvision(a: dict) -> dict:
     t0 = time.perf_counter()
@@ -140,7 +129,8 @@ def child_featx(a: dict) -> dict:
 
 def run_child(kind: str, args: dict, env: dict) -> dict:
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(args)],
+    r = subprocess.run([sys.executable, "-m", "benchmarks.peer_thingsvision", "--child", kind,
+                        json.dumps(args)],
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{r.stderr[-3000:]}")
@@ -237,7 +227,8 @@ def prepare(work: Path, data: Path | None, n: int, models) -> tuple[Path, dict, 
     import torch
     import torchvision
 
-    from benchmarks.run import _all_items, load_images, subset
+    from benchmarks.common import all_items as _all_items
+    from benchmarks.common import load_images, subset
     from featx.backbones import hub_checkpoint_path
     spec, note = load_images(data, work)
     spec = subset(spec, n)
@@ -299,9 +290,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         images, weights, n, note = prepare(work, args.data, args.images, models)
         print(f"# images: {n} of {note}", flush=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]),
-            "FEATX_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env = child_env(FEATX_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="3")
         splits = sorted(d.name for d in images.iterdir())
         for name in models:
             w, tv_w = weights[name]

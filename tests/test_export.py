@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from sklearn.decomposition import IncrementalPCA
 from sklearn.exceptions import ConvergenceWarning
@@ -18,16 +17,12 @@ from sklearn.svm import SVC
 
 from featx.apply import UnsupportedHeadError, head_module, predict, read_export_info
 from featx.cache import Cache
-from featx.cli import main
 from featx.data.images import TransformSpec
 from featx.heads import build_head, class_scores
+from tests.builders import invoke_cli as run
 
 PARAMS = {"linear": {"alpha": 1.0}, "logistic": {"C": 0.1}, "svm": {"C": 0.01},
           "sgd": {"alpha": 1e-3}, "mlp": {"hidden_layer_sizes": (16,), "alpha": 1e-3}}
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from featx.cache import Cache, CacheError, CacheWriter, lock_path, partial_path
-from featx.cli import main
-from tests.conftest import write_digits
+from tests.builders import h5_datasets as _datasets
+from tests.builders import invoke_cli, write_digits
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRACT = ["extract", "--model", "resnet18", "--weights", "none", "--image-size", "48",
@@ -38,7 +37,7 @@ def _digest(path: Path) -> str:
 
 
 def _cli(args, **kw):
-    res = CliRunner().invoke(main, [str(a) for a in args], **kw)
+    res = invoke_cli(*args, **kw)
     return res, res.output  # click 8.2+: stdout and stderr interleaved
 
 
@@ -56,13 +55,6 @@ def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "featx.cli", *map(str, args)], env=_env(),
                           capture_output=True, text=True, **kw)
 
-
-def _datasets(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset)
-                     else None)
-    return out
 
 
 def _mount_tmpfs(where: Path, size: str, *, ro: bool = False) -> bool:
@@ -214,7 +206,9 @@ def test_read_only_out_cwd_or_torch_home_is_one_line_in_every_command(read_only_
     from torchvision import models
     torch.save(models.shufflenet_v2_x1_0().state_dict(), wfile)  # 9 MB, the smallest here
     ro = read_only_dir
-    from tests.test_report import TILES, _dataset, _head
+    from tests.builders import TILES
+    from tests.builders import dataset_record as _dataset
+    from tests.builders import write_head_result as _head
     results = tmp_path / "results"
     _head(results, _dataset("tiles", TILES), "penultimate", "logistic", [2, 2, 2])
     commands = {
@@ -356,7 +350,9 @@ def test_a_damaged_last_pt_on_resume_is_one_line_and_starts_afresh_only_without_
 
 
 def test_a_result_with_a_non_numeric_time_is_listed_as_unreadable_not_ranked(tmp_path):
-    from tests.test_report import TILES, _dataset, _head
+    from tests.builders import TILES
+    from tests.builders import dataset_record as _dataset
+    from tests.builders import write_head_result as _head
     ds = _dataset("tiles", TILES)
     _head(tmp_path, ds, "penultimate", "logistic", [2, 2, 2])
     bad = _head(tmp_path, ds, "pool2", "svm", [0, 0, 0])  # the better score

@@ -30,8 +30,7 @@ from featx.finetune import (
 )
 from featx.metrics import classification_metrics
 from featx.results import make_result
-
-from .conftest import write_digits
+from tests.builders import write_digits
 
 CLASSES = ["digit0", "digit1", "digit2"]
 

@@ -25,8 +25,7 @@ import featx.finetune.run as ft
 from featx.config import FinetuneConfig
 from featx.data import load_dataset
 from featx.finetune import build_model, data_from_spec, finetune
-
-from .conftest import write_digits
+from tests.builders import write_digits
 
 N_CLASSES = 3
 

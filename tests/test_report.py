@@ -12,54 +12,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from featx.cli import main
-from featx.data import dataset_fingerprints
-from featx.metrics import classification_metrics
 from featx.report import REPORT_COLUMNS, load_results, rank_results, write_report
 from featx.results import make_result, write_json
+from tests.builders import EXTRACT_S, TILES, XRAY
+from tests.builders import dataset_record as _dataset
+from tests.builders import metrics_with_mistakes as _metrics
+from tests.builders import write_head_result as _head
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TILES = ("ADI", "LYM", "TUM")
-XRAY = ("NORMAL", "PNEUMONIA")
-EXTRACT_S = 120.0  # the tiles resnet18 cache's whole extraction pass
-
-
-def _files(classes, n, prefix, seed=0):
-    rng = np.random.default_rng(seed)
-    return [(f"{classes[i % len(classes)]}/{prefix}{i:04d}.png", i % len(classes))
-            for i in rng.permutation(n)]
-
-
-def _dataset(name, classes, *, test_seed=0, train_seed=0):
-    splits = {"train": _files(classes, 90, "tr", train_seed), "val": _files(classes, 30, "va"),
-              "test": _files(classes, 60, "te", test_seed)}
-    return {"name": name, "root": f"/data/{name}", "classes": list(classes),
-            "fingerprint": "f" * 64, **dataset_fingerprints(splits)}
-
-
-def _metrics(classes, wrong_per_class, *, scores=True):
-    """Real metrics from 20 test images per class with ``wrong_per_class[c]`` mistakes."""
-    k = len(classes)
-    y_true, y_pred = [], []
-    for c, wrong in enumerate(wrong_per_class):
-        y_true += [c] * 20
-        y_pred += [(c + 1) % k] * wrong + [c] * (20 - wrong)
-    score = np.eye(k)[y_pred] * 0.8 + 0.2 / k if scores else None
-    return classification_metrics(y_true, y_pred, score, classes)
-
-
-def _head(root, dataset, feature, head, wrong, *, cache="tiles_resnet18_imagenet_224",
-          created="2024-05-01T10:00:00", fit_s=2.0, extract_s=EXTRACT_S, model="resnet18",
-          scores=True):
-    m = _metrics(dataset["classes"], wrong, scores=scores)
-    t = {"extract_s": extract_s, "load_s": 0.3, "select_s": 4 * fit_s, "fit_s": fit_s,
-         "predict_s": 0.05}
-    t["total_s"] = sum(t.values())
-    res = make_result(kind="head", method=f"{head} @ {feature}", dataset=dataset, model=model,
-                      metrics=m, timings=t, feature=feature, head=head,
-                      provenance={"created": created, "model": model},
-                      artifacts={"model": f"{feature}__{head}.joblib",
-                                 "cache": f"/cache/{cache}.h5"})
-    return write_json(root / cache / "heads" / f"{feature}__{head}.json", res)
 
 
 def _finetune(root, dataset, freeze, wrong, total_s, *, history=True, model="resnet18"):

@@ -28,7 +28,7 @@ from featx.results import (
     read_result,
     write_json,
 )
-from tests.test_heads import blob_splits, write_cache
+from tests.builders import blob_splits, write_cache
 
 CLASSES = ["normal", "pneumonia", "covid", "other"]
 REPO = Path(__file__).resolve().parents[1]

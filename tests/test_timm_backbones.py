@@ -29,8 +29,7 @@ from featx.backbones import (  # noqa: E402
     resolve_weights,
 )
 from featx.cli import main  # noqa: E402
-
-from .conftest import write_digits  # noqa: E402
+from tests.builders import write_digits  # noqa: E402
 
 # (timm name, image size): a CNN with BatchNorms (folded on extraction), a CNN with
 # LayerNorms, the requested ViT at its own 224 px, a DINOv2 ViT with 4 register tokens
