@@ -12,21 +12,7 @@ from pathlib import Path
 
 import click
 
-from featx.config import (
-    BACKENDS,
-    CLASS_WEIGHTS,
-    FINETUNE_MODES,
-    LOSSES,
-    OPTIMIZERS,
-    PRECISIONS,
-    SCHEDULERS,
-    SELECT_MODES,
-    STORE_DTYPES,
-    CompareConfig,
-    ExtractConfig,
-    FinetuneConfig,
-    HeadsConfig,
-)
+from featx.config import CompareConfig, ExtractConfig, FinetuneConfig, HeadsConfig, rule_of
 
 __all__ = ["main"]
 
@@ -99,31 +85,77 @@ def main():
 
 # --- options shared by several commands ----------------------------------------------------
 
-# numpy, sklearn and torch all take this range (featx.data.MAX_SEED)
-_SEED = click.IntRange(0, 2**32 - 1)
+def _click_type(rule: dict) -> click.ParamType:
+    """The click type that accepts what a field's declared rule accepts (featx.config):
+    ``--help`` shows it, and a bad value fails before the library is called."""
+    if "choices" in rule:
+        return click.Choice(rule["choices"])
+    kind = click.IntRange if rule["integer"] else click.FloatRange
+    return kind(rule["min"], rule["max"], min_open=rule["min_open"])
+
+
+class _FieldOption(click.Option):
+    """A click option that sets the config field ``field`` (see :func:`_config_from_options`)."""
+
+    def __init__(self, *args, field: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.field = field
 
 
 def _option(config, name: str, *decls: str, **attrs):
-    """A click option for the field ``name`` of ``config``, with the field's default and help.
+    """A click option for the field ``name`` of ``config``, with the field's default, help
+    and, from its declared rule, its type (a choice or a range).
 
     A tuple default becomes the comma-separated text the option takes, and ``None`` becomes
     ``"none"`` where that is one of the choices; ``decls`` default to ``--field-name``, and
-    ``attrs`` (type, metavar, a command's own help or default) go to :func:`click.option`.
+    ``attrs`` (metavar, a command's own help or default) go to :func:`click.option`.
     """
     spec = config.__dataclass_fields__[name]
+    rule = rule_of(config, name)
+    if rule and not attrs.get("is_flag"):
+        attrs.setdefault("type", _click_type(rule))
     default = spec.default
     if isinstance(default, tuple):
         default = ",".join(map(str, default))
-    elif default is None and "none" in getattr(attrs.get("type"), "choices", ()):
+    elif default is None and "none" in rule.get("choices", ()):
         default = "none"
     attrs.setdefault("default", default)
     attrs.setdefault("help", spec.metadata.get("help"))
-    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), **attrs)
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), cls=_FieldOption,
+                        field=name, **attrs)
+
+
+def _config_from_options(config, **given):
+    """A ``config`` built from the running command's options for its fields (those made by
+    :func:`_option`), and ``given`` for the rest (the model, parsed pool sizes).
+
+    Comma-separated text becomes a tuple, and ``"none"`` becomes ``None`` where the field's
+    default is ``None``; a field the command has no option for keeps its default.
+    """
+    ctx = click.get_current_context()
+    fields = config.__dataclass_fields__
+    values = {}
+    for param in ctx.command.params:
+        name = getattr(param, "field", None)
+        if name not in fields or name in given:
+            continue
+        value, default = ctx.params[param.name], fields[name].default
+        if isinstance(default, tuple) and isinstance(value, str):
+            value = tuple(value.split(","))
+        elif default is None and value == "none" and "none" in rule_of(config, name).get(
+                "choices", ()):
+            value = None
+        values[name] = value
+    return config(**values, **given)
+
+
+# numpy, sklearn and torch all take this range (featx.config.MAX_SEED)
+_SEED = _click_type(rule_of(ExtractConfig, "seed"))
 
 
 def data_options(f):
     """``--data``, ``--split``, ``--split-seed``, ``--seed``: the images, their split, the seed."""
-    f = _option(ExtractConfig, "seed", type=_SEED)(f)
+    f = _option(ExtractConfig, "seed")(f)
     f = click.option("--split-seed", type=_SEED, default=0,
                      help="Seed of the split, for data that comes unsplit (class folders, a "
                      "CSV without a split column), 0..4294967295; other than 0 it is part of "
@@ -139,10 +171,10 @@ def data_options(f):
 def model_options(f):
     """``--weights``, ``--image-size``, ``--device``, ``--precision``, ``--workers``."""
     # extract, finetune and compare share these fields, defaults included (tests/test_config.py)
-    f = _option(ExtractConfig, "workers", type=click.IntRange(0))(f)
-    f = _option(ExtractConfig, "precision", type=click.Choice(PRECISIONS))(f)
+    f = _option(ExtractConfig, "workers")(f)
+    f = _option(ExtractConfig, "precision")(f)
     f = _option(ExtractConfig, "device")(f)
-    f = _option(ExtractConfig, "image_size", type=click.IntRange(16, 2048))(f)
+    f = _option(ExtractConfig, "image_size")(f)
     f = _option(ExtractConfig, "weights", metavar="imagenet|none|FILE")(f)
     return f
 
@@ -152,7 +184,7 @@ def backend_options(f):
     # not FEATX_SCHEDULER: finetune's --scheduler (the LR schedule) has that variable
     f = _option(HeadsConfig, "scheduler", "--scheduler", "scheduler_address",
                 metavar="ADDRESS")(f)
-    f = _option(HeadsConfig, "backend", type=click.Choice(BACKENDS))(f)
+    f = _option(HeadsConfig, "backend")(f)
     return f
 
 
@@ -243,14 +275,13 @@ def weights_import(file, model):
 # the command stores penultimate only unless asked; the library's default is (1,)
 @_option(ExtractConfig, "pools", "--pool", default="", metavar="N,N,...")
 @model_options
-@_option(ExtractConfig, "batch_size", type=click.IntRange(1))
-@_option(ExtractConfig, "store", type=click.Choice(STORE_DTYPES))
+@_option(ExtractConfig, "batch_size")
+@_option(ExtractConfig, "store")
 @_option(ExtractConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
 @_option(ExtractConfig, "overwrite", is_flag=True)
 @_option(ExtractConfig, "compile", "--compile/--no-compile", "compile_")
 @_option(ExtractConfig, "progress", "--progress/--no-progress")
-def extract(models_, data_path, split_fractions, split_seed, seed, pool, weights, image_size,
-            device, precision, workers, batch_size, store, out, overwrite, compile_, progress):
+def extract(models_, data_path, split_fractions, split_seed, pool, **settings):
     """Run frozen backbones over the images once; write features to HDF5.
 
     Also runs as `torchrun --nproc-per-node N -m featx extract ...`: the processes share
@@ -271,11 +302,7 @@ def extract(models_, data_path, split_fractions, split_seed, seed, pool, weights
         click.echo(f"data: {data.root} ({data.layout}), classes {', '.join(data.classes)}; "
                    + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items()), err=True)
     for name in names:
-        cfg = ExtractConfig(model=name, weights=weights, pools=pools, image_size=image_size,
-                            batch_size=batch_size, workers=workers, device=device,
-                            precision=precision, store=store, out_dir=out,
-                            overwrite=overwrite, seed=seed, progress=progress,
-                            compile=compile_)
+        cfg = _config_from_options(ExtractConfig, model=name, pools=pools)
         res = run_extract(data, cfg)
         for note in res.notes:
             _say(note)
@@ -335,22 +362,21 @@ def report(results_dir, out):
 @click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_option(HeadsConfig, "heads", metavar="NAME,...")
 @_option(HeadsConfig, "features", metavar="NAME,...|all")
-@_option(HeadsConfig, "select", type=click.Choice(SELECT_MODES))
-@_option(HeadsConfig, "cv", type=click.IntRange(2))
-@_option(HeadsConfig, "class_weight", type=click.Choice(CLASS_WEIGHTS))
+@_option(HeadsConfig, "select")
+@_option(HeadsConfig, "cv")
+@_option(HeadsConfig, "class_weight")
 @_option(HeadsConfig, "standardize", "--standardize/--no-standardize")
-@_option(HeadsConfig, "pca", type=click.IntRange(0), metavar="N")
-@_option(HeadsConfig, "memory_limit_mb", type=click.FloatRange(0, min_open=True))
+@_option(HeadsConfig, "pca", metavar="N")
+@_option(HeadsConfig, "memory_limit_mb")
 # not HeadsConfig's 1: the command uses every core unless told
-@click.option("--jobs", type=click.IntRange(1), default=None,
-              help="Parallel fits, runs x grid points; with dask/ray and no --scheduler, "
-              "the local cluster's workers [default: CPU cores].")
+@_option(HeadsConfig, "jobs", default=None,
+         help="Parallel fits, runs x grid points; with dask/ray and no --scheduler, the local "
+         "cluster's workers [default: CPU cores].")
 @backend_options
-@_option(HeadsConfig, "seed", type=_SEED)
+@_option(HeadsConfig, "seed")
 @_option(HeadsConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
 @_option(HeadsConfig, "refit", is_flag=True)
-def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pca,
-              memory_limit_mb, jobs, backend, scheduler_address, seed, out, refit):
+def fit_heads(caches, jobs, out, **settings):
     """Fit classical heads on cached features; choose on val, score once on test.
 
     Writes OUT/{cache}/heads/{feature}__{head}.json and .joblib per run, merges
@@ -360,12 +386,7 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
     from featx.config import HeadsConfig
     from featx.heads import fit_heads as run_fit_heads
     from featx.heads import format_summary
-    cfg = HeadsConfig(heads=tuple(heads.split(",")), features=tuple(features.split(",")),
-                      select=select, cv=cv,
-                      class_weight=None if class_weight == "none" else class_weight,
-                      standardize=standardize, jobs=jobs or os.cpu_count() or 1, seed=seed,
-                      out_dir=out, memory_limit_mb=memory_limit_mb, pca=pca,
-                      backend=backend, scheduler=scheduler_address, refit=refit)
+    cfg = _config_from_options(HeadsConfig, jobs=jobs or os.cpu_count() or 1)
     run = run_fit_heads(caches, cfg, log=_say)
     click.echo(format_summary(run.rows))
     for matrix in run.matrices:
@@ -386,28 +407,26 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
 @_option(FinetuneConfig, "freeze", metavar="none|backbone|STAGE")
 @click.option("--list-stages", "show_stages", is_flag=True,
               help="Print the values --freeze accepts for --model, then exit.")
-@_option(FinetuneConfig, "epochs", type=int)
-@_option(FinetuneConfig, "batch_size", type=int)
-@_option(FinetuneConfig, "optimizer", type=click.Choice(OPTIMIZERS))
-@_option(FinetuneConfig, "lr", type=float)
-@_option(FinetuneConfig, "backbone_lr_mult", type=float)
-@_option(FinetuneConfig, "weight_decay", type=float)
-@_option(FinetuneConfig, "scheduler", type=click.Choice(SCHEDULERS))
-@_option(FinetuneConfig, "loss", type=click.Choice(LOSSES))
-@_option(FinetuneConfig, "focal_gamma", type=float)
+@_option(FinetuneConfig, "epochs")
+@_option(FinetuneConfig, "batch_size")
+@_option(FinetuneConfig, "optimizer")
+@_option(FinetuneConfig, "lr")
+@_option(FinetuneConfig, "backbone_lr_mult")
+@_option(FinetuneConfig, "weight_decay")
+@_option(FinetuneConfig, "scheduler")
+@_option(FinetuneConfig, "loss")
+@_option(FinetuneConfig, "focal_gamma")
 @_option(FinetuneConfig, "augment", "--augment/--no-augment")
-@_option(FinetuneConfig, "pool", type=int)
-@_option(FinetuneConfig, "early_stop", type=int, metavar="N")
+@_option(FinetuneConfig, "pool")
+@_option(FinetuneConfig, "early_stop", metavar="N")
 @_option(FinetuneConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
 @_option(FinetuneConfig, "resume", is_flag=True)
 @click.option("--allow-missing", is_flag=True,
               help="With --split-from: fine-tune even if some of the cache's images are gone "
               "(the result records the files used, so report marks it not comparable).")
 @_option(FinetuneConfig, "progress", "--progress/--no-progress")
-def finetune(model, data_path, split_fractions, split_seed, seed, split_from, weights,
-             image_size, device, precision, workers, freeze, show_stages, epochs, batch_size,
-             optimizer, lr, backbone_lr_mult, weight_decay, scheduler, loss, focal_gamma,
-             augment, pool, early_stop, out, resume, allow_missing, progress):
+def finetune(model, data_path, split_fractions, split_seed, split_from, show_stages,
+             allow_missing, **settings):
     """Fine-tune a backbone with a new head on the same split and metrics as the heads.
 
     Writes OUT/{dataset}_{model}_finetune_{settings}/ with best.pt, last.pt, history.csv,
@@ -426,18 +445,11 @@ def finetune(model, data_path, split_fractions, split_seed, seed, split_from, we
         for name in list_stages(model):
             click.echo(name)
         return
-    cfg = FinetuneConfig(model=model, weights=weights, freeze=freeze, epochs=epochs,
-                         batch_size=batch_size, optimizer=optimizer, lr=lr,
-                         backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay,
-                         scheduler=scheduler, loss=loss, focal_gamma=focal_gamma,
-                         image_size=image_size, augment=augment, pool=pool,
-                         early_stop=early_stop, precision=precision, device=device,
-                         workers=workers, seed=seed, out_dir=out, resume=resume,
-                         progress=progress)
+    cfg = _config_from_options(FinetuneConfig, model=model)
     check_config(cfg)  # bad settings fail before any image is read
     if (data_path is None) == (split_from is None):
         raise click.ClickException("give exactly one of --data PATH or --split-from CACHE.")
-    env = distributed.init_process_group(device)  # under torchrun: join the process group; else nothing
+    env = distributed.init_process_group(cfg.device)  # under torchrun: join the process group; else nothing
     # under torchrun rank 0 reads the split (and decodes every image once) for all ranks
     if split_from is not None:
         data = distributed.run_on_main(lambda: data_from_cache(split_from,
@@ -448,14 +460,14 @@ def finetune(model, data_path, split_fractions, split_seed, seed, split_from, we
                        err=True)
     else:
         data = distributed.run_on_main(lambda: data_from_spec(
-            load_data_arg(data_path, split_fractions, split_seed), workers=workers))
+            load_data_arg(data_path, split_fractions, split_seed), workers=cfg.workers))
     if env.is_main:
         click.echo(f"data: {data.source}, classes {', '.join(data.classes)}; "
                    + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
                    + (f"; {len(data.skipped)} unreadable file(s) left out" if data.skipped
                       else "")
                    + (f"; {env.world_size} processes ({env.backend}), global batch "
-                      f"{batch_size * env.world_size}" if env.distributed else ""), err=True)
+                      f"{cfg.batch_size * env.world_size}" if env.distributed else ""), err=True)
     try:
         res = run_finetune(data, cfg, log=_say)
     except KeyboardInterrupt:
@@ -579,25 +591,21 @@ def _print_compare(run) -> None:
               help="Backbones to compare, comma-separated. See `featx models`.")
 @_option(CompareConfig, "pools", "--pool", metavar="N,N,...")
 @_option(CompareConfig, "heads", metavar="NAME,...")
-@_option(CompareConfig, "finetune", "--finetune", "finetune_mode",
-         type=click.Choice(list(FINETUNE_MODES)))
-@_option(CompareConfig, "epochs", type=click.IntRange(1))
-@_option(CompareConfig, "lr", type=float)
-@_option(CompareConfig, "optimizer", type=click.Choice(OPTIMIZERS))
-@_option(CompareConfig, "loss", type=click.Choice(LOSSES))
-@_option(CompareConfig, "class_weight", type=click.Choice(CLASS_WEIGHTS))
+@_option(CompareConfig, "finetune", "--finetune", "finetune_mode")
+@_option(CompareConfig, "epochs")
+@_option(CompareConfig, "lr")
+@_option(CompareConfig, "optimizer")
+@_option(CompareConfig, "loss")
+@_option(CompareConfig, "class_weight")
 @model_options
-@_option(CompareConfig, "batch_size", type=click.IntRange(1))
-@_option(CompareConfig, "jobs", type=click.IntRange(1))
+@_option(CompareConfig, "batch_size")
+@_option(CompareConfig, "jobs")
 @backend_options
 @_option(CompareConfig, "cache_dir", type=click.Path(file_okay=False, path_type=Path))
 @_option(CompareConfig, "out", type=click.Path(file_okay=False, path_type=Path))
 @_option(CompareConfig, "overwrite", is_flag=True)
 @_option(CompareConfig, "progress", "--progress/--no-progress")
-def compare(data_path, split_fractions, split_seed, seed, models_, pool, heads, finetune_mode,
-            epochs, lr, optimizer, loss, class_weight, weights, image_size, device, precision,
-            workers, batch_size, jobs, backend, scheduler_address, cache_dir, out, overwrite,
-            progress):
+def compare(data_path, split_fractions, split_seed, models_, pool, heads, device, **settings):
     """Run the whole experiment: extract, heads on every feature, fine-tune, report.
 
     Work already done (an up-to-date cache, current head results, finished fine-tuning
@@ -617,15 +625,8 @@ def compare(data_path, split_fractions, split_seed, seed, models_, pool, heads, 
         get_backbone(name)
     env = distributed.init_process_group(device)
     data = distributed.run_on_main(lambda: load_data_arg(data_path, split_fractions, split_seed))
-    cfg = CompareConfig(models=models, pools=parse_pools(pool),
-                        heads=tuple(h for h in heads.split(",") if h),
-                        finetune=finetune_mode, epochs=epochs, weights=weights,
-                        image_size=image_size, batch_size=batch_size, workers=workers,
-                        device=device, precision=precision, seed=seed,
-                        class_weight=None if class_weight == "none" else class_weight,
-                        loss=loss, lr=lr, optimizer=optimizer, jobs=jobs, backend=backend,
-                        scheduler=scheduler_address, cache_dir=cache_dir, out=out,
-                        overwrite=overwrite, progress=progress)
+    cfg = _config_from_options(CompareConfig, models=models, pools=parse_pools(pool),
+                               heads=tuple(h for h in heads.split(",") if h))
     run = run_compare(data, cfg, log=_say)
     if env.is_main:
         _print_compare(run)

@@ -18,9 +18,14 @@ from typing import Callable
 from featx import distributed
 from featx.backbones import resolve_weights
 from featx.cache import Cache
-from featx.config import FINETUNE_MODES, CompareConfig, ExtractConfig, FinetuneConfig
+from featx.config import (
+    FINETUNE_MODES,
+    CompareConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    check_settings,
+)
 from featx.data import DatasetSpec
-from featx.errors import ParameterError
 from featx.extract import extract
 from featx.features import PENULTIMATE, feature_name
 from featx.finetune import data_from_cache, finetune, run_dir_name
@@ -82,8 +87,7 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     fine-tuning (DDP, featx/distributed.py); the heads and the report run once, on rank 0, while
     the others wait.
     """
-    if cfg.finetune not in FINETUNE_MODES:
-        raise ParameterError("finetune", cfg.finetune, f"use one of {', '.join(FINETUNE_MODES)}.")
+    check_settings(cfg)  # the rules declared beside its fields (featx/config.py)
     heads = _head_names(cfg.heads)
     if cfg.backend != "loky" or cfg.scheduler:  # before any extraction; plain loky: no import
         from featx.heads import check_backend

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from featx.config import DEFAULT_MAX_WORKERS, PRECISIONS
+from featx.config import DEFAULT_MAX_WORKERS, ExtractConfig, check_setting
 from featx.data import DataParameterError
 from featx.errors import Note, ParameterError
 
@@ -44,8 +44,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     which did not change a logistic head's test accuracy (BENCHMARKS.md); ``fp32`` gives
     torchvision's numbers to 1e-5. The resolved precision is recorded in the cache.
     """
-    if precision not in PRECISIONS:
-        raise ParameterError("precision", precision, f"use one of {', '.join(PRECISIONS)}.")
+    check_setting(ExtractConfig, "precision", precision)
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise ParameterError("precision", precision, "needs a GPU; use fp32 or bf16 on the "

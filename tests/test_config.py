@@ -14,7 +14,14 @@ from click.testing import CliRunner
 
 from featx.cache import Cache
 from featx.cli import main
-from featx.config import CompareConfig, ExtractConfig, FinetuneConfig, HeadsConfig
+from featx.config import (
+    CompareConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    HeadsConfig,
+    check_setting,
+    rule_of,
+)
 from featx.data import load_dataset
 from tests.builders import write_digits
 
@@ -166,3 +173,79 @@ def test_help_imports_neither_torch_nor_sklearn():
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+def _library_checks():
+    """Each config class -> the library call that refuses a bad setting of it up front."""
+    from featx.compare import run_compare
+    from featx.extract.single import _check_settings
+    from featx.finetune import check_config
+    from featx.heads.run import _check_config
+    return {ExtractConfig: _check_settings, FinetuneConfig: check_config,
+            HeadsConfig: lambda cfg: _check_config(["c.h5"], cfg),
+            CompareConfig: lambda cfg: run_compare(None, cfg)}  # checks before reading data
+
+
+_COMMANDS = {ExtractConfig: "extract", FinetuneConfig: "finetune", HeadsConfig: "fit-heads",
+             CompareConfig: "compare"}
+_REQUIRED = {ExtractConfig: ("resnet18",), FinetuneConfig: ("resnet18",), HeadsConfig: (),
+             CompareConfig: (("resnet18",),)}
+
+
+def _bad_and_good(rule: dict) -> tuple[list, list]:
+    """Values ``rule`` refuses and values it takes, the bounds themselves included."""
+    if "choices" in rule:
+        return ["nope"], [c for c in rule["choices"] if c != "none"]
+    low, high, step = rule["min"], rule["max"], 1 if rule["integer"] else 0.5
+    bad, good = [], []
+    if low is not None:
+        bad.append(low if rule["min_open"] else low - step)
+        good.append(low + step if rule["min_open"] else low)
+    if high is not None:
+        bad.append(high + step)
+        good.append(high)
+    return bad, good
+
+
+def _declared_rules():
+    return [(cls, f.name) for cls in _COMMANDS for f in dataclasses.fields(cls)
+            if rule_of(cls, f.name)]
+
+
+@pytest.mark.parametrize("cls, name", _declared_rules(),
+                         ids=lambda v: v if isinstance(v, str) else v.__name__)
+def test_a_rule_declared_on_a_field_is_both_the_cli_type_and_the_library_check(cls, name):
+    """The one declaration in featx.config refuses (and takes) the same values in the
+    command's click option and in the library's check of the config."""
+    import click
+
+    from featx.errors import ParameterError
+    command = main.commands[_COMMANDS[cls]]
+    options = [p for p in command.params if getattr(p, "field", None) == name]
+    assert len(options) == 1, f"featx {command.name} has no option for {cls.__name__}.{name}"
+    option, rule = options[0], rule_of(cls, name)
+    bad, good = _bad_and_good(rule)
+    check = _library_checks()[cls]
+    default = cls(*_REQUIRED[cls])
+    for value in bad:
+        with pytest.raises(click.BadParameter):
+            option.type.convert(str(value), option, None)
+        with pytest.raises(ParameterError) as err:
+            check(dataclasses.replace(default, **{name: value}))
+        assert (err.value.param, err.value.value) == (name, value)
+        assert str(err.value) == f"{name}={err.value.shown}{err.value.sep}{rule['problem']}"
+    for value in good:
+        assert option.type.convert(str(value), option, None) == value
+        check_setting(cls, name, value)
+
+
+def test_a_declared_rule_shows_in_help_and_refuses_on_the_command_line():
+    from featx.errors import ParameterError
+    from featx.finetune import check_config
+    text = CliRunner().invoke(main, ["finetune", "--help"]).output
+    assert "--epochs INTEGER RANGE" in text and "x>=1" in text.split("--epochs")[1]
+    assert "[sgd|adam|adamw]" in text.split("--optimizer")[1].split("\n")[0]
+    r = CliRunner().invoke(main, ["finetune", "--model", "resnet18", "--epochs", "0"])
+    assert r.exit_code == 2 and "0 is not in the range x>=1" in r.output
+    with pytest.raises(ParameterError, match=r"^epochs=0: must be at least 1\.$"):
+        check_config(FinetuneConfig("resnet18", epochs=0))

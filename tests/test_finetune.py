@@ -336,11 +336,14 @@ def test_list_stages_prints_the_valid_freeze_values():
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--epochs", "0"], "--epochs 0"),
-    (["--epochs", "-2"], "--epochs -2"),
-    (["--lr", "0"], "--lr 0"),
-    (["--lr", "-1e-3"], "--lr -0.001"),
-    (["--batch-size", "0"], "--batch-size 0"),
+    # the ranges declared in featx.config, as click types (the library's own messages for
+    # these: tests/test_params.py)
+    (["--epochs", "0"], "'--epochs' (env var: 'FEATX_EPOCHS'): 0 is not in the range x>=1."),
+    (["--epochs", "-2"], "'--epochs' (env var: 'FEATX_EPOCHS'): -2 is not in the range x>=1."),
+    (["--lr", "0"], "'--lr' (env var: 'FEATX_LR'): 0.0 is not in the range x>0."),
+    (["--lr", "-1e-3"], "'--lr' (env var: 'FEATX_LR'): -0.001 is not in the range x>0."),
+    (["--batch-size", "0"], "'--batch-size' (env var: 'FEATX_BATCH_SIZE'): 0 is not in the "
+     "range x>=1."),
     (["--freeze", "layer9"], "layer4"),
     (["--model", "resnet81"], "resnet18"),
     (["--split", "1,0,0", "--early-stop", "3"], "needs a val split"),

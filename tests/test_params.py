@@ -100,9 +100,14 @@ def _cli_flags() -> set[str]:
 
 def _named_in_source() -> set[str]:
     """Parameter names the library gives ParameterError (and its kin) as literal strings,
-    the defaults of its ``param`` arguments (cap_workers, check_seed) and the field names of
-    check_config's ``(ok, field, problem)`` rows."""
-    named = set()
+    the defaults of its ``param`` arguments (cap_workers, check_seed) and the config fields
+    that declare a rule (featx.config.check_settings names them)."""
+    import dataclasses
+
+    import featx.config as config
+    named = {f.name for cls in (config.ExtractConfig, config.FinetuneConfig, config.HeadsConfig,
+                                config.CompareConfig)
+             for f in dataclasses.fields(cls) if config.rule_of(cls, f.name)}
     for path in (Path(__file__).parents[1] / "featx").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and node.args:
@@ -114,9 +119,6 @@ def _named_in_source() -> set[str]:
             if isinstance(node, ast.FunctionDef):  # cap_workers(n, param="workers")
                 args = node.args.args[-len(node.args.defaults):] if node.args.defaults else []
                 named |= {d.value for a, d in zip(args, node.args.defaults) if a.arg == "param"}
-            if isinstance(node, ast.FunctionDef) and node.name == "check_config":
-                named |= {t.elts[1].value for t in ast.walk(node) if isinstance(t, ast.Tuple)
-                          and len(t.elts) == 3 and isinstance(t.elts[1], ast.Constant)}
     return named
 
 

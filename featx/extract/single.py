@@ -35,7 +35,7 @@ from featx.cache import (
     lock_cache,
     provenance_covers,
 )
-from featx.config import STORE_DTYPES, ExtractConfig
+from featx.config import ExtractConfig, check_settings
 from featx.data import DataError, DatasetSpec
 from featx.data.images import TransformSpec
 from featx.distributed import is_main_process
@@ -132,10 +132,7 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
 
 
 def _check_settings(cfg: ExtractConfig) -> None:
-    if cfg.batch_size < 1:
-        raise ParameterError("batch_size", cfg.batch_size, "must be at least 1.")
-    if cfg.store not in STORE_DTYPES:
-        raise ParameterError("store", cfg.store, f"use {' or '.join(STORE_DTYPES)}.")
+    check_settings(cfg)  # the rules declared beside its fields (featx/config.py)
 
 
 def _up_to_date(path: Path, prov: dict, overwrite: bool) -> bool:

@@ -46,8 +46,8 @@ import torch.nn as nn
 import featx
 from featx import distributed
 from featx.backbones import ResolvedWeights, pool_notes, resolve_run
-from featx.config import LOSSES, OPTIMIZERS, SCHEDULERS, FinetuneConfig
-from featx.data import DataError, check_seed
+from featx.config import FinetuneConfig, check_settings
+from featx.data import DataError
 from featx.errors import ParameterError
 from featx.finetune.checkpoints import (
     RUN_INDEPENDENT,
@@ -102,30 +102,7 @@ class FinetuneResult:
 def check_config(cfg: FinetuneConfig) -> None:
     """Raise :class:`~featx.errors.ParameterError` naming the first setting of ``cfg`` that
     cannot work."""
-    checks = [  # (ok, the field, what is wrong)
-        (isinstance(cfg.epochs, int) and cfg.epochs >= 1, "epochs", "must be at least 1."),
-        (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "batch_size",
-         "must be at least 1."),
-        (math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive number, e.g. 1e-3."),
-        (math.isfinite(cfg.backbone_lr_mult) and cfg.backbone_lr_mult >= 0, "backbone_lr_mult",
-         "must be 0 or more (0 keeps the backbone's weights fixed but its BatchNorm "
-         "statistics still adapt)."),
-        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay",
-         "must be 0 or more."),
-        (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0, "focal_gamma",
-         "must be 0 or more (0 is cross-entropy)."),
-        (1 <= cfg.pool <= 64, "pool", "must be an integer 1..64."),
-        (cfg.early_stop >= 0, "early_stop",
-         "give a patience in epochs (at least 1), or 0 to train all epochs."),
-        (cfg.optimizer in OPTIMIZERS, "optimizer", f"use one of {', '.join(OPTIMIZERS)}."),
-        (cfg.scheduler in SCHEDULERS, "scheduler", f"use one of {', '.join(SCHEDULERS)}."),
-        (cfg.loss in LOSSES, "loss", f"use one of {', '.join(LOSSES)}."),
-        (cfg.workers is None or cfg.workers >= 0, "workers", "must be 0 or more."),
-    ]
-    for ok, param, problem in checks:
-        if not ok:
-            raise ParameterError(param, getattr(cfg, param), problem)
-    check_seed(cfg.seed)
+    check_settings(cfg)  # the rules declared beside its fields (featx/config.py)
     stages = list_stages(cfg.model)
     if cfg.freeze not in stages:
         raise ParameterError("freeze", cfg.freeze, f"is not a stage of {cfg.model}; use "

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import joblib
 
-from featx.config import BACKENDS
+from featx.config import BACKENDS, HeadsConfig, check_setting
 from featx.errors import ParameterError
 
 __all__ = ["BACKENDS", "check_backend", "heads_backend"]
@@ -61,8 +61,7 @@ def _import_extra(module: str, extra: str):
 def check_backend(backend: str, scheduler: str | None = None) -> None:
     """Refuse an unknown ``backend``, a ``scheduler`` for loky, or a missing extra, with one
     line, before any work starts (the cluster itself is reached in :func:`heads_backend`)."""
-    if backend not in BACKENDS:
-        raise ParameterError("backend", backend, f"use one of {', '.join(BACKENDS)}.")
+    check_setting(HeadsConfig, "backend", backend)
     if scheduler and backend == "loky":
         raise ParameterError("scheduler", scheduler, "loky runs on this machine only; add "
                              "{backend} dask or {backend} ray to use a cluster.",

@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache, CacheError, partial_path
-from featx.config import CLASS_WEIGHTS, SELECT_MODES, HeadsConfig
+from featx.config import HeadsConfig, check_settings
 from featx.errors import FeatxError, ParameterError
 from featx.features import pool_of
 from featx.files import atomic_write
@@ -199,15 +199,7 @@ def _check_config(caches: Sequence[str | Path], config: HeadsConfig) -> HeadsCon
     """``config`` with its heads parsed; a bad setting raises before anything is read."""
     heads = parse_heads(config.heads)
     config = replace(config, heads=tuple(heads), out_dir=Path(config.out_dir))
-    if config.select not in SELECT_MODES:
-        raise ParameterError("select", config.select, f"use {' or '.join(SELECT_MODES)}.")
-    if config.class_weight not in (None, *CLASS_WEIGHTS[1:]):  # CLASS_WEIGHTS[0] "none" is None
-        raise ParameterError("class_weight", config.class_weight,
-                             f"use {' or '.join(CLASS_WEIGHTS)}.")
-    if config.cv < 2:
-        raise ParameterError("cv", config.cv, "need at least 2 folds.")
-    if config.jobs < 1:
-        raise ParameterError("jobs", config.jobs, "must be at least 1.")
+    check_settings(config)  # the rules declared beside its fields (featx/config.py)
     check_backend(config.backend, config.scheduler)
     if not caches:
         raise FeatxError("give at least one cache file.")

@@ -16,8 +16,8 @@ from sklearn.exceptions import ConvergenceWarning, UndefinedMetricWarning
 from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
-from featx.config import SELECT_MODES
-from featx.errors import FeatxError, ParameterError
+from featx.config import HeadsConfig, check_setting
+from featx.errors import FeatxError
 from featx.heads.registry import HeadSpec, build_head, class_scores, get_head
 
 __all__ = ["SELECTION_METRIC", "select_and_fit"]
@@ -81,8 +81,7 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
         ``select_s`` (the search) and ``fit_s`` (the refit), wall seconds.
     """
     spec = get_head(head)
-    if select not in SELECT_MODES:
-        raise ParameterError("select", select, f"use {' or '.join(SELECT_MODES)}.")
+    check_setting(HeadsConfig, "select", select)
     pipe = build_head(head, standardize=standardize, class_weight=class_weight, seed=seed)
     if select == "val":
         if X_val is None or y_val is None or len(y_val) == 0:
