@@ -17,6 +17,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache
+from featx.head_current import head_request
 from featx.heads.outofcore import MemoryPlan, fit_streaming, row_blocks
 from featx.heads.registry import STREAM_GRID, get_head
 from featx.heads.selection import (
@@ -131,7 +132,7 @@ def _run_task(task: HeadTask, X_train: np.ndarray | None = None, X_val: np.ndarr
         settings["cv"] = cfg.cv
     if plan.mode == "stream":
         settings["replaces_heads"] = list(cfg.heads)
-    settings["request"] = head_request(task)
+    settings["request"] = task_request(task)
     model_file = head_model_path(task.out_json)
     result = make_result(
         kind="head", method=f"{head} @ {task.feature}{suffix}", model=cache.attrs["model"],
@@ -145,16 +146,13 @@ def run_indexed(i: int, task: HeadTask, *arrays) -> tuple[int, dict, dict, Pipel
     return (i, *_run_task(task, *arrays))
 
 
-def head_request(task: HeadTask) -> dict:
-    """Everything a result depends on besides the cache: an equal request on the same cache
-    finds the result current (:func:`_current_result`). JSON-normalised, as stored."""
-    cfg, plan = task.config, task.plan
-    req = {"head": task.head, "feature": task.feature, "mode": plan.mode, "pca": plan.pca,
-           "select": task.select_on, "cv": cfg.cv, "standardize": cfg.standardize,
-           "class_weight": cfg.class_weight, "seed": cfg.seed,
-           "heads": list(cfg.heads) if plan.mode == "stream" else [task.head],
-           "grid": STREAM_GRID if plan.mode == "stream" else get_head(task.head).grid}
-    return json.loads(json.dumps(req))
+def task_request(task: HeadTask) -> dict:
+    """What ``task``'s result depends on besides the cache (:func:`head_request`)."""
+    streamed = task.plan.mode == "stream"
+    return head_request(task.config, head=task.head, feature=task.feature,
+                        select_on=task.select_on, streamed=streamed,
+                        plan=(task.plan.mode, task.plan.pca),
+                        grid=STREAM_GRID if streamed else get_head(task.head).grid)
 
 
 SUMMARY_COLUMNS = (["cache", "dataset", "model", "feature", "head", "mode", "selection",
