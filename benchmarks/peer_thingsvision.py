@@ -257,7 +257,7 @@ def prepare(work: Path, data: Path | None, n: int, models) -> tuple[Path, dict, 
     return images, weights, count, note
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     p.add_argument("--images", type=int, default=960, help="images (0.7/0.1/0.2 split) [960]")
@@ -267,6 +267,132 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=None,
                    help="image folder [../shared/data/pneumoniamnist]")
     p.add_argument("--out", type=Path, default=None, help="also write the table to FILE.md")
+    return p
+
+
+def _timed_runs(name: str, weights: tuple, images: Path, splits: list[str], work: Path, n: int,
+                args: argparse.Namespace, env: dict) -> dict[str, list[dict]]:
+    """Each tool's extraction of ``name``, ``args.reps`` times, the order alternating."""
+    w, tv_w = weights
+    runs: dict[str, list[dict]] = {"thingsvision": [], "fp32": [], "auto": []}
+    for rep in range(args.reps):
+        order = ["thingsvision", "fp32", "auto"]
+        for kind in (order if rep % 2 == 0 else order[::-1]):
+            out = work / "out" / f"{name}-{kind}-{rep}"
+            base = {"model": name, "images": str(images), "out": str(out),
+                    "batch_size": args.batch_size}
+            if kind == "thingsvision":
+                r = run_child("thingsvision", {**base, "weights": w, "tv_weights": tv_w,
+                                               "splits": splits}, env)
+            else:
+                r = run_child("featx", {**base, "weights": w, "precision": kind}, env)
+            r["out"] = out
+            runs[kind].append(r)
+            print(f"  {name} rep {rep} {kind}: {n / r['seconds']:.1f} images/s "
+                  f"(pass {r['seconds']:.1f} s, CPU {r['cpu_s']:.1f} s, process "
+                  f"{r['process_s']:.1f} s)",
+                  flush=True)
+    return runs
+
+
+def _speed_row(name: str, kind: str, label: str, runs: dict, n: int, batch_size: int):
+    """featx's images/s against thingsvision's, with CPU and process seconds as notes."""
+    from benchmarks.run import Row, _fmt_ratio, _met
+    fx, ref, ratio = rate_ratio(n, [r["seconds"] for r in runs[kind]],
+                                [r["seconds"] for r in runs["thingsvision"]])
+    target = 1.5 if kind == "fp32" else 2.0
+    return Row(f"extract {name} @224, {n} images, batch {batch_size}: featx "
+               f"{label} vs thingsvision fp32 (images/s, whole pass)",
+               f"{fx:.1f}", f"{ref:.1f}", _fmt_ratio(ratio),
+               f">= {target:g}x", _met(ratio >= target),
+               f"CPU seconds of the pass (user+sys, all threads; less "
+               f"sensitive to a loaded machine): featx "
+               f"{min(r['cpu_s'] for r in runs[kind]):.1f}, thingsvision "
+               f"{min(r['cpu_s'] for r in runs['thingsvision']):.1f} "
+               f"({min(r['cpu_s'] for r in runs['thingsvision']) / min(r['cpu_s'] for r in runs[kind]):.2f}x); "
+               "process wall incl. imports: featx "
+               f"{min(r['process_s'] for r in runs[kind]):.1f} s, thingsvision "
+               f"{min(r['process_s'] for r in runs['thingsvision']):.1f} s")
+
+
+def _agreement_row(name: str, kind: str, label: str, runs: dict, tv_keys: list[str],
+                   tv_X: np.ndarray):
+    """How far featx's features are from thingsvision's, image by image."""
+    from benchmarks.run import Row, _met
+    fx_keys, fx_X, attrs = read_featx(Path(runs[kind][0]["path"]))
+    a, b = align(fx_keys, fx_X, tv_keys, tv_X)
+    ag = agreement(a, b)
+    tol = 1e-5 if kind == "fp32" else 2e-2
+    return Row(f"  features {name}: featx {label} vs thingsvision fp32 "
+               f"(relative error; max abs)", f"{ag['rel']:.1e}", "0",
+               f"max abs {ag['max_abs']:.1e}", f"rel <= {tol:.0e}",
+               _met(ag["rel"] <= tol),
+               f"max abs / max |x| = {ag['max_rel']:.1e}")
+
+
+def _rss_row(name: str, runs: dict):
+    """Peak memory of each tool's process (informational)."""
+    from benchmarks.run import Row, _fmt_ratio
+    fx_rss = min(r["maxrss_kb"] for r in runs["fp32"])
+    tv_rss = min(r["maxrss_kb"] for r in runs["thingsvision"])
+    return Row(f"  peak RSS {name} (MiB, VmHWM of each tool's process): featx fp32 "
+               f"vs thingsvision", f"{fx_rss / 1024:.0f}", f"{tv_rss / 1024:.0f}",
+               _fmt_ratio(fx_rss / tv_rss), "informational", "",
+               f"after imports alone: featx "
+               f"{runs['fp32'][0]['rss_import_kb'] / 1024:.0f} MiB, thingsvision "
+               f"{runs['thingsvision'][0]['rss_import_kb'] / 1024:.0f} MiB "
+               f"(thingsvision imports tensorflow, in "
+               f"{runs['thingsvision'][0]['import_s']:.1f} s)")
+
+
+def _head_rows(name: str, runs: dict, work: Path, auto: str, tv_keys: list[str],
+               tv_X: np.ndarray) -> list:
+    """featx fit-heads logistic against plain LogisticRegressionCV: seconds, then accuracy."""
+    from benchmarks.run import Row, _fmt_ratio, _met
+    hf = head_featx(Path(runs["fp32"][0]["path"]), work / "heads" / name)
+    hb = head_featx(Path(runs["auto"][0]["path"]), work / "heads-auto" / name)
+    hp = head_plain(tv_keys, tv_X)
+    return [Row(f"  head {name}: featx fit-heads logistic (C on val) vs plain "
+                f"LogisticRegressionCV on thingsvision's arrays (seconds)",
+                f"{hf['seconds']:.1f}", f"{hp['seconds']:.1f}",
+                _fmt_ratio(hp["seconds"] / hf["seconds"]), "informational", "",
+                f"{hp['convergence_warnings']} ConvergenceWarning(s) on the plain "
+                f"side"),
+            Row(f"  head {name}: test balanced accuracy (accuracy)",
+                f"{hf['balanced_accuracy']:.4f} ({hf['accuracy']:.4f})",
+                f"{hp['balanced_accuracy']:.4f} ({hp['accuracy']:.4f})",
+                f"{100 * (hf['balanced_accuracy'] - hp['balanced_accuracy']):+.1f} pt",
+                "featx no worse", _met(hf["balanced_accuracy"]
+                                       >= hp["balanced_accuracy"] - 1e-9),
+                f"featx logistic on its {auto} features: balanced "
+                f"{hb['balanced_accuracy']:.4f} ({hb['accuracy']:.4f})")]
+
+
+def _model_rows(name: str, runs: dict, work: Path, images: Path, splits: list[str], n: int,
+                batch_size: int) -> list:
+    """The 7 rows of one model: speed and agreement per featx precision, RSS, heads."""
+    tv_keys, tv_X = read_thingsvision(runs["thingsvision"][0]["out"], images, splits)
+    auto = runs["auto"][0]["precision"]
+    rows = []
+    for kind, label in (("fp32", "fp32"), ("auto", f"auto = {auto}")):
+        rows.append(_speed_row(name, kind, label, runs, n, batch_size))
+        rows.append(_agreement_row(name, kind, label, runs, tv_keys, tv_X))
+    rows.append(_rss_row(name, runs))
+    return rows + _head_rows(name, runs, work, auto, tv_keys, tv_X)
+
+
+def _write_md(path: Path, argv, info: dict, tv_version: str, n: int, note: str, table: str,
+              files: str) -> None:
+    cmd = "python benchmarks/peer_thingsvision.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    path.write_text(f"# featx vs thingsvision\n\ncommand: `{cmd.strip()}`\n\nmachine: "
+                    + ", ".join(f"{k} {v}" for k, v in info.items())
+                    + f", thingsvision {tv_version}\n\nimages: {n} of "
+                    f"{note}\n\n{table}\n\n## what each output holds\n\n{files}\n")
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.child:
         fn = {"thingsvision": child_thingsvision, "featx": child_featx}[args.child[0]]
@@ -280,7 +406,7 @@ def main(argv=None) -> int:
         p.error("thingsvision is not installed here: run with the peer venv's python "
                 "(make bench-peer, or see BENCHMARKS.md)")
     tv_version = importlib.metadata.version("thingsvision")
-    from benchmarks.run import Row, _fmt_ratio, _met, format_table, machine
+    from benchmarks.run import format_table, machine
     models = [m for m in args.models.split(",") if m]
     info = machine()
     print(f"# machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']} "
@@ -293,79 +419,8 @@ def main(argv=None) -> int:
         env = child_env(FEATX_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="3")
         splits = sorted(d.name for d in images.iterdir())
         for name in models:
-            w, tv_w = weights[name]
-            runs: dict[str, list[dict]] = {"thingsvision": [], "fp32": [], "auto": []}
-            for rep in range(args.reps):
-                order = ["thingsvision", "fp32", "auto"]
-                for kind in (order if rep % 2 == 0 else order[::-1]):
-                    out = work / "out" / f"{name}-{kind}-{rep}"
-                    base = {"model": name, "images": str(images), "out": str(out),
-                            "batch_size": args.batch_size}
-                    if kind == "thingsvision":
-                        r = run_child("thingsvision", {**base, "weights": w, "tv_weights": tv_w,
-                                                       "splits": splits}, env)
-                    else:
-                        r = run_child("featx", {**base, "weights": w, "precision": kind}, env)
-                    r["out"] = out
-                    runs[kind].append(r)
-                    print(f"  {name} rep {rep} {kind}: {n / r['seconds']:.1f} images/s "
-                          f"(pass {r['seconds']:.1f} s, CPU {r['cpu_s']:.1f} s, process "
-                          f"{r['process_s']:.1f} s)",
-                          flush=True)
-            tv_keys, tv_X = read_thingsvision(runs["thingsvision"][0]["out"], images, splits)
-            auto = runs["auto"][0]["precision"]
-            for kind, label in (("fp32", "fp32"), ("auto", f"auto = {auto}")):
-                fx, ref, ratio = rate_ratio(n, [r["seconds"] for r in runs[kind]],
-                                            [r["seconds"] for r in runs["thingsvision"]])
-                target = 1.5 if kind == "fp32" else 2.0
-                rows.append(Row(f"extract {name} @224, {n} images, batch {args.batch_size}: featx "
-                                f"{label} vs thingsvision fp32 (images/s, whole pass)",
-                                f"{fx:.1f}", f"{ref:.1f}", _fmt_ratio(ratio),
-                                f">= {target:g}x", _met(ratio >= target),
-                                f"CPU seconds of the pass (user+sys, all threads; less "
-                                f"sensitive to a loaded machine): featx "
-                                f"{min(r['cpu_s'] for r in runs[kind]):.1f}, thingsvision "
-                                f"{min(r['cpu_s'] for r in runs['thingsvision']):.1f} "
-                                f"({min(r['cpu_s'] for r in runs['thingsvision']) / min(r['cpu_s'] for r in runs[kind]):.2f}x); "
-                                "process wall incl. imports: featx "
-                                f"{min(r['process_s'] for r in runs[kind]):.1f} s, thingsvision "
-                                f"{min(r['process_s'] for r in runs['thingsvision']):.1f} s"))
-                fx_keys, fx_X, attrs = read_featx(Path(runs[kind][0]["path"]))
-                a, b = align(fx_keys, fx_X, tv_keys, tv_X)
-                ag = agreement(a, b)
-                tol = 1e-5 if kind == "fp32" else 2e-2
-                rows.append(Row(f"  features {name}: featx {label} vs thingsvision fp32 "
-                                f"(relative error; max abs)", f"{ag['rel']:.1e}", "0",
-                                f"max abs {ag['max_abs']:.1e}", f"rel <= {tol:.0e}",
-                                _met(ag["rel"] <= tol),
-                                f"max abs / max |x| = {ag['max_rel']:.1e}"))
-            fx_rss = min(r["maxrss_kb"] for r in runs["fp32"])
-            tv_rss = min(r["maxrss_kb"] for r in runs["thingsvision"])
-            rows.append(Row(f"  peak RSS {name} (MiB, VmHWM of each tool's process): featx fp32 "
-                            f"vs thingsvision", f"{fx_rss / 1024:.0f}", f"{tv_rss / 1024:.0f}",
-                            _fmt_ratio(fx_rss / tv_rss), "informational", "",
-                            f"after imports alone: featx "
-                            f"{runs['fp32'][0]['rss_import_kb'] / 1024:.0f} MiB, thingsvision "
-                            f"{runs['thingsvision'][0]['rss_import_kb'] / 1024:.0f} MiB "
-                            f"(thingsvision imports tensorflow, in "
-                            f"{runs['thingsvision'][0]['import_s']:.1f} s)"))
-            hf = head_featx(Path(runs["fp32"][0]["path"]), work / "heads" / name)
-            hb = head_featx(Path(runs["auto"][0]["path"]), work / "heads-auto" / name)
-            hp = head_plain(tv_keys, tv_X)
-            rows.append(Row(f"  head {name}: featx fit-heads logistic (C on val) vs plain "
-                            f"LogisticRegressionCV on thingsvision's arrays (seconds)",
-                            f"{hf['seconds']:.1f}", f"{hp['seconds']:.1f}",
-                            _fmt_ratio(hp["seconds"] / hf["seconds"]), "informational", "",
-                            f"{hp['convergence_warnings']} ConvergenceWarning(s) on the plain "
-                            f"side"))
-            rows.append(Row(f"  head {name}: test balanced accuracy (accuracy)",
-                            f"{hf['balanced_accuracy']:.4f} ({hf['accuracy']:.4f})",
-                            f"{hp['balanced_accuracy']:.4f} ({hp['accuracy']:.4f})",
-                            f"{100 * (hf['balanced_accuracy'] - hp['balanced_accuracy']):+.1f} pt",
-                            "featx no worse", _met(hf["balanced_accuracy"]
-                                                   >= hp["balanced_accuracy"] - 1e-9),
-                            f"featx logistic on its {auto} features: balanced "
-                            f"{hb['balanced_accuracy']:.4f} ({hb['accuracy']:.4f})"))
+            runs = _timed_runs(name, weights[name], images, splits, work, n, args, env)
+            rows += _model_rows(name, runs, work, images, splits, n, args.batch_size)
             holds[name] = (describe_featx(Path(runs["fp32"][0]["path"])),
                            describe_thingsvision(runs["thingsvision"][0]["out"]))
             print(format_table(rows[-7:]), flush=True)
@@ -374,14 +429,8 @@ def main(argv=None) -> int:
                       for name, (fx, tv) in holds.items())
     print("\n## all rows\n" + table + "\n\n## what each output holds\n" + files, flush=True)
     if args.out:
-        cmd = "python benchmarks/peer_thingsvision.py " + " ".join(
-            sys.argv[1:] if argv is None else argv)
-        args.out.write_text(f"# featx vs thingsvision\n\ncommand: `{cmd.strip()}`\n\nmachine: "
-                            + ", ".join(f"{k} {v}" for k, v in info.items())
-                            + f", thingsvision {tv_version}\n\nimages: {n} of "
-                            f"{note}\n\n{table}\n\n## what each output holds\n\n{files}\n")
+        _write_md(args.out, argv, info, tv_version, n, note, table, files)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,12 +23,14 @@ from featx.config import (
     CompareConfig,
     ExtractConfig,
     FinetuneConfig,
+    HeadsConfig,
     check_settings,
 )
 from featx.data import DatasetSpec
 from featx.extract import extract
 from featx.features import PENULTIMATE, feature_name
 from featx.finetune import data_from_cache, finetune, run_dir_name
+from featx.head_current import current_head_result, head_request, select_for
 from featx.results import finetune_result_path, head_result_path, read_result
 
 # featx.heads (sklearn, scipy: about half of torch's import time) and featx.report (matplotlib)
@@ -49,34 +51,37 @@ class CompareRun:
 
 def _heads_up_to_date(cache: Cache, features: list[str], heads: list[str], out: Path,
                       cfg: CompareConfig) -> list[str]:
-    """Features of ``cache`` for which every head already has a current result."""
+    """Features of ``cache`` for which every head already has a result that ``fit-heads``,
+    given :func:`_heads_config`, would reuse (:func:`~featx.head_current.current_head_result`;
+    the memory plan and the grids are not compared, they would need sklearn)."""
+    hcfg = _heads_config(cfg, heads, features, out)
+    has_val = "val" in cache.splits and len(cache.labels("val")) > 0
+    select = select_for(hcfg, has_val)
     done = []
     for feature in features:
-        ok = True
-        for head in heads:
-            path = head_result_path(out, cache.path.stem, feature, head)
-            streamed = head_result_path(out, cache.path.stem, feature, "sgd")
-            found = path if path.is_file() else streamed if streamed.is_file() else None
-            try:
-                res = read_result(found) if found else None
-            except (OSError, ValueError):
-                res = None
-            if res is None or not _same_head_inputs(res, cache, head, cfg):
-                ok = False
-                break
-        if ok:
+        if all(_head_is_current(cache, feature, head, select, hcfg) for head in heads):
             done.append(feature)
     return done
 
 
-def _same_head_inputs(res: dict, cache: Cache, head: str, cfg: CompareConfig) -> bool:
-    s = res.get("settings", {})
-    prov = res.get("provenance", {})
-    return (prov.get("created") == cache.attrs.get("created")
-            and prov.get("weights_sha256") == cache.attrs.get("weights_sha256")
-            and s.get("seed") == cfg.seed
-            and s.get("class_weight_requested") == cfg.class_weight
-            and (res.get("head") == head or head in s.get("replaces_heads", [])))
+def _head_is_current(cache: Cache, feature: str, head: str, select: str,
+                     hcfg: HeadsConfig) -> bool:
+    """``head``'s own result is current, or the streamed sgd result that replaces it."""
+    for fitted, streamed in ((head, False), ("sgd", True)):
+        path = head_result_path(hcfg.out_dir, cache.path.stem, feature, fitted)
+        request = head_request(hcfg, head=fitted, feature=feature, select_on=select,
+                               streamed=streamed)
+        if path.is_file():
+            return current_head_result(path, cache.attrs, request) is not None
+    return False
+
+
+def _heads_config(cfg: CompareConfig, heads: list[str], features: list[str],
+                  out: Path) -> HeadsConfig:
+    """The :class:`HeadsConfig` that compare passes to ``fit_heads`` for one cache."""
+    return HeadsConfig(heads=tuple(heads), features=tuple(features),
+                       class_weight=cfg.class_weight, jobs=cfg.jobs, seed=cfg.seed, out_dir=out,
+                       backend=cfg.backend, scheduler=cfg.scheduler)
 
 
 def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
@@ -164,15 +169,11 @@ def _fit_heads(caches: list[Path], heads: list[str], cfg: CompareConfig, out: Pa
         else:
             todo_by_cache.append((path, todo))
     if todo_by_cache:  # one cluster (or loky pool) for every cache's heads
-        from featx.config import HeadsConfig
         from featx.heads import fit_heads, heads_backend, parse_heads
         heads = parse_heads(heads)
         with heads_backend(cfg.backend, scheduler=cfg.scheduler, jobs=cfg.jobs):
             for path, todo in todo_by_cache:
-                fit_heads([path], HeadsConfig(
-                    heads=tuple(heads), features=tuple(todo), class_weight=cfg.class_weight,
-                    jobs=cfg.jobs, seed=cfg.seed, out_dir=out, backend=cfg.backend,
-                    scheduler=cfg.scheduler), log=log)
+                fit_heads([path], _heads_config(cfg, heads, todo, out), log=log)
                 done.append(f"heads on {path.name}: {', '.join(todo)}")
     return done, skipped
 

@@ -25,9 +25,11 @@ only this process writes files, so a killed run leaves no worker writing behind 
 The package: :mod:`~featx.heads.registry` (heads and grids), :mod:`~featx.heads.selection`
 (selection and refit), :mod:`~featx.heads.outofcore` (memory plan, PCA, streamed SGD),
 :mod:`~featx.heads.backends` (loky, dask, ray), :mod:`~featx.heads.task` (one run) and
-:mod:`~featx.heads.run` (the whole command).
+:mod:`~featx.heads.run` (the whole command); whether a stored result is current is
+:mod:`featx.head_current`'s answer, kept out of this package so that it imports no sklearn.
 """
 from featx.config import BACKENDS, DEFAULT_HEADS, HeadsConfig
+from featx.head_current import current_head_result, head_request, select_for
 from featx.heads.backends import check_backend, heads_backend
 from featx.heads.outofcore import STREAM_EPOCHS, MemoryPlan, memory_limit, plan_memory  # noqa: F401
 from featx.heads.registry import (
@@ -54,10 +56,12 @@ __all__ = [
     "build_head",
     "check_backend",
     "class_scores",
+    "current_head_result",
     "fit_heads",
     "format_pool_matrix",
     "format_summary",
     "get_head",
+    "head_request",
     "heads_backend",
     "list_heads",
     "load_head",
@@ -68,4 +72,5 @@ __all__ = [
     "register_head",
     "resolve_features",
     "select_and_fit",
+    "select_for",
 ]

@@ -198,55 +198,22 @@ def fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standardi
                    ) -> tuple[Pipeline, dict, dict]:
     """SGDClassifier(log_loss) by partial_fit over shuffled HDF5 blocks; alpha chosen on val
     (streamed) or, without val, on one stratified holdout fold (1/cv) of train."""
-    n_classes = len(cache.classes)
-    classes = np.arange(n_classes)
     y = cache.labels("train")
-    all_rows = np.arange(len(y))
-    if select == "val":
-        fit_rows, hold = all_rows, None
-        y_val = cache.labels("val")
-    else:
-        fit_rows, hold = next(StratifiedKFold(cv, shuffle=True, random_state=seed).split(
-            all_rows.reshape(-1, 1), y))
-    weights = np.ones(n_classes)
-    if class_weight == "balanced":
-        present = np.unique(y)
-        weights[present] = compute_class_weight("balanced", classes=present, y=y)
-
+    fit_rows, hold = _stream_split(y, select, cv, seed)
+    weights = _class_weights(y, len(cache.classes), class_weight)
     t0 = time.perf_counter()
-    scaler = StandardScaler() if standardize else "passthrough"
-    if standardize:  # on all of train: unsupervised, and the final model needs it anyway
-        for X in row_blocks(cache, "train", feature, rows):
-            scaler.partial_fit(X)
-
-    def transform(X):
-        return scaler.transform(X) if standardize else X
+    scaler = _streamed_scaler(cache, feature, standardize, rows)
 
     def train(alpha, index):
-        clf = SGDClassifier(loss="log_loss", alpha=alpha, random_state=seed)
-        for epoch in range(STREAM_EPOCHS):
-            rng = np.random.default_rng([seed, epoch])
-            for idx, X in _shuffled_blocks(cache, "train", feature, index, rows, rng):
-                clf.partial_fit(transform(X), y[idx], classes=classes,
-                                sample_weight=weights[y[idx]])
-        return clf
-
-    def holdout_score(clf):
-        if hold is None:
-            pred = np.concatenate([clf.predict(transform(X))
-                                   for X in row_blocks(cache, "val", feature, rows)])
-            return balanced_accuracy_score(y_val, pred)
-        with h5py.File(cache.path, "r") as f:
-            ds = f[f"train/{feature}"]
-            pred = np.concatenate([clf.predict(transform(ds[hold[s:s + rows]].astype(np.float32)))
-                                   for s in range(0, len(hold), rows)])
-        return balanced_accuracy_score(y[hold], pred)
+        return _train_sgd(cache, feature, y, index, alpha=alpha, scaler=scaler,
+                          weights=weights, seed=seed, rows=rows)
 
     grid, fitted = [], []
     with quiet_fit_warnings():
         for alpha in STREAM_GRID["alpha"]:
             clf = train(alpha, fit_rows)
-            grid.append({"params": {"alpha": alpha}, "score": float(holdout_score(clf))})
+            score = _holdout_score(clf, scaler, cache, feature, y, hold, rows)
+            grid.append({"params": {"alpha": alpha}, "score": float(score)})
             fitted.append(clf)
     best = int(np.argmax([g["score"] for g in grid]))
     select_s = time.perf_counter() - t0
@@ -255,12 +222,83 @@ def fit_streaming(cache: Cache, feature: str, *, select: str, cv: int, standardi
         clf = fitted[best]  # already fitted on exactly the train rows
     else:
         with quiet_fit_warnings():
-            clf = train(grid[best]["params"]["alpha"], all_rows)
+            clf = train(grid[best]["params"]["alpha"], np.arange(len(y)))
     fit_s = time.perf_counter() - t0
     model = Pipeline([("scaler", scaler), ("head", clf)])
+    selection = _stream_selection(grid, best, hold, len(y))
+    return model, selection, {"select_s": select_s, "fit_s": fit_s}
+
+
+def _stream_split(y: np.ndarray, select: str, cv: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(fit rows, holdout rows)`` of train: all rows and no holdout when selecting on val,
+    else one stratified fold (1/cv) held out."""
+    all_rows = np.arange(len(y))
+    if select == "val":
+        return all_rows, None
+    return next(StratifiedKFold(cv, shuffle=True, random_state=seed).split(
+        all_rows.reshape(-1, 1), y))
+
+
+def _class_weights(y: np.ndarray, n_classes: int, class_weight: str | None) -> np.ndarray:
+    """Each class's sample weight: ones, or sklearn's ``balanced`` for the classes present."""
+    weights = np.ones(n_classes)
+    if class_weight == "balanced":
+        present = np.unique(y)
+        weights[present] = compute_class_weight("balanced", classes=present, y=y)
+    return weights
+
+
+def _streamed_scaler(cache: Cache, feature: str, standardize: bool, rows: int
+                     ) -> StandardScaler | str:
+    """A StandardScaler partial_fit over train's blocks, or ``"passthrough"``."""
+    if not standardize:
+        return "passthrough"
+    scaler = StandardScaler()  # on all of train: unsupervised, and the final model needs it
+    for X in row_blocks(cache, "train", feature, rows):
+        scaler.partial_fit(X)
+    return scaler
+
+
+def _scaled(scaler: StandardScaler | str, X: np.ndarray) -> np.ndarray:
+    return X if isinstance(scaler, str) else scaler.transform(X)
+
+
+def _train_sgd(cache: Cache, feature: str, y: np.ndarray, index: np.ndarray, *, alpha: float,
+               scaler: StandardScaler | str, weights: np.ndarray, seed: int, rows: int
+               ) -> SGDClassifier:
+    """SGD fitted on train rows ``index``: STREAM_EPOCHS shuffled passes of partial_fit."""
+    clf = SGDClassifier(loss="log_loss", alpha=alpha, random_state=seed)
+    classes = np.arange(len(weights))
+    for epoch in range(STREAM_EPOCHS):
+        rng = np.random.default_rng([seed, epoch])
+        for idx, X in _shuffled_blocks(cache, "train", feature, index, rows, rng):
+            clf.partial_fit(_scaled(scaler, X), y[idx], classes=classes,
+                            sample_weight=weights[y[idx]])
+    return clf
+
+
+def _holdout_score(clf: SGDClassifier, scaler: StandardScaler | str, cache: Cache,
+                   feature: str, y: np.ndarray, hold: np.ndarray | None, rows: int) -> float:
+    """Balanced accuracy on the val split (``hold`` None) or on the held-out train rows."""
+    if hold is None:
+        pred = np.concatenate([clf.predict(_scaled(scaler, X))
+                               for X in row_blocks(cache, "val", feature, rows)])
+        return balanced_accuracy_score(cache.labels("val"), pred)
+    with h5py.File(cache.path, "r") as f:
+        ds = f[f"train/{feature}"]
+        pred = np.concatenate([clf.predict(_scaled(scaler, ds[hold[s:s + rows]]
+                                                   .astype(np.float32)))
+                               for s in range(0, len(hold), rows)])
+    return balanced_accuracy_score(y[hold], pred)
+
+
+def _stream_selection(grid: list[dict], best: int, hold: np.ndarray | None, n_train: int
+                      ) -> dict:
+    """The ``selection`` record of a streamed fit."""
     selection = {"on": "val" if hold is None else "holdout", "metric": SELECTION_METRIC,
                  "chosen": grid[best]["params"], "score": grid[best]["score"], "grid": grid,
                  "refit": "train", "epochs": STREAM_EPOCHS}
     if hold is not None:
-        selection["holdout_fraction"] = round(len(hold) / len(y), 4)
-    return model, selection, {"select_s": select_s, "fit_s": fit_s}
+        selection["holdout_fraction"] = round(len(hold) / n_train, 4)
+    return selection

@@ -27,6 +27,7 @@ from featx.config import HeadsConfig, check_settings
 from featx.errors import FeatxError, ParameterError
 from featx.features import pool_of
 from featx.files import atomic_write
+from featx.head_current import current_head_result, select_for
 from featx.heads.backends import check_backend, heads_backend
 from featx.heads.outofcore import (
     MB,
@@ -38,8 +39,8 @@ from featx.heads.outofcore import (
 )
 from featx.heads.registry import get_head, parse_heads
 from featx.heads.summary import format_pool_matrix, plot_pool_summary
-from featx.heads.task import SUMMARY_COLUMNS, HeadTask, head_request, run_indexed, summary_row
-from featx.results import head_model_path, head_result_path, jsonable, write_json
+from featx.heads.task import SUMMARY_COLUMNS, HeadTask, run_indexed, summary_row, task_request
+from featx.results import head_model_path, head_result_path, write_json
 
 __all__ = ["HeadsConfig", "HeadsRun", "fit_heads", "load_head", "open_cache",
            "resolve_features"]
@@ -119,17 +120,8 @@ def _write_run(task: HeadTask, result: dict, model: Pipeline) -> None:
 
 
 def _current_result(task: HeadTask) -> dict | None:
-    """The result at ``task.out_json`` when it was made from this very cache file (its
-    provenance, creation time included) with the same request and its model is there."""
-    try:
-        res = json.loads(task.out_json.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(res, dict) or not head_model_path(task.out_json).is_file():
-        return None
-    same_cache = res.get("provenance") == json.loads(json.dumps(jsonable(task.cache.attrs)))
-    same_request = (res.get("settings") or {}).get("request") == head_request(task)
-    return res if same_cache and same_request else None
+    """The result at ``task.out_json`` when it is current (:func:`current_head_result`)."""
+    return current_head_result(task.out_json, task.cache.attrs, task_request(task))
 
 
 def _dump_atomic(obj, path: Path) -> None:
@@ -220,13 +212,13 @@ def _open_caches(caches: Sequence[str | Path], config: HeadsConfig,
         cache = open_cache(path)
         features = resolve_features(cache, config.features)
         has_val = "val" in cache.splits and len(cache.labels("val")) > 0
-        select_on = config.select if has_val else "cv"
-        for note in _check_labels(cache, select_on, config.cv):
+        select = select_for(config, has_val)
+        for note in _check_labels(cache, select, config.cv):
             say(note)
         if config.select == "val" and not has_val:
             say(f"note: {cache.path.name} has no val split; choosing hyperparameters by "
                 f"{config.cv}-fold stratified CV on train.")
-        prepared.append((cache, features, select_on))
+        prepared.append((cache, features, select))
     if config.class_weight == "balanced":
         for h in config.heads:
             if not get_head(h).supports_class_weight:

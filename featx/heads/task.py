@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +18,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache
+from featx.head_current import head_request
 from featx.heads.outofcore import MemoryPlan, fit_streaming, row_blocks
 from featx.heads.registry import STREAM_GRID, get_head
 from featx.heads.selection import (
@@ -49,6 +51,20 @@ class HeadTask:
     reduce_s: float = 0.0
 
 
+@dataclass
+class _Fitted:
+    """A task's fitted model and the blocks it is scored on."""
+
+    model: Pipeline             # what predicts the rows as given (reduced in pca mode)
+    saved: Pipeline             # what is saved: takes raw features
+    selection: dict
+    fit_times: dict             # select_s, fit_s
+    test_blocks: Iterator[np.ndarray]
+    val_blocks: Iterator[np.ndarray] | None
+    load_s: float = 0.0
+    reduce_s: float = 0.0
+
+
 def _run_task(task: HeadTask, X_train: np.ndarray | None = None, X_val: np.ndarray | None = None,
               X_test: np.ndarray | None = None) -> tuple[dict, dict, Pipeline]:
     """Fit, select and score one (cache, feature, head); returns (result, row, pipeline).
@@ -57,64 +73,104 @@ def _run_task(task: HeadTask, X_train: np.ndarray | None = None, X_val: np.ndarr
     scatters them once per call for dask, so a feature's heads share one copy); otherwise
     the rows are read from the cache here, on the worker. Nothing is written here.
     """
-    cache, cfg, plan = task.cache, task.config, task.plan
-    classes = cache.classes
+    cache = task.cache
     has_val = "val" in cache.splits and len(cache.labels("val")) > 0
-    y_train, y_test = cache.labels("train"), cache.labels("test")
-    y_val = cache.labels("val") if has_val else None
-    cw = cfg.class_weight
+    if task.plan.mode == "stream":
+        fitted = _fit_streamed(task, has_val)
+    else:
+        fitted = _fit_in_memory(task, has_val, X_train, X_val, X_test)
+    metrics, predict_s = _score(fitted, cache, has_val)
+    timings = _timings(task, fitted, predict_s)
+    head = "sgd" if task.plan.mode == "stream" else task.head
+    suffix = {"memory": "", "pca": f" [pca{task.plan.pca}]",
+              "stream": " [streamed]"}[task.plan.mode]
+    result = make_result(
+        kind="head", method=f"{head} @ {task.feature}{suffix}", model=cache.attrs["model"],
+        feature=task.feature, head=head, dataset=task.dataset, metrics=metrics,
+        timings=timings, settings=_settings(task, head, fitted.selection),
+        selection=fitted.selection, provenance=cache.attrs,
+        artifacts={"model": head_model_path(task.out_json).name, "cache": str(cache.path)})
+    return result, summary_row(result, task, task.plan), fitted.saved
+
+
+def _fit_streamed(task: HeadTask, has_val: bool) -> _Fitted:
+    """The streamed SGD head, fitted over HDF5 row blocks; scored over blocks too."""
+    cache, cfg, rows = task.cache, task.config, task.plan.block_rows
+    model, selection, tm = fit_streaming(
+        cache, task.feature, select=task.select_on, cv=cfg.cv, standardize=cfg.standardize,
+        class_weight=cfg.class_weight, seed=cfg.seed, rows=rows)
+    return _Fitted(model, model, selection, tm,
+                   row_blocks(cache, "test", task.feature, rows),
+                   row_blocks(cache, "val", task.feature, rows) if has_val else None)
+
+
+def _fit_in_memory(task: HeadTask, has_val: bool, X_train: np.ndarray | None,
+                   X_val: np.ndarray | None, X_test: np.ndarray | None) -> _Fitted:
+    """The head selected and refitted on rows in memory: read here, or PCA-reduced ones."""
+    cache, cfg, plan = task.cache, task.config, task.plan
     t0 = time.perf_counter()
     load_s = reduce_s = 0.0
-    if plan.mode == "stream":
-        model, selection, tm = fit_streaming(
-            cache, task.feature, select=task.select_on, cv=cfg.cv, standardize=cfg.standardize,
-            class_weight=cw, seed=cfg.seed, rows=plan.block_rows)
-        saved = model
-        test_blocks = row_blocks(cache, "test", task.feature, plan.block_rows)
-        val_blocks = row_blocks(cache, "val", task.feature, plan.block_rows) if has_val else None
+    if plan.mode == "pca":
+        reduce_s = task.reduce_s
+        test_blocks = iter([X_test])
     else:
-        if plan.mode == "pca":
-            reducer, reduce_s = task.reducer, task.reduce_s
-            test_blocks = iter([X_test])
-        else:
-            X_train = cache.load("train", task.feature)
-            X_val = cache.load("val", task.feature) if has_val else None
-            test_blocks = row_blocks(cache, "test", task.feature, plan.block_rows)
-            load_s = time.perf_counter() - t0
-        model, selection, tm = select_and_fit(
-            task.head, X_train, y_train, X_val, y_val, select=task.select_on, cv=cfg.cv,
-            standardize=cfg.standardize, class_weight=cw, seed=cfg.seed, n_jobs=task.inner_jobs)
-        del X_train
-        # the saved model takes raw features: in pca mode, the reducer's steps come first
-        saved = Pipeline(reducer.steps + model.steps) if plan.mode == "pca" else model
-        val_blocks = iter([X_val]) if has_val else None
+        X_train = cache.load("train", task.feature)
+        X_val = cache.load("val", task.feature) if has_val else None
+        test_blocks = row_blocks(cache, "test", task.feature, plan.block_rows)
+        load_s = time.perf_counter() - t0
+    y_val = cache.labels("val") if has_val else None
+    model, selection, tm = select_and_fit(
+        task.head, X_train, cache.labels("train"), X_val, y_val, select=task.select_on,
+        cv=cfg.cv, standardize=cfg.standardize, class_weight=cfg.class_weight, seed=cfg.seed,
+        n_jobs=task.inner_jobs)
+    del X_train
+    # the saved model takes raw features: in pca mode, the reducer's steps come first
+    saved = Pipeline(task.reducer.steps + model.steps) if plan.mode == "pca" else model
+    return _Fitted(model, saved, selection, tm, test_blocks,
+                   iter([X_val]) if has_val else None, load_s, reduce_s)
+
+
+def _score(fitted: _Fitted, cache: Cache, has_val: bool) -> tuple[dict, float]:
+    """Test (and val) metrics of the fitted model, with the selection's numbers and times;
+    and the test prediction's seconds."""
+    classes, y_test = cache.classes, cache.labels("test")
+    model, selection = fitted.model, fitted.selection
     t1 = time.perf_counter()
     with quiet_fit_warnings():
-        pred, score = predict_blocks(model, test_blocks, len(classes))
+        pred, score = predict_blocks(model, fitted.test_blocks, len(classes))
     predict_s = time.perf_counter() - t1
     with quiet_fit_warnings():
         metrics = classification_metrics(y_test, pred, score, classes)
         if has_val:
-            val_pred = np.concatenate([model.predict(X) for X in val_blocks])
+            y_val = cache.labels("val")
+            val_pred = np.concatenate([model.predict(X) for X in fitted.val_blocks])
             metrics["val_accuracy"] = float(np.mean(val_pred == y_val))
             metrics["val_balanced_accuracy"] = float(balanced_accuracy_score(y_val, val_pred))
     metrics["selection_score"] = selection["score"]
     if selection["on"] == "cv":
         metrics["cv_balanced_accuracy"] = selection["score"]
-    metrics["fit_s"] = tm["fit_s"]
-    metrics["select_s"] = tm["select_s"]
+    metrics["fit_s"] = fitted.fit_times["fit_s"]
+    metrics["select_s"] = fitted.fit_times["select_s"]
     metrics["predict_s"] = predict_s
+    return metrics, predict_s
 
-    extract_s = float((cache.attrs.get("timings") or {}).get("seconds") or 0.0)
-    timings = {"extract_s": extract_s, "load_s": load_s, "select_s": tm["select_s"],
+
+def _timings(task: HeadTask, fitted: _Fitted, predict_s: float) -> dict:
+    """Seconds per step, the cache's extraction included, and their total."""
+    tm = fitted.fit_times
+    extract_s = float((task.cache.attrs.get("timings") or {}).get("seconds") or 0.0)
+    timings = {"extract_s": extract_s, "load_s": fitted.load_s, "select_s": tm["select_s"],
                "fit_s": tm["fit_s"], "predict_s": predict_s}
-    if plan.mode == "pca":
-        timings["reduce_s"] = reduce_s  # the PCA, shared by this feature's heads
+    if task.plan.mode == "pca":
+        timings["reduce_s"] = fitted.reduce_s  # the PCA, shared by this feature's heads
     timings["total_s"] = sum(timings.values())
+    return timings
 
-    head = "sgd" if plan.mode == "stream" else task.head
+
+def _settings(task: HeadTask, head: str, selection: dict) -> dict:
+    """The result's ``settings``: what was fitted and how, and the request it answers."""
+    cfg, plan, cw = task.config, task.plan, task.config.class_weight
     spec = get_head(head)
-    suffix = {"memory": "", "pca": f" [pca{plan.pca}]", "stream": " [streamed]"}[plan.mode]
     settings = {
         "standardize": cfg.standardize,
         "class_weight": cw if spec.supports_class_weight else None,
@@ -131,30 +187,21 @@ def _run_task(task: HeadTask, X_train: np.ndarray | None = None, X_val: np.ndarr
         settings["cv"] = cfg.cv
     if plan.mode == "stream":
         settings["replaces_heads"] = list(cfg.heads)
-    settings["request"] = head_request(task)
-    model_file = head_model_path(task.out_json)
-    result = make_result(
-        kind="head", method=f"{head} @ {task.feature}{suffix}", model=cache.attrs["model"],
-        feature=task.feature, head=head, dataset=task.dataset, metrics=metrics,
-        timings=timings, settings=settings, selection=selection, provenance=cache.attrs,
-        artifacts={"model": model_file.name, "cache": str(cache.path)})
-    return result, summary_row(result, task, plan), saved
+    settings["request"] = task_request(task)
+    return settings
 
 
 def run_indexed(i: int, task: HeadTask, *arrays) -> tuple[int, dict, dict, Pipeline]:
     return (i, *_run_task(task, *arrays))
 
 
-def head_request(task: HeadTask) -> dict:
-    """Everything a result depends on besides the cache: an equal request on the same cache
-    finds the result current (:func:`_current_result`). JSON-normalised, as stored."""
-    cfg, plan = task.config, task.plan
-    req = {"head": task.head, "feature": task.feature, "mode": plan.mode, "pca": plan.pca,
-           "select": task.select_on, "cv": cfg.cv, "standardize": cfg.standardize,
-           "class_weight": cfg.class_weight, "seed": cfg.seed,
-           "heads": list(cfg.heads) if plan.mode == "stream" else [task.head],
-           "grid": STREAM_GRID if plan.mode == "stream" else get_head(task.head).grid}
-    return json.loads(json.dumps(req))
+def task_request(task: HeadTask) -> dict:
+    """What ``task``'s result depends on besides the cache (:func:`head_request`)."""
+    streamed = task.plan.mode == "stream"
+    return head_request(task.config, head=task.head, feature=task.feature,
+                        select_on=task.select_on, streamed=streamed,
+                        plan=(task.plan.mode, task.plan.pca),
+                        grid=STREAM_GRID if streamed else get_head(task.head).grid)
 
 
 SUMMARY_COLUMNS = (["cache", "dataset", "model", "feature", "head", "mode", "selection",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,67 +66,92 @@ def _looks_like_result(path: Path, text: str) -> bool:
     return "featx-result" in text or path.name == FINETUNE_RESULT
 
 
+@dataclass(frozen=True)
+class _Result:
+    """The parts of one result JSON that the report reads, checked by :meth:`from_json`."""
+
+    raw: dict
+    kind: str
+    method: str
+    model: str
+    dataset: dict
+    metrics: dict
+    timings: dict
+    artifacts: dict
+    provenance: dict
+
+    @classmethod
+    def from_json(cls, res: Any) -> _Result:
+        """``res`` checked; raises ValueError naming the first missing piece."""
+        if not isinstance(res, dict):
+            raise FeatxError("not a JSON object")
+        if res.get("schema") != RESULT_SCHEMA:
+            raise FeatxError(f"schema {res.get('schema')!r}, expected {RESULT_SCHEMA!r}")
+        for key in ("kind", "method", "model"):
+            if not isinstance(res.get(key), str) or not res[key]:
+                raise FeatxError(f"{key!r} missing or not a string")
+        ds, metrics = res.get("dataset"), res.get("metrics")
+        if not isinstance(ds, dict):
+            raise FeatxError("'dataset' missing")
+        for key in ("name", "split_fingerprint", "test_fingerprint"):
+            if not isinstance(ds.get(key), str):
+                raise FeatxError(f"'dataset.{key}' missing")
+        if not isinstance(metrics, dict) or "balanced_accuracy" not in metrics:
+            raise FeatxError("'metrics.balanced_accuracy' missing")
+        timings = _section(res, "timings")
+        for key, value in timings.items():
+            # a time that is not a number would rank as 0 s (or last); the row cannot be placed
+            if key.endswith("_s") and value is not None and _num(value) is None \
+                    and not isinstance(value, list):
+                raise FeatxError(f"'timings.{key}' is not a number ({value!r})")
+        return cls(res, res["kind"], res["method"], res["model"], ds, metrics, timings,
+                   _section(res, "artifacts"), _section(res, "provenance"))
+
+
+def _section(res: dict, key: str) -> dict:
+    return res.get(key) if isinstance(res.get(key), dict) else {}
+
+
+def _head_run_s(timings: dict, extract_s: float) -> float | None:
+    """A head's own run: ``total_s - extract_s``, else the sum of the parts recorded."""
+    total = _num(timings.get("total_s"))
+    if total is not None:
+        return max(total - extract_s, 0.0)
+    parts = [_num(timings.get(k)) for k in ("load_s", "select_s", "fit_s", "predict_s",
+                                            "reduce_s")]
+    return sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
+
+
+def _cache_key(r: _Result) -> tuple[str, str, str, str]:
+    """One extraction pass = one cache file as it was when these heads read it."""
+    return (str(r.artifacts.get("cache") or ""), str(r.provenance.get("created") or ""),
+            r.model, r.dataset["split_fingerprint"])
+
+
 def _row_from_result(res: Any, path: Path, root: Path) -> dict:
     """The flat row of one parsed result; raises ValueError naming the first missing piece."""
-    if not isinstance(res, dict):
-        raise FeatxError("not a JSON object")
-    if res.get("schema") != RESULT_SCHEMA:
-        raise FeatxError(f"schema {res.get('schema')!r}, expected {RESULT_SCHEMA!r}")
-    for key in ("kind", "method", "model"):
-        if not isinstance(res.get(key), str) or not res[key]:
-            raise FeatxError(f"{key!r} missing or not a string")
-    ds, metrics = res.get("dataset"), res.get("metrics")
-    if not isinstance(ds, dict):
-        raise FeatxError("'dataset' missing")
-    for key in ("name", "split_fingerprint", "test_fingerprint"):
-        if not isinstance(ds.get(key), str):
-            raise FeatxError(f"'dataset.{key}' missing")
-    if not isinstance(metrics, dict) or "balanced_accuracy" not in metrics:
-        raise FeatxError("'metrics.balanced_accuracy' missing")
-    timings = res.get("timings") if isinstance(res.get("timings"), dict) else {}
-    artifacts = res.get("artifacts") if isinstance(res.get("artifacts"), dict) else {}
-    provenance = res.get("provenance") if isinstance(res.get("provenance"), dict) else {}
-
-    for key, value in timings.items():
-        # a time that is not a number would rank as 0 s (or last); the row cannot be placed
-        if key.endswith("_s") and value is not None and _num(value) is None \
-                and not isinstance(value, list):
-            raise FeatxError(f"'timings.{key}' is not a number ({value!r})")
-
-    extract_s = run_s = None
-    cache_key = None
-    if res["kind"] == "head":
-        extract_s = _num(timings.get("extract_s")) or 0.0
-        total = _num(timings.get("total_s"))
-        if total is not None:
-            run_s = max(total - extract_s, 0.0)
-        else:
-            parts = [_num(timings.get(k)) for k in ("load_s", "select_s", "fit_s",
-                                                    "predict_s", "reduce_s")]
-            run_s = sum(p for p in parts if p is not None) if any(
-                p is not None for p in parts) else None
-        # one extraction pass = one cache file as it was when these heads read it
-        cache_key = (str(artifacts.get("cache") or ""), str(provenance.get("created") or ""),
-                     res["model"], ds["split_fingerprint"])
+    r = _Result.from_json(res)
+    if r.kind == "head":
+        extract_s = _num(r.timings.get("extract_s")) or 0.0
+        run_s, cache_key = _head_run_s(r.timings, extract_s), _cache_key(r)
     else:
-        run_s = _num(timings.get("total_s"))
-
+        extract_s, run_s, cache_key = None, _num(r.timings.get("total_s")), None
     return {
         "path": path,
         "source": path.relative_to(root).as_posix(),
         "result": res,
-        "dataset": ds["name"],
-        "classes": list(ds.get("classes") or []),
-        "split_fingerprint": ds["split_fingerprint"],
-        "test_fingerprint": ds["test_fingerprint"],
-        "model": res["model"],
-        "method": res["method"],
-        "kind": res["kind"],
-        "feature": res.get("feature"),
-        "head": res.get("head"),
-        "created": str(res.get("created") or ""),
-        **{c.name: _num(metrics.get(c.key)) for c in METRIC_COLUMNS},
-        "n_test": metrics.get("n"),
+        "dataset": r.dataset["name"],
+        "classes": list(r.dataset.get("classes") or []),
+        "split_fingerprint": r.dataset["split_fingerprint"],
+        "test_fingerprint": r.dataset["test_fingerprint"],
+        "model": r.model,
+        "method": r.method,
+        "kind": r.kind,
+        "feature": r.raw.get("feature"),
+        "head": r.raw.get("head"),
+        "created": str(r.raw.get("created") or ""),
+        **{c.name: _num(r.metrics.get(c.key)) for c in METRIC_COLUMNS},
+        "n_test": r.metrics.get("n"),
         "extract_s": extract_s,
         "run_s": run_s,
         "cache_key": cache_key,
