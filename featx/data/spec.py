@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.config import MAX_SEED
 from featx.errors import FeatxError, ParameterError
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_SEED", "SPLITS", "DataError", "DataParameterError",
@@ -16,9 +17,6 @@ __all__ = ["IMAGE_EXTENSIONS", "MAX_SEED", "SPLITS", "DataError", "DataParameter
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm")
-# numpy's and sklearn's seeds are unsigned 32-bit; torch's would take more, but one seed
-# feeds all of them
-MAX_SEED = 2**32 - 1
 
 
 class DataError(FeatxError):
