@@ -353,7 +353,7 @@ def fit_heads(caches, heads, features, select, cv, class_weight, standardize, pc
               memory_limit_mb, jobs, backend, scheduler_address, seed, out, refit):
     """Fit classical heads on cached features; choose on val, score once on test.
 
-    Writes OUT/{cache}/heads/{feature}__{head}.json and .joblib per run, merges
+    Writes OUT/{cache}/heads/{feature}__{head}.json and .skops per run, merges
     OUT/heads_summary.csv, and prints a table sorted by test balanced accuracy. A result
     already made from the same cache file with the same settings is reused, not refitted.
     """
@@ -474,7 +474,7 @@ def finetune(model, data_path, split_fractions, split_seed, seed, split_from, we
 
 @main.command(cls=_EnvCommand)
 @click.option("--head", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="A fit-heads result JSON (its .joblib must be beside it).")
+              default=None, help="A fit-heads result JSON (its .skops must be beside it).")
 @click.option("--finetuned", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="A finetune result.json (its best.pt must be beside it).")
 @click.option("--data", "data_paths", multiple=True, type=click.Path(exists=True, path_type=Path),

@@ -57,7 +57,7 @@ def _head(root, dataset, feature, head, wrong, *, cache="tiles_resnet18_imagenet
     res = make_result(kind="head", method=f"{head} @ {feature}", dataset=dataset, model=model,
                       metrics=m, timings=t, feature=feature, head=head,
                       provenance={"created": created, "model": model},
-                      artifacts={"model": f"{feature}__{head}.joblib",
+                      artifacts={"model": f"{feature}__{head}.skops",
                                  "cache": f"/cache/{cache}.h5"})
     return write_json(root / cache / "heads" / f"{feature}__{head}.json", res)
 

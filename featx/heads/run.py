@@ -3,7 +3,7 @@
 One *run* is one (cache, feature, head); its files::
 
     {out}/{cache stem}/heads/{feature}__{head}.json      result, schema featx-result/1
-    {out}/{cache stem}/heads/{feature}__{head}.joblib    the fitted sklearn Pipeline
+    {out}/{cache stem}/heads/{feature}__{head}.skops     the fitted sklearn Pipeline (skops, no pickle)
     {out}/{cache stem}/pool_sizes.png                    when 2+ pool sizes were run
     {out}/heads_summary.csv                              one row per run (merged over calls)
 
@@ -22,6 +22,7 @@ import joblib
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from featx.artifacts import artifact_file, dump_head_model, load_head_model, sha256_key
 from featx.cache import Cache, CacheError, partial_path
 from featx.config import CLASS_WEIGHTS, SELECT_MODES, HeadsConfig
 from featx.errors import FeatxError, ParameterError
@@ -39,7 +40,7 @@ from featx.heads.outofcore import (
 from featx.heads.registry import get_head, parse_heads
 from featx.heads.summary import format_pool_matrix, plot_pool_summary
 from featx.heads.task import SUMMARY_COLUMNS, HeadTask, head_request, run_indexed, summary_row
-from featx.results import head_model_path, head_result_path, jsonable, write_json
+from featx.results import head_model_path, head_result_path, jsonable, read_result, write_json
 
 __all__ = ["HeadsConfig", "HeadsRun", "fit_heads", "load_head", "open_cache",
            "resolve_features"]
@@ -114,7 +115,8 @@ def _write_run(task: HeadTask, result: dict, model: Pipeline) -> None:
     """The model, then its result JSON; an older JSON goes first, so no JSON ever sits
     beside a model it did not describe, and a run killed half-way reads as not done."""
     task.out_json.unlink(missing_ok=True)
-    _dump_atomic(model, head_model_path(task.out_json))
+    sha = dump_head_model(model, head_model_path(task.out_json))
+    result["artifacts"][sha256_key("model")] = sha
     write_json(task.out_json, result)
 
 
@@ -125,16 +127,15 @@ def _current_result(task: HeadTask) -> dict | None:
         res = json.loads(task.out_json.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(res, dict) or not head_model_path(task.out_json).is_file():
+    if not isinstance(res, dict):
+        return None
+    try:  # the model it names is there, unchanged since
+        artifact_file(task.out_json, res)
+    except (FeatxError, OSError):
         return None
     same_cache = res.get("provenance") == json.loads(json.dumps(jsonable(task.cache.attrs)))
     same_request = (res.get("settings") or {}).get("request") == head_request(task)
     return res if same_cache and same_request else None
-
-
-def _dump_atomic(obj, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        joblib.dump(obj, tmp)
 
 
 def _write_summary(path: Path, rows: list[dict]) -> Path:
@@ -360,12 +361,14 @@ def _compare_pool_sizes(run: HeadsRun, prepared, tasks: list[HeadTask], reused: 
 
 
 def load_head(path: str | Path) -> Pipeline:
-    """The fitted pipeline of a result: ``path`` is its JSON (or the .joblib itself).
+    """The fitted pipeline of a result: ``path`` is its JSON (or the .skops itself).
 
     ``load_head(p).predict(X)`` takes raw cached features of shape (n_samples, n_features).
+    Through the JSON, the model file must be the one it recorded (name and sha256,
+    :func:`featx.artifacts.artifact_file`); either way only trusted types are built
+    (:func:`featx.artifacts.load_head_model`), and nothing is unpickled.
     """
     path = Path(path)
     if path.suffix == ".json":
-        with open(path) as f:
-            path = path.with_name(json.load(f)["artifacts"]["model"])
-    return joblib.load(path)
+        path = artifact_file(path, read_result(path), missing="re-run fit-heads to write it")
+    return load_head_model(path)
