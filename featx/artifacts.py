@@ -98,12 +98,14 @@ def load_head_model(path: str | Path):
 
 
 def artifact_file(result_path: str | Path, result: dict, key: str = "model", *,
-                  missing: str = "re-run the command that wrote it") -> Path:
+                  missing: str = "re-run the command that wrote it",
+                  verify: bool = True) -> Path:
     """The file that ``result["artifacts"][key]`` names, beside the result at ``result_path``.
 
     Refuses (:class:`ArtifactError`) a name that is not a plain file name in the result's own
     folder (``..``, an absolute path, a subfolder, a symlink), and a file whose sha256 is not the one the result records as
-    ``artifacts["{key}_sha256"]``. A missing file raises ``FileNotFoundError`` ending in
+    ``artifacts["{key}_sha256"]`` (``verify``; False for files that are only read as text,
+    such as the history CSV). A missing file raises ``FileNotFoundError`` ending in
     ``missing`` (what to do).
     """
     result_path = Path(result_path)
@@ -126,6 +128,8 @@ def artifact_file(result_path: str | Path, result: dict, key: str = "model", *,
                             f"result's own folder; refused.")
     if not path.is_file():
         raise FileNotFoundError(f"{result_path}: its {key} file {name} is missing; {missing}.")
+    if not verify:
+        return path
     want = artifacts.get(sha256_key(key))
     if not isinstance(want, str) or not want:
         raise ArtifactError(f"{result_path}: records no sha256 for {name} (an older featx "
