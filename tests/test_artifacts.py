@@ -123,9 +123,9 @@ def test_pickle_payload_as_head_model_never_runs(head_experiment, heads_copy, tm
 def test_skops_file_holding_other_types_is_refused_unloaded(tmp_path):
     """A skops file (valid zip) whose objects are not among the types featx writes, e.g. a
     FunctionTransformer calling os.system, is refused before anything is built."""
+    import skops.io as sio
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
-    import skops.io as sio
     path = tmp_path / "evil.skops"
     sio.dump(Pipeline([("x", FunctionTransformer(os.system))]), path)
     with pytest.raises(ArtifactError, match="holds types featx does not write"):

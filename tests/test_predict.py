@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from torchvision import models
 
 from featx.apply import find_images, load_predictor, predict, predict_batches
+from featx.artifacts import file_sha256
 from featx.cache import Cache
 from featx.cli import main
 from featx.heads import class_scores, load_head
-from featx.artifacts import file_sha256
 from featx.results import read_result
 from tests.test_artifacts import malicious_pickle
 
