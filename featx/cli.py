@@ -379,7 +379,7 @@ def report(results_dir, out):
 def fit_heads(caches, jobs, out, **settings):
     """Fit classical heads on cached features; choose on val, score once on test.
 
-    Writes OUT/{cache}/heads/{feature}__{head}.json and .joblib per run, merges
+    Writes OUT/{cache}/heads/{feature}__{head}.json and .skops per run, merges
     OUT/heads_summary.csv, and prints a table sorted by test balanced accuracy. A result
     already made from the same cache file with the same settings is reused, not refitted.
     """
@@ -486,7 +486,7 @@ def finetune(model, data_path, split_fractions, split_seed, split_from, show_sta
 
 @main.command(cls=_EnvCommand)
 @click.option("--head", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="A fit-heads result JSON (its .joblib must be beside it).")
+              default=None, help="A fit-heads result JSON (its .skops must be beside it).")
 @click.option("--finetuned", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="A finetune result.json (its best.pt must be beside it).")
 @click.option("--data", "data_paths", multiple=True, type=click.Path(exists=True, path_type=Path),

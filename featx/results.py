@@ -46,8 +46,8 @@ def head_result_path(out_dir: str | Path, cache_stem: str, feature: str, head: s
 
 
 def head_model_path(result_path: str | Path) -> Path:
-    """The fitted pipeline (``.joblib``) beside a head's result JSON."""
-    return Path(result_path).with_suffix(".joblib")
+    """The fitted pipeline (``.skops``, :mod:`featx.artifacts`) beside a head's result JSON."""
+    return Path(result_path).with_suffix(".skops")
 
 
 def finetune_result_path(run_dir: str | Path) -> Path:

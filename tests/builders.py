@@ -155,7 +155,7 @@ def write_head_result(root, dataset, feature, head, wrong, *,
     res = make_result(kind="head", method=f"{head} @ {feature}", dataset=dataset, model=model,
                       metrics=m, timings=t, feature=feature, head=head,
                       provenance={"created": created, "model": model},
-                      artifacts={"model": f"{feature}__{head}.joblib",
+                      artifacts={"model": f"{feature}__{head}.skops",
                                  "cache": f"/cache/{cache}.h5"})
     return write_json(root / cache / "heads" / f"{feature}__{head}.json", res)
 

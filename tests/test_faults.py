@@ -243,32 +243,34 @@ def test_read_only_out_cwd_or_torch_home_is_one_line_in_every_command(read_only_
 def test_a_second_run_on_the_same_cache_refuses_naming_the_first(tmp_path):
     """A real `featx extract` process holds the cache; a second run (this process) refuses
     with one line naming its pid, and the first run finishes a complete file."""
-    root = write_digits(tmp_path / "d", per_class=60, size=32)
+    root = write_digits(tmp_path / "d", per_class=20, size=32)
     out = tmp_path / "c"
     args = [*EXTRACT[:5], "--image-size", "64", "--batch-size", "4", *EXTRACT[9:],
             "--data", root, "--out", out]
-    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *map(str, args)], env=_env(),
+    # the first run holds the lock until the second has been refused (a hook, not a timer)
+    release = tmp_path / "release"
+    lock = lock_path(out / "d_resnet18_none_64.h5")
+    proc = subprocess.Popen([sys.executable, "-m", "featx.cli", *map(str, args)],
+                            env={**_env(), "FEATX_TEST_HOLD_LOCK_UNTIL": str(release)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = partial_path(out / "d_resnet18_none_64.h5")
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        try:
-            with h5py.File(partial, "r", locking=False) as f:
-                if f["train"].attrs["next_index"] >= 8:
-                    break
-        except (OSError, KeyError):
-            pass
+        if lock.is_file() and f"pid {proc.pid}" in lock.read_text():
+            break
         time.sleep(0.05)
     try:
+        assert proc.poll() is None, proc.stderr.read()
         res, text = _cli(args)
         assert proc.poll() is None, "the first run ended before the second started"
     finally:
+        release.touch()
         rc = proc.wait(timeout=120)
     line = _one_error_line(text)
     assert res.exit_code == 1 and f"pid {proc.pid}" in line, text
     assert rc == 0, proc.stderr.read()
     cache = Cache(out / "d_resnet18_none_64.h5")
-    assert sum(len(cache.labels(s)) for s in cache.splits) == 180
+    assert sum(len(cache.labels(s)) for s in cache.splits) == 60
     assert not partial.exists() and not lock_path(out / "d_resnet18_none_64.h5").exists()
 
 

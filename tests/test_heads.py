@@ -182,7 +182,7 @@ def test_results_json_csv_matrix_and_plot_from_a_real_extraction(digits_split_di
         assert result["settings"]["class_weight"] == "balanced"
         assert result["dataset"]["test_fingerprint"] == Cache(cache_path).dataset_info()[
             "test_fingerprint"]
-        assert (out / row.json).with_suffix(".joblib").is_file()
+        assert (out / row.json).with_suffix(".skops").is_file()
     assert (out / cache_path.stem / "pool_sizes.png").stat().st_size > 1000
     table = res.stdout.splitlines()  # its order: test_printed_table_is_sorted_by_...
     assert {tuple(line.split()[2:4]) for line in table[1:7]} == set(zip(csv["feature"],
@@ -203,7 +203,7 @@ def test_persisted_head_reloads_and_gives_the_same_predictions(blob_cache, tmp_p
         pred = model.predict(X)
         assert confusion_matrix(y, pred).tolist() == read_result(path)["metrics"][
             "confusion_matrix"]
-        again = load_head(path.with_suffix(".joblib"))
+        again = load_head(path.with_suffix(".skops"))
         np.testing.assert_array_equal(again.predict(X), pred)
 
 

@@ -12,10 +12,12 @@ import torch
 from torchvision import models
 
 from featx.apply import find_images, load_predictor, predict, predict_batches
+from featx.artifacts import file_sha256
 from featx.cache import Cache
 from featx.heads import class_scores, load_head
 from featx.results import read_result
 from tests.builders import invoke_cli as run
+from tests.test_artifacts import malicious_pickle
 
 
 def one_line_error(result, *needles):
@@ -111,14 +113,14 @@ def test_refuses_replaced_weights_file_and_keeps_earlier_predictions(head_experi
 def test_refuses_missing_head_file_and_wrong_result_kind(head_experiment, tmp_path):
     ex = head_experiment
     result = ex.results[("penultimate", "logistic")]
-    joblib_file = result.with_suffix(".joblib")
-    moved = tmp_path / "moved.joblib"
-    shutil.move(joblib_file, moved)
+    model_file = result.with_suffix(".skops")
+    moved = tmp_path / "moved.skops"
+    shutil.move(model_file, moved)
     try:
         one_line_error(run("predict", "--head", result, "--data", ex.data, "--out",
                            tmp_path / "p.csv"), "missing", "re-run fit-heads")
     finally:
-        shutil.move(moved, joblib_file)
+        shutil.move(moved, model_file)
     one_line_error(run("predict", "--finetuned", result, "--data", ex.data),
                    "is a head result", "--head")
     # a result whose model is not the one its pipeline was fitted for
@@ -126,7 +128,7 @@ def test_refuses_missing_head_file_and_wrong_result_kind(head_experiment, tmp_pa
     record = json.loads(result.read_text())
     record["model"] = record["provenance"]["model"] = "mobilenet_v2"
     other.write_text(json.dumps(record))
-    shutil.copy(joblib_file, tmp_path / joblib_file.name)
+    shutil.copy(model_file, tmp_path / model_file.name)
     one_line_error(run("predict", "--head", other, "--data", ex.data, "--out",
                        tmp_path / "p.csv"), "mobilenet_v2", "512", "1280")
     assert not (tmp_path / "p.csv").exists()
@@ -175,4 +177,22 @@ def test_finetuned_run_predicts_with_its_best_checkpoint(head_experiment, tmp_pa
     ckpt = torch.load(res.run_dir / "best.pt", weights_only=True)
     torch.save({**ckpt, "epoch": ckpt["epoch"] + 1}, res.run_dir / "best.pt")
     one_line_error(run("predict", "--finetuned", res.result_path, "--data", manifest,
+                       "--out", out), "sha256", "best.pt")
+    # ... and with its sha256 recorded as well (the folder's writer edited the JSON too)
+    record = json.loads(res.result_path.read_text())
+    record["artifacts"]["model_sha256"] = file_sha256(res.run_dir / "best.pt")
+    res.result_path.write_text(json.dumps(record))
+    one_line_error(run("predict", "--finetuned", res.result_path, "--data", manifest,
                        "--out", out), "not the checkpoint")
+    # a pickle whose payload would create a file, as best.pt with its sha256 recorded:
+    # weights_only refuses it and the payload never runs
+    marker = tmp_path / "pwned"
+    (res.run_dir / "best.pt").write_bytes(malicious_pickle(marker))
+    record["artifacts"]["model_sha256"] = file_sha256(res.run_dir / "best.pt")
+    res.result_path.write_text(json.dumps(record))
+    for cmd in (["predict", "--finetuned", res.result_path, "--data", manifest, "--out", out],
+                ["export", res.result_path, "--out", tmp_path / "ft.pt2"]):
+        r = run(*cmd)
+        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+        assert len([ln for ln in r.output.splitlines() if ln.startswith("Error:")]) == 1
+        assert not marker.exists()

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
+import shutil
 import struct
 
 import numpy as np
@@ -253,3 +255,17 @@ def test_a_folder_without_results_gives_one_error_line(tmp_path, setup):
     assert "Traceback" not in r.output
     errors = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and "no featx result files under" in errors[0], r.output
+
+
+def test_a_history_named_outside_the_runs_folder_is_not_read(tmp_path):
+    from featx.report.write import _read_history
+    ds = _dataset("tiles", TILES)
+    path = _finetune(tmp_path, ds, "backbone", (2, 3, 2), 600.0)
+    outside = tmp_path / "elsewhere.csv"
+    shutil.copy(path.parent / "history.csv", outside)
+    result = json.loads(path.read_text())
+    assert _read_history({"path": path, "result": result})[0] is not None
+    for name in ("../elsewhere.csv", str(outside)):
+        result["artifacts"]["history"] = name
+        history, why = _read_history({"path": path, "result": result})
+        assert history is None and "own folder" in why, why

@@ -77,7 +77,7 @@ def test_make_result_requires_the_fingerprints_and_read_result_refuses_other_jso
 def test_result_paths_are_the_documented_layout(tmp_path):
     path = head_result_path(tmp_path, "tiles_resnet18", "pool2", "svm")
     assert path == tmp_path / "tiles_resnet18" / "heads" / "pool2__svm.json"
-    assert head_model_path(path) == path.with_name("pool2__svm.joblib")
+    assert head_model_path(path) == path.with_name("pool2__svm.skops")
     assert finetune_result_path(tmp_path / "run") == tmp_path / "run" / "result.json"
     # the same builder gives compare's glob pattern
     assert head_result_path("", "*", "*", "svm").as_posix() == "*/heads/*__svm.json"

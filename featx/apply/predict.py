@@ -2,8 +2,9 @@
 
 A head result (``fit-heads``) links everything needed: its ``provenance`` is the cache's (model,
 weights and their sha256, transform, precision), and its fitted pipeline sits beside it
-(``artifacts.model``, a ``.joblib``). A fine-tuning result names its best checkpoint
-(``best.pt``), which holds the whole network. :func:`~featx.apply.predictor.load_predictor` rebuilds
+(``artifacts.model``, a ``.skops``, with its sha256 as ``artifacts.model_sha256``). A
+fine-tuning result names its best checkpoint (``best.pt``, sha256 recorded the same way),
+which holds the whole network. :func:`~featx.apply.predictor.load_predictor` rebuilds
 either one and refuses, with one line, when what it would run is not what produced the result
 (other weights, another model, a checkpoint of another run). This module finds the new images
 (:func:`find_images`), streams them through it batch by batch (:func:`predict_batches`) and

@@ -15,6 +15,7 @@ import torch
 
 # extract's own model and batch forward: new images get the very features the cache holds
 # (same BatchNorm folding, memory format, precision handling)
+from featx.artifacts import artifact_file, load_head_model
 from featx.backbones import (
     FrozenModel,
     ResolvedWeights,
@@ -158,7 +159,6 @@ def _weights_for(model: str, prov: dict, override: str | None) -> ResolvedWeight
 
 def _head_predictor(path: Path, result: dict, *, weights: str | None, device: torch.device,
                     precision: str) -> Predictor:
-    import joblib
     prov = result.get("provenance") or {}
     model, feature = prov.get("model"), result.get("feature")
     if not model or result.get("model") != model:
@@ -170,17 +170,12 @@ def _head_predictor(path: Path, result: dict, *, weights: str | None, device: to
         if prov.get(key) is not None and int(prov[key]) != have:
             raise ResultMismatchError(f"{path}: {model} had {key} {prov[key]} when the cache was "
                                       f"made, this featx builds {have}; extract again.")
-    name = (result.get("artifacts") or {}).get("model")
-    joblib_path = path.with_name(name) if name else None
-    if joblib_path is None or not joblib_path.is_file():
-        cache = (result.get("artifacts") or {}).get("cache", "the cache")
-        raise FileNotFoundError(
-            f"{path}: the fitted head ({joblib_path.name if joblib_path else 'no .joblib'}) is "
-            f"missing; re-run fit-heads on {cache} to write it.")
-    pipeline = joblib.load(joblib_path)
+    cache = (result.get("artifacts") or {}).get("cache", "the cache")
+    model_path = artifact_file(path, result, missing=f"re-run fit-heads on {cache} to write it")
+    pipeline = load_head_model(model_path)
     width = feature_width(model, feature)
     if getattr(pipeline, "n_features_in_", width) != width:
-        raise ResultMismatchError(f"{joblib_path.name} takes {pipeline.n_features_in_} features, "
+        raise ResultMismatchError(f"{model_path.name} takes {pipeline.n_features_in_} features, "
                                   f"but {model} {feature} has {width}; it belongs to another "
                                   f"model. Re-run fit-heads.")
     w = _weights_for(model, prov, weights)
@@ -201,11 +196,8 @@ def _finetune_predictor(path: Path, result: dict, *, device: torch.device,
                         precision: str) -> Predictor:
     from featx.finetune import FinetuneModel
     settings = result.get("settings") or {}
-    name = (result.get("artifacts") or {}).get("model", "best.pt")
-    ckpt_path = path.with_name(name)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"{path}: the checkpoint {ckpt_path.name} is missing; re-run the "
-                                f"featx finetune command that wrote this result.")
+    ckpt_path = artifact_file(path, result, missing="re-run the featx finetune command that "
+                                                    "wrote this result")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -54,6 +54,18 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+# Test hook: a path; the run that just took a cache's lock waits (at most 10 minutes) until a
+# file appears there, so a test can start a second run while the first surely holds the lock.
+_HOLD_ENV = "FEATX_TEST_HOLD_LOCK_UNTIL"
+
+
+def _hold_for_test() -> None:
+    release = os.environ.get(_HOLD_ENV)
+    deadline = time.monotonic() + 600
+    while release and not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def lock_cache(path: str | Path):
     """Hold ``NAME.h5.lock`` while one run checks and writes ``NAME.h5``.
@@ -86,6 +98,7 @@ def lock_cache(path: str | Path):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
                       f"{time.strftime('%H:%M:%S')}".encode(), 0)
+        _hold_for_test()
         yield lock
     finally:
         lock.unlink(missing_ok=True)

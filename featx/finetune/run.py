@@ -45,6 +45,7 @@ import torch.nn as nn
 
 import featx
 from featx import distributed
+from featx.artifacts import file_sha256, sha256_key
 from featx.backbones import ResolvedWeights, pool_notes, resolve_run
 from featx.config import FinetuneConfig, check_settings
 from featx.data import DataError
@@ -435,6 +436,8 @@ def _record(run: _Run, scored: str, te: dict) -> FinetuneResult:
         from featx.plots import plot_training_curves
         plot_training_curves(history, run.run_dir / "curves.png",
                              title=f"{cfg.model} on {run.data.name} ({run.run_dir.name})")
+        # predict and export refuse a best.pt other than the one scored here
+        result["artifacts"][sha256_key("model")] = file_sha256(run.best_path)
         write_json(result_path, result)
     distributed.barrier()
     return FinetuneResult(run.run_dir, result_path, result, history, best["epoch"],

@@ -4,10 +4,10 @@ One *run* is one (cache, feature, head). It loads the train (and val) rows of th
 chooses the head's hyperparameters on the val split (sklearn ``PredefinedSplit``) or, when
 the cache has no val split, by stratified K-fold CV on train, refits the chosen pipeline on
 train, scores the test split once, and writes a result JSON (the schema of
-:mod:`featx.results`) with the fitted pipeline (joblib) beside it::
+:mod:`featx.results`) with the fitted pipeline (skops, :mod:`featx.artifacts`) beside it::
 
     {out}/{cache stem}/heads/{feature}__{head}.json      result, schema featx-result/1
-    {out}/{cache stem}/heads/{feature}__{head}.joblib    the fitted sklearn Pipeline
+    {out}/{cache stem}/heads/{feature}__{head}.skops     the fitted sklearn Pipeline
     {out}/{cache stem}/pool_sizes.png                    when 2+ pool sizes were run
     {out}/heads_summary.csv                              one row per run (merged over calls)
 

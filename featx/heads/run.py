@@ -3,7 +3,7 @@
 One *run* is one (cache, feature, head); its files::
 
     {out}/{cache stem}/heads/{feature}__{head}.json      result, schema featx-result/1
-    {out}/{cache stem}/heads/{feature}__{head}.joblib    the fitted sklearn Pipeline
+    {out}/{cache stem}/heads/{feature}__{head}.skops     the fitted sklearn Pipeline (skops, no pickle)
     {out}/{cache stem}/pool_sizes.png                    when 2+ pool sizes were run
     {out}/heads_summary.csv                              one row per run (merged over calls)
 
@@ -12,7 +12,6 @@ Only this process writes files, so a killed run leaves no worker writing behind 
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import joblib
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from featx.artifacts import artifact_file, dump_head_model, load_head_model, sha256_key
 from featx.cache import Cache, CacheError, partial_path
 from featx.config import HeadsConfig, check_settings
 from featx.errors import FeatxError, ParameterError
@@ -40,7 +40,7 @@ from featx.heads.outofcore import (
 from featx.heads.registry import get_head, parse_heads
 from featx.heads.summary import format_pool_matrix, plot_pool_summary
 from featx.heads.task import SUMMARY_COLUMNS, HeadTask, run_indexed, summary_row, task_request
-from featx.results import head_model_path, head_result_path, write_json
+from featx.results import head_model_path, head_result_path, read_result, write_json
 
 __all__ = ["HeadsConfig", "HeadsRun", "fit_heads", "load_head", "open_cache",
            "resolve_features"]
@@ -115,18 +115,22 @@ def _write_run(task: HeadTask, result: dict, model: Pipeline) -> None:
     """The model, then its result JSON; an older JSON goes first, so no JSON ever sits
     beside a model it did not describe, and a run killed half-way reads as not done."""
     task.out_json.unlink(missing_ok=True)
-    _dump_atomic(model, head_model_path(task.out_json))
+    sha = dump_head_model(model, head_model_path(task.out_json))
+    result["artifacts"][sha256_key("model")] = sha
     write_json(task.out_json, result)
 
 
 def _current_result(task: HeadTask) -> dict | None:
-    """The result at ``task.out_json`` when it is current (:func:`current_head_result`)."""
-    return current_head_result(task.out_json, task.cache.attrs, task_request(task))
-
-
-def _dump_atomic(obj, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        joblib.dump(obj, tmp)
+    """The result at ``task.out_json`` when it is current (:func:`current_head_result`) and
+    the model file it names is there, unchanged since (its recorded sha256)."""
+    res = current_head_result(task.out_json, task.cache.attrs, task_request(task))
+    if res is None:
+        return None
+    try:
+        artifact_file(task.out_json, res)
+    except (FeatxError, OSError):
+        return None
+    return res
 
 
 def _write_summary(path: Path, rows: list[dict]) -> Path:
@@ -344,12 +348,14 @@ def _compare_pool_sizes(run: HeadsRun, prepared, tasks: list[HeadTask], reused: 
 
 
 def load_head(path: str | Path) -> Pipeline:
-    """The fitted pipeline of a result: ``path`` is its JSON (or the .joblib itself).
+    """The fitted pipeline of a result: ``path`` is its JSON (or the .skops itself).
 
     ``load_head(p).predict(X)`` takes raw cached features of shape (n_samples, n_features).
+    Through the JSON, the model file must be the one it recorded (name and sha256,
+    :func:`featx.artifacts.artifact_file`); either way only trusted types are built
+    (:func:`featx.artifacts.load_head_model`), and nothing is unpickled.
     """
     path = Path(path)
     if path.suffix == ".json":
-        with open(path) as f:
-            path = path.with_name(json.load(f)["artifacts"]["model"])
-    return joblib.load(path)
+        path = artifact_file(path, read_result(path), missing="re-run fit-heads to write it")
+    return load_head_model(path)

@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from featx.artifacts import ArtifactError, artifact_file
 from featx.errors import FeatxError
 from featx.features import pool_of
 from featx.files import atomic_write
@@ -139,12 +140,16 @@ def _read_history(row: dict) -> tuple[list[dict] | None, str]:
     """The epochs of a fine-tuning run from the history CSV its result points at."""
     artifacts = row["result"].get("artifacts")
     artifacts = artifacts if isinstance(artifacts, dict) else {}
-    names = [v for k, v in artifacts.items()
-             if "history" in str(k).lower() and isinstance(v, str) and v.endswith(".csv")]
-    if not names:
+    keys = [k for k, v in artifacts.items()
+            if "history" in str(k).lower() and isinstance(v, str) and v.endswith(".csv")]
+    if not keys:
         return None, "its result names no history CSV"
-    path = Path(names[0])
-    path = path if path.is_absolute() else row["path"].parent / path
+    try:  # only a file in the result's own folder, as for its model
+        path = artifact_file(row["path"], row["result"], keys[0], verify=False)
+    except ArtifactError as exc:
+        return None, str(exc)
+    except FileNotFoundError:
+        return None, f"history {row['path'].parent / artifacts[keys[0]]} cannot be read"
     try:
         with open(path, newline="") as f:
             raw = list(csv.DictReader(f))
