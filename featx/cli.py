@@ -337,13 +337,14 @@ def info(cache_file):
 @click.argument("results_dir", required=False, default=Path("results"),
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for report.md, report.csv and the plots [default: "
+              help="Folder for report.md, report.csv, report.html and the plots [default: "
               "RESULTS_DIR/report].")
 def report(results_dir, out):
     """Rank every head and fine-tuning result under RESULTS_DIR [default: results].
 
     Reads every result JSON (recursively), ranks them per dataset and split by test
-    balanced accuracy, and writes report.md, report.csv and PNG plots. Results scored on
+    balanced accuracy, and writes report.md, report.csv, a self-contained report.html
+    (sortable tables, plots embedded) and PNG plots. Results scored on
     another split than the rest of their dataset are listed apart as not comparable.
     """
     from featx.report import write_report
@@ -354,6 +355,7 @@ def report(results_dir, out):
         click.echo(f"note: {note}", err=True)
     click.echo(f"markdown: {written['markdown']}")
     click.echo(f"csv: {written['csv']}")
+    click.echo(f"html: {written['html']}")
     for plot in written["plot"]:
         click.echo(f"plot: {plot}")
 

@@ -4,7 +4,7 @@
 :func:`~featx.report.ranking.rank_results` groups them by dataset and split, works out each row's
 wall time and ranks the rows within their group (the rules are in :mod:`featx.report.ranking`),
 :func:`format_table` prints them, and :func:`write_report` writes ``report.md``,
-``report.csv`` and the PNG figures.
+``report.csv``, ``report.html`` (:mod:`featx.report.html`) and the PNG figures.
 """
 from __future__ import annotations
 
@@ -286,7 +286,7 @@ def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]
 
 
 def write_report(results_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Read the results under ``results_dir``; write ``report.md``, ``report.csv`` and plots.
+    """Read the results under ``results_dir``; write report.md, .csv, .html and plots.
 
     Parameters
     ----------
@@ -297,7 +297,7 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> dict
 
     Returns
     -------
-    dict with ``table`` (the aligned text table), ``markdown`` and ``csv`` (paths),
+    dict with ``table`` (the aligned text table), ``markdown``, ``csv`` and ``html`` (paths),
     ``plot`` (list of PNG paths) and ``note`` (list of remarks: unreadable files, skipped
     plots).
 
@@ -327,8 +327,12 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> dict
     csv_path = _write_csv(out / "report.csv", ranked)
     md = _markdown(results_dir, ranked, plots, curves, out, problems, notes)
     md_path = _write_atomic(out / "report.md", lambda f: f.write(md))
+    from featx.report.html import write_html  # it renders this module's groups and columns
+    html_path = write_html(out / "report.html", ranked, markdown=md, plots=plots, curves=curves,
+                           problems=problems, notes=notes)
     if problems:
         notes.insert(0, f"{len(problems)} file(s) look like featx results but could not be "
                      "read: " + "; ".join(f"{p} ({why})" for p, why in problems))
     return {"table": format_table(ranked), "markdown": md_path, "csv": csv_path,
+            "html": html_path,
             "plot": [p for ps in plots.values() for p in ps] + curves, "note": notes}
