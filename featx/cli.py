@@ -285,7 +285,7 @@ def extract(models_, data_path, split_fractions, split_seed, pool, **settings):
     """Run frozen backbones over the images once; write features to HDF5.
 
     Also runs as `torchrun --nproc-per-node N -m featx extract ...`: the processes share
-    the images and the job writes the same single cache file (README: Scaling out).
+    the images and the job writes the same single cache file (docs: Scaling out).
     """
     from featx.backbones import get_backbone
     from featx.config import ExtractConfig

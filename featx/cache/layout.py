@@ -2,7 +2,7 @@
 
 Layout (schema :data:`SCHEMA_VERSION`, readable with plain h5py)::
 
-    /                       attrs: provenance (see README), featx_schema, complete
+    /                       attrs: provenance (see docs/formats.md), featx_schema, complete
     /{split}/penultimate    (n, D)       float32|float16   split in train, val, test
     /{split}/pool{n}        (n, C*n*n)   channel-major flatten of AdaptiveAvgPool2d(n)
     /{split}/labels         (n,)         int64, index into attrs["classes"]

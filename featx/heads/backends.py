@@ -88,6 +88,8 @@ def heads_backend(backend: str = "loky", *, scheduler: str | None = None,
     jobs : int, default 1
         Size of the local cluster started when there is no ``scheduler``.
 
+    Notes
+    -----
     Cluster workers open the cache files by the same path as this process, so the caches
     must be on a filesystem every worker sees. Opening the same backend again inside the
     block (``compare`` around ``fit_heads``) reuses the open one.
