@@ -186,12 +186,12 @@ def _head_names(heads) -> list[str]:
 
 def _current_report(out: Path) -> dict | None:
     """What :func:`~featx.report.write_report` would return, without drawing anything, when
-    ``out/report/report.md`` is newer than every file and folder of the results under ``out``
+    ``out/report/report.md`` (and .csv, .html) is newer than every file and folder of the results under ``out``
     (a result added, changed or removed since makes it stale)."""
     report = out / "report"
-    md, csv = report / "report.md", report / "report.csv"
-    try:
-        written = min(md.stat().st_mtime_ns, csv.stat().st_mtime_ns)
+    md, csv, html = report / "report.md", report / "report.csv", report / "report.html"
+    try:  # a report folder from before report.html existed is rewritten
+        written = min(md.stat().st_mtime_ns, csv.stat().st_mtime_ns, html.stat().st_mtime_ns)
         newest = max([out.stat().st_mtime_ns] + [p.stat().st_mtime_ns for p in out.rglob("*")
                                                  if report not in p.parents and p != report])
     except OSError:
@@ -200,7 +200,7 @@ def _current_report(out: Path) -> dict | None:
         return None
     from featx.report import format_table, load_results, rank_results
     return {"table": format_table(rank_results(load_results(out))), "markdown": md,
-            "csv": csv, "plot": sorted(report.rglob("*.png")), "note": []}
+            "csv": csv, "html": html, "plot": sorted(report.rglob("*.png")), "note": []}
 
 
 
