@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from featx.report import REPORT_COLUMNS, write_report
-from featx.report.html import HTML_COLUMNS, column_header
+from featx.report.html import PER_GROUP_COLUMNS, column_header, html_columns
 from featx.results import METRIC_COLUMNS
 from tests.builders import TILES
 from tests.builders import dataset_record as _dataset
@@ -87,9 +87,9 @@ def test_every_report_column_is_a_table_column(report):
     page = Path(written["html"]).read_text(encoding="utf-8")
     first = page[page.index("<table"):page.index("</table>")]
     cols = re.findall(r'<th data-col="([^"]+)"', first)
-    assert cols == HTML_COLUMNS
+    assert cols == [c for c in REPORT_COLUMNS if c not in PER_GROUP_COLUMNS] == html_columns()
     # the columns only the section title states are the per-group ones
-    assert set(REPORT_COLUMNS) - set(HTML_COLUMNS) == {
+    assert PER_GROUP_COLUMNS == {
         "group", "comparable", "reason", "dataset", "split_fingerprint", "test_fingerprint"}
     for c in METRIC_COLUMNS:
         assert f">{html_lib.escape(c.header)}</th>" in first
@@ -97,14 +97,21 @@ def test_every_report_column_is_a_table_column(report):
 
 def test_a_new_column_appears_without_edits(monkeypatch, tmp_path):
     """A column added to the shared table (as the interval columns are) shows up by itself."""
-    import featx.report.html as html_mod
+    import featx.report.write as write_mod
     root = tmp_path / "results"
     _head(root, _dataset("tiles", TILES), "pool2", "logistic", (2, 3, 3))
-    monkeypatch.setattr(html_mod, "HTML_COLUMNS",
-                        html_mod.HTML_COLUMNS + ["test_balanced_accuracy_lo"])
-    page = Path(write_report(root)["html"]).read_text(encoding="utf-8")
-    assert '<th data-col="test_balanced_accuracy_lo"' in page
-    assert column_header("test_balanced_accuracy_lo") == "bal. acc lo"
+    i = write_mod.REPORT_COLUMNS.index("test_balanced_accuracy") + 1
+    monkeypatch.setattr(write_mod, "REPORT_COLUMNS", write_mod.REPORT_COLUMNS[:i]
+                        + ["test_balanced_accuracy_lo"] + write_mod.REPORT_COLUMNS[i:])
+    written = write_report(root)
+    page = Path(written["html"]).read_text(encoding="utf-8")
+    assert 'data-col="test_balanced_accuracy"' in page
+    after = page[page.index('data-col="test_balanced_accuracy"'):]
+    assert re.match(r'data-col="test_balanced_accuracy"[^<]*</th><th data-col='
+                    r'"test_balanced_accuracy_lo" title="test_balanced_accuracy_lo">'
+                    r"bal\. acc lo</th>", after), after[:200]
+    # and the same column in report.csv, from the same list
+    assert "test_balanced_accuracy_lo" in Path(written["csv"]).read_text().splitlines()[0]
 
 
 def test_names_from_user_folders_are_escaped(report):

@@ -180,6 +180,9 @@ def test_one_new_column_reaches_every_table_and_csv(tmp_path):
     err_end = lines[at].index("error") + len("error")
     for row in lines[at + 1:at + 3]:
         assert row[err_end - 6:err_end] == f"{1 - float(row[acc_end - 6:acc_end]):.4f}"
+    # report.html: a column of its own, from the same list
+    page = (out / "report" / "report.html").read_text()
+    assert '<th data-col="test_error_rate" title="test_error_rate">error</th>' in page
     md = (out / "report" / "report.md").read_text().splitlines()
     at = next(i for i, ln in enumerate(md) if ln.startswith("| rank |"))
     header = [c.strip() for c in md[at].strip("|").split("|")]

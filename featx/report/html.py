@@ -6,7 +6,7 @@ attachment or a machine without network access, and reads nothing but itself (th
 links are to the result JSON files, relative, for whoever has the results folder).
 
 It is rendered from the same rows and the same column list as report.csv
-(:data:`~featx.report.write.REPORT_COLUMNS`, whose metrics come from
+(:data:`~featx.report.write.REPORT_COLUMNS`, read at write time, whose metrics come from
 :data:`featx.results.METRIC_COLUMNS`): every column is shown, so a column added there appears
 here without an edit. The lines report.md has between its title and its first section (the
 summary, and whatever verdict the report writes there) open the page. Every text is escaped:
@@ -29,19 +29,25 @@ from typing import Sequence
 
 from featx.files import atomic_write
 from featx.report.ranking import COMPARABLE_RULE, RANK_RULE, WALL_TIME_RULE
-from featx.report.write import REPORT_COLUMNS, _group_title, _groups
+from featx.report import write as _write
+from featx.report.write import _group_title, _groups
 from featx.results import METRIC_COLUMNS
 
-__all__ = ["HTML_COLUMNS", "column_header", "write_html"]
+__all__ = ["PER_GROUP_COLUMNS", "column_header", "html_columns", "write_html"]
 
 # Columns the section title already states for every row of a group; the rest of
 # REPORT_COLUMNS, in its order, is the table. ``source`` becomes the link to the JSON.
-_PER_GROUP = {"group", "comparable", "reason", "dataset", "split_fingerprint",
-              "test_fingerprint"}
-HTML_COLUMNS = [c for c in REPORT_COLUMNS if c not in _PER_GROUP]
+PER_GROUP_COLUMNS = frozenset({"group", "comparable", "reason", "dataset",
+                               "split_fingerprint", "test_fingerprint"})
 
 _HEADERS = {c.name: c.header for c in METRIC_COLUMNS}
 _FORMATS = {c.name: c.fmt for c in METRIC_COLUMNS}
+
+
+def html_columns() -> list[str]:
+    """The table's columns: report.csv's (``REPORT_COLUMNS``, read when called) in order,
+    less :data:`PER_GROUP_COLUMNS`."""
+    return [c for c in _write.REPORT_COLUMNS if c not in PER_GROUP_COLUMNS]
 
 
 def column_header(name: str) -> str:
@@ -114,12 +120,13 @@ def _preface(markdown: str) -> list[str]:
 
 
 def _table(members: list[dict], out: Path) -> str:
+    columns = html_columns()
     head = "".join(f'<th data-col="{html.escape(c)}" title="{html.escape(c)}">'
-                   f"{html.escape(column_header(c))}</th>" for c in HTML_COLUMNS)
+                   f"{html.escape(column_header(c))}</th>" for c in columns)
     rows = []
     for r in members:
         cells = []
-        for c in HTML_COLUMNS:
+        for c in columns:
             text, key = _cell(c, r.get(c))
             if c == "source" and r.get("path") is not None:
                 href = os.path.relpath(r["path"], out).replace(os.sep, "/")
