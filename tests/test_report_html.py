@@ -166,3 +166,20 @@ def test_in_a_browser_the_page_is_not_blank(report, tmp_path):
     # a blank page is one grey level (std 0); text, table rules and plots give far more
     assert pixels.std() > 10, pixels.std()
     assert (pixels < 128).mean() > 0.005  # dark ink: text and plot lines
+
+
+def test_the_lines_above_report_mds_first_section_open_the_page(tmp_path):
+    """Whatever summary or verdict report.md puts before its first section leads the page."""
+    from featx.report import load_results, rank_results, write_html
+    root = tmp_path / "results"
+    _head(root, _dataset("tiles", TILES), "pool2", "logistic", (2, 3, 3))
+    md = ("# featx report\n\n3 result(s) under `results`.\n\n"
+          "> Fine-tuning is **not** worth it on <tiles>.\n\n- a note & more\n\n## tiles\n\nlater")
+    page = write_html(tmp_path / "r.html", rank_results(load_results(root)), markdown=md,
+                      plots={}, curves=[], problems=[], notes=[]).read_text()
+    top = page[:page.index("<section>")]
+    assert "<p>3 result(s) under <code>results</code>.</p>" in top
+    assert ('<p class="verdict">Fine-tuning is <strong>not</strong> worth it on '
+            "&lt;tiles&gt;.</p>") in top
+    assert "<ul><li>a note &amp; more</li></ul>" in top
+    assert "later" not in page
