@@ -158,7 +158,8 @@ def _section(title: str, members: list[dict], plots: Sequence[Path], out: Path,
              level: int = 2) -> str:
     plots_html = f'<div class="plots">{_figures(plots)}</div>' if plots else ""
     return (f"<section><h{level}>{html.escape(title)}</h{level}>"
-            f'<div class="side"><div class="tablewrap">{_table(members, out)}</div>'
+            f'<div class="{"side" if plots else ""}"><div class="tablewrap">'
+            f"{_table(members, out)}</div>"
             f"{plots_html}</div></section>")
 
 
@@ -167,7 +168,9 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;c
 background:#fff}
 h1{font-size:1.6em;margin:0 0 .4em}h2{font-size:1.2em;margin:1.6em 0 .5em}
 .verdict{font-size:1.1em;border-left:4px solid #3465a4;padding:.3em .8em;background:#eef3fa}
-.side{display:flex;flex-wrap:wrap;gap:1.2em;align-items:flex-start}
+.side{display:grid;grid-template-columns:minmax(0,1fr) 380px;gap:1.2em;align-items:start}
+@media (max-width:1000px){.side{grid-template-columns:minmax(0,1fr)}}
+.side .plots{flex-direction:column}.side figure img{max-width:100%}
 .tablewrap{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:13px}
 th,td{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left;white-space:nowrap}
