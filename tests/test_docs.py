@@ -53,3 +53,24 @@ def test_the_heads_table_is_rendered_from_the_registry():
         assert type(get_head(name).build(0, None)).__name__ in line
     page = (DOCS / "commands" / "fit-heads.md").read_text()
     assert _hooks().HEADS_MARK in page
+
+
+def _options(command) -> set[str]:
+    import click
+    found = {"--help"}
+    for p in command.params:
+        if isinstance(p, click.Option):
+            found.update(p.opts + p.secondary_opts)
+    for sub in getattr(command, "commands", {}).values():
+        found |= _options(sub)
+    return found
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/tour.md", "docs/recipes.md",
+                                  *sorted(p.relative_to(ROOT).as_posix()
+                                          for p in (DOCS / "commands").glob("*.md"))])
+def test_every_option_a_guide_names_exists(page):
+    """A renamed or removed option cannot linger in the guides (the reference is generated)."""
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", (ROOT / page).read_text()))
+    unknown = sorted(named - _options(main))
+    assert not unknown, f"{page} names options no featx command has: {unknown}"
