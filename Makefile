@@ -26,9 +26,10 @@ test: setup
 	$(MAKE) docs
 
 # the documentation site (mkdocs.yml) into site/ (git-ignored); --strict: a broken link or
-# anchor, or a CLI/API reference that does not resolve, fails the build
+# anchor, or a CLI/API reference that does not resolve, fails the build (not --quiet: it
+# hides the warnings that --strict counts, and a broken link then passes)
 docs: setup
-	NO_MKDOCS_2_WARNING=1 PYTHONPATH=$(CURDIR) $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 PYTHONPATH=$(CURDIR) $(BIN)/mkdocs build --strict
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
