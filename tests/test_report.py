@@ -242,7 +242,7 @@ def test_one_dataset_gives_plain_plot_names_and_no_curves_note_when_all_have_his
     names = sorted(p.relative_to(tmp_path / "rep").as_posix() for p in written["plot"])
     assert names == ["confusion_best_finetune.png", "confusion_best_head.png",
                      "curves/tiles_resnet18_finetune_imagenet-none-ce-pool1-0a1b2c3d.png",
-                     "pool_size.png", "score_vs_time.png"]
+                     "forest.png", "pool_size.png", "score_vs_time.png"]
     assert written["note"] == []
 
 
