@@ -121,28 +121,29 @@ def _binary_auc(positive: np.ndarray, score: np.ndarray, resamples: Resamples) -
         below = np.cumsum(neg, axis=1) - neg
         with np.errstate(invalid="ignore", divide="ignore"):
             return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
-    # stratified: column j of the index matrix always draws an image of y[j]'s class
+    # stratified: every resample holds all n_pos positives and n_neg negatives. Code each
+    # negative by its distinct value u, each positive by lo = the number of distinct
+    # negative values below it; then per resample
+    #   wins = sum_u negatives_drawn[u] * positives_drawn_with_lo_above[u]  (+ ties / 2)
+    # which is two bincounts and a cumulative sum, no per-image lookup per resample.
     neg_values, neg_code = np.unique(score[neg_cols], return_inverse=True)
-    code = np.zeros(len(score), dtype=np.int64)
-    code[neg_cols] = neg_code
-    neg = _per_resample_counts(code, idx[:, neg_cols], len(neg_values))   # (n_boot, U)
-    cum = np.zeros((idx.shape[0], len(neg_values) + 1), dtype=np.int64)
-    np.cumsum(neg, axis=1, out=cum[:, 1:])
-    # for each positive image: the distinct negative values below it, and whether one equals it
+    n_u = len(neg_values)
     lo = np.searchsorted(neg_values, score[pos_cols], side="left")
-    tie = (lo < len(neg_values)) & (neg_values[np.minimum(lo, len(neg_values) - 1)]
-                                    == score[pos_cols])
-    lo_of = np.zeros(len(score), dtype=np.int64)
-    lo_of[pos_cols] = lo
-    tie_of = np.zeros(len(score), dtype=bool)
-    tie_of[pos_cols] = tie
-    drawn = idx[:, pos_cols]                                              # (n_boot, n_pos)
-    rows = np.arange(idx.shape[0])[:, None]
-    j = lo_of[drawn]
-    wins = cum[rows, j].sum(1, dtype=np.float64)
-    if tie.any():
-        wins += 0.5 * np.where(tie_of[drawn], neg[rows, np.minimum(j, neg.shape[1] - 1)],
-                               0).sum(1)
+    tie = (lo < n_u) & (neg_values[np.minimum(lo, n_u - 1)] == score[pos_cols])
+    # one code per image, one bincount over the whole matrix: negatives 0..U-1 by value,
+    # positives U + lo (U + 2 lo + tie when some positive equals a negative value)
+    step = 2 if tie.any() else 1
+    code = np.empty(len(score), dtype=np.int64)
+    code[neg_cols] = neg_code
+    code[pos_cols] = n_u + step * lo + (tie if step == 2 else 0)
+    counts = _per_resample_counts(code, idx, n_u + step * (n_u + 1))
+    neg = counts[:, :n_u]
+    pos_lo = counts[:, n_u:] if step == 1 else counts[:, n_u::2] + counts[:, n_u + 1::2]
+    # positives drawn with lo > u, for u = 0..U-1: a cumulative sum from the right
+    above = np.cumsum(pos_lo[:, :0:-1], axis=1)[:, ::-1]
+    wins = np.einsum("bu,bu->b", neg, above, dtype=np.float64)
+    if step == 2:  # a positive equal to a negative value counts 1/2 per such negative
+        wins += 0.5 * np.einsum("bu,bu->b", neg, counts[:, n_u + 1:-1:2], dtype=np.float64)
     return wins / (len(pos_cols) * len(neg_cols))
 
 

@@ -84,6 +84,20 @@ def test_identity_resample_gives_classification_metrics_exactly():
         assert d["per_class_recall"][0] == pytest.approx(list(m["per_class_recall"].values()))
 
 
+@pytest.mark.parametrize("decimals", [1, None])  # many ties, none
+def test_resampled_auc_is_sklearns_on_each_resample(decimals):
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 400)
+    s = rng.normal(size=400) + y
+    s = np.round(s, decimals) if decimals else s
+    for stratified in (True, False):
+        res = draw_resamples(y, 8, seed=1, stratified=stratified)
+        got = bootstrap_distribution(y, (s > 0.5).astype(int), np.column_stack([-s, s]), 2,
+                                     res)["roc_auc"]
+        ref = [roc_auc_score(y[i], s[i]) for i in res.index]
+        assert got == pytest.approx(ref, abs=1e-12)  # float64 sums in another order
+
+
 def test_stratified_resamples_keep_every_class_count():
     y = np.repeat([0, 1, 2], [5, 30, 11])
     res = draw_resamples(y, 50, seed=3)
