@@ -409,7 +409,7 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, *,
     -------
     dict with ``table`` (the aligned text table), ``markdown`` and ``csv`` (paths),
     ``plot`` (list of PNG paths), ``note`` (list of remarks: unreadable files, skipped
-    plots, results without outputs) and ``verdict`` (the opening sentence(s), or "").
+    plots, results without outputs) and ``verdict`` (the opening sentence(s), or None).
 
     ``config``: :class:`~featx.config.ReportConfig` (the bootstrap resamples; 0 keeps the
     intervals stored in the results and runs no paired tests).
@@ -450,4 +450,4 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, *,
                      "read: " + "; ".join(f"{p} ({why})" for p, why in problems))
     return {"table": format_table(ranked), "markdown": md_path, "csv": csv_path,
             "plot": [p for ps in plots.values() for p in ps] + curves, "note": notes,
-            "verdict": "\n".join(verdicts)}
+            "verdict": "\n".join(verdicts) or None}
