@@ -33,6 +33,9 @@ INTERVAL_LEVEL = 0.95
 INTERVAL_METHOD = "percentile"
 ECE_BINS = 15  # equal-width bins on the top-class confidence (Guo et al. 2017)
 
+# elements of the index matrix scored in one pass (int64 temporaries of ~160 MB each)
+_CHUNK = 20_000_000
+
 # metrics with an interval, in their order in result["metrics"]["intervals"]
 _SCALAR = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "brier")
 
@@ -171,6 +174,13 @@ def bootstrap_distribution(y: Sequence[int], pred: Sequence[int], score: np.ndar
     (n_boot, n_classes). The same definitions as :func:`featx.metrics.classification_metrics`
     (on the identity resample they give its numbers).
     """
+    rows = max(1, _CHUNK // max(resamples.index.shape[1], 1))
+    if resamples.n_boot > rows:  # a large test set: resamples in blocks, bounded temporaries
+        parts = [bootstrap_distribution(
+            y, pred, score, n_classes,
+            Resamples(resamples.index[i:i + rows], resamples.seed, resamples.stratified),
+            probabilities=probabilities) for i in range(0, resamples.n_boot, rows)]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     y = np.asarray(y, dtype=np.int64)
     pred = np.asarray(pred, dtype=np.int64)
     idx, k = resamples.index, n_classes

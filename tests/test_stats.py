@@ -233,3 +233,18 @@ def test_brier_is_sklearns_multiclass_form_for_two_classes():
 def test_decision_scores_get_no_calibration():
     cal = calibration([0, 1], None)
     assert cal["ece"] is None and cal["brier"] is None and "decision" in cal["calibration_note"]
+
+
+def test_a_large_test_set_is_scored_in_blocks_of_resamples_with_the_same_numbers(monkeypatch):
+    import featx.stats as st
+    rng = np.random.default_rng(3)
+    y, pred = rng.integers(0, 3, 500), rng.integers(0, 3, 500)
+    prob = rng.random((500, 3))
+    prob /= prob.sum(1, keepdims=True)
+    res = draw_resamples(y, 300)
+    whole = bootstrap_distribution(y, pred, prob, 3, res, probabilities=True)
+    monkeypatch.setattr(st, "_CHUNK", 500 * 7)  # blocks of 7 resamples
+    blocks = bootstrap_distribution(y, pred, prob, 3, res, probabilities=True)
+    assert whole.keys() == blocks.keys()
+    for key in whole:  # the same arithmetic per resample: equal, not just close
+        assert np.array_equal(whole[key], blocks[key], equal_nan=True), key
