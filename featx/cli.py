@@ -12,7 +12,14 @@ from pathlib import Path
 
 import click
 
-from featx.config import CompareConfig, ExtractConfig, FinetuneConfig, HeadsConfig, rule_of
+from featx.config import (
+    CompareConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    HeadsConfig,
+    ReportConfig,
+    rule_of,
+)
 
 __all__ = ["main"]
 
@@ -339,16 +346,22 @@ def info(cache_file):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for report.md, report.csv, report.html and the plots [default: "
               "RESULTS_DIR/report].")
-def report(results_dir, out):
+@_option(ReportConfig, "bootstrap", metavar="N")
+def report(results_dir, out, bootstrap):
     """Rank every head and fine-tuning result under RESULTS_DIR [default: results].
 
     Reads every result JSON (recursively), ranks them per dataset and split by test
     balanced accuracy, and writes report.md, report.csv, a self-contained report.html
     (sortable tables, plots embedded) and PNG plots. Results scored on
     another split than the rest of their dataset are listed apart as not comparable.
+    Every test metric gets a 95% bootstrap interval, and every row is tested against the
+    best row of its group on the same images (docs/statistics.md).
     """
     from featx.report import write_report
-    written = write_report(results_dir, out)
+    written = write_report(results_dir, out, config=_config_from_options(ReportConfig))
+    if written.get("verdict"):
+        click.echo(written["verdict"])
+        click.echo()
     click.echo(written["table"])
     click.echo()
     for note in written["note"]:
@@ -378,6 +391,7 @@ def report(results_dir, out):
 @_option(HeadsConfig, "seed")
 @_option(HeadsConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
 @_option(HeadsConfig, "refit", is_flag=True)
+@_option(HeadsConfig, "bootstrap", metavar="N")
 def fit_heads(caches, jobs, out, **settings):
     """Fit classical heads on cached features; choose on val, score once on test.
 
@@ -423,6 +437,7 @@ def fit_heads(caches, jobs, out, **settings):
 @_option(FinetuneConfig, "early_stop", metavar="N")
 @_option(FinetuneConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
 @_option(FinetuneConfig, "resume", is_flag=True)
+@_option(FinetuneConfig, "bootstrap", metavar="N")
 @click.option("--allow-missing", is_flag=True,
               help="With --split-from: fine-tune even if some of the cache's images are gone "
               "(the result records the files used, so report marks it not comparable).")

@@ -20,7 +20,7 @@ from featx.errors import ParameterError
 __all__ = ["BACKENDS", "CLASS_WEIGHTS", "CompareConfig", "DEFAULT_HEADS", "DEFAULT_MAX_WORKERS",
            "ExtractConfig",
            "FINETUNE_MODES", "FinetuneConfig", "HeadsConfig", "LOSSES", "MAX_SEED", "OPTIMIZERS",
-           "PRECISIONS", "SCHEDULERS", "SELECT_MODES", "STORE_DTYPES", "check_setting",
+           "PRECISIONS", "ReportConfig", "SCHEDULERS", "SELECT_MODES", "STORE_DTYPES", "check_setting",
            "check_settings", "rule_of"]
 
 # the most DataLoader workers a default picks (an explicit --workers may ask for more, up to
@@ -141,6 +141,8 @@ _SHARED = {
     "backend": ("loky", "Where head fits run: loky processes here, or a dask / ray cluster "
                 "(pip install featx[dask] / featx[ray]); results are the same.",
                 dict(choices=BACKENDS)),
+    "bootstrap": (1000, "Bootstrap resamples of the test images (stratified by class, seeded) "
+                  "for the 95% intervals and paired tests; 0 = none.", dict(min=0)),
     "scheduler": (None, "A running dask scheduler (tcp://host:8786) or ray cluster (host:6379) "
                   "[default: start a local one of --jobs workers]."),
 }
@@ -229,6 +231,7 @@ class FinetuneConfig:
     workers: int | None = _shared("workers")
     seed: int = _shared("seed")
     out_dir: Path = _opt(Path("results"), "Folder for the run folders.")
+    bootstrap: int = _shared("bootstrap")
     resume: bool = _opt(False, "Continue the same run from its last.pt.")
     progress: bool = _shared("progress")
 
@@ -269,6 +272,16 @@ class HeadsConfig:
     scheduler: str | None = _shared("scheduler")
     refit: bool = _opt(False, "Fit again even where OUT already holds a result made from the "
                        "same cache with the same settings (reused by default).")
+    bootstrap: int = _shared("bootstrap")
+
+
+@dataclass
+class ReportConfig:
+    """What ``featx report`` computes besides the ranking: ``bootstrap`` resamples of the
+    test images for every row's intervals and the paired tests against its group's best
+    (0: the intervals stored in the results, no paired tests)."""
+
+    bootstrap: int = _shared("bootstrap")
 
 
 @dataclass

@@ -22,7 +22,7 @@ __all__ = ["PARAMETERS", "DiskFullError", "FeatxError", "Note", "ParameterError"
 # maps each to its flag (featx/cli.py, _FLAGS), and tests/test_params.py checks that each one
 # still has a flag.
 PARAMETERS = frozenset({
-    "allow_missing", "backbone_lr_mult", "backend", "batch_size", "class_weight", "cv",
+    "allow_missing", "backbone_lr_mult", "backend", "bootstrap", "batch_size", "class_weight", "cv",
     "data_path", "device", "early_stop", "epochs", "features", "finetune", "focal_gamma",
     "freeze", "heads", "image_size", "jobs", "loss", "lr", "memory_limit_mb", "optimizer",
     "pca", "pool", "pools", "precision", "resume", "scheduler", "seed", "select",

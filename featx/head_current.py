@@ -2,7 +2,8 @@
 
 A head result is current for a cache and a request when it was made from this very cache
 file (its provenance, creation time included, equals the cache's attributes), its stored
-``settings["request"]`` equals the request, and its fitted model lies beside it.
+``settings["request"]`` equals the request, and its fitted model and per-image test outputs
+lie beside it (a result of a featx that wrote no outputs is fitted again, which adds them).
 
 This module imports no sklearn (nor anything of :mod:`featx.heads`, whose package imports
 it): ``compare`` asks it on a re-run that must stay cheap. It sits on the results floor of
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featx.results import head_model_path, jsonable
+from featx.results import head_model_path, image_outputs_path, jsonable
 
 if TYPE_CHECKING:
     from featx.config import HeadsConfig
@@ -59,7 +60,8 @@ def current_head_result(path: Path, cache_attrs: dict, request: dict) -> dict | 
         res = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(res, dict) or not head_model_path(path).is_file():
+    if not isinstance(res, dict) or not head_model_path(path).is_file() \
+            or not image_outputs_path(path).is_file():
         return None
     stored = (res.get("settings") or {}).get("request")
     same_cache = res.get("provenance") == json.loads(json.dumps(jsonable(cache_attrs)))

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = [
+    "auc_scores",
     "classification_metrics",
 ]
 
@@ -57,22 +58,38 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
     return out
 
 
+def auc_scores(y_score: np.ndarray | None, n_classes: int) -> np.ndarray | None:
+    """The scores ROC-AUC is computed from, of shape (n_samples, n_classes); None when there
+    are none or they are not finite.
+
+    A binary decision score of shape (n_samples,) becomes ``[-s, s]``; for more than two
+    classes, scores that are not probabilities (rows not summing to 1, or negative) go
+    through a softmax, since one-vs-rest macro AUC needs rows that sum to 1.
+    """
+    if y_score is None:
+        return None
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if not np.all(np.isfinite(y_score)):
+        return None
+    if y_score.ndim == 1:
+        y_score = np.column_stack([-y_score, y_score])
+    if n_classes > 2 and (not np.allclose(y_score.sum(1), 1, atol=1e-4) or y_score.min() < 0):
+        z = y_score - y_score.max(1, keepdims=True)
+        y_score = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    return y_score
+
+
 def _roc_auc(y_true: np.ndarray, y_score: np.ndarray | None, n_classes: int):
     from sklearn import metrics as skm
     if y_score is None:
         return None, "the method gives no scores"
-    y_score = np.asarray(y_score, dtype=np.float64)
     present = np.unique(y_true)
     if len(present) < n_classes:
         return None, f"only {len(present)} of {n_classes} classes occur in the test split"
-    if not np.all(np.isfinite(y_score)):
+    scores = auc_scores(y_score, n_classes)
+    if scores is None:
         return None, "scores are not finite"
     if n_classes == 2:
-        pos = y_score[:, 1] if y_score.ndim == 2 else y_score
-        return float(skm.roc_auc_score(y_true, pos)), None
-    # one-vs-rest needs probabilities that sum to 1; softmax decision scores when they don't
-    if not np.allclose(y_score.sum(1), 1, atol=1e-4) or y_score.min() < 0:
-        z = y_score - y_score.max(1, keepdims=True)
-        y_score = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    return float(skm.roc_auc_score(y_true, y_score, multi_class="ovr", average="macro",
+        return float(skm.roc_auc_score(y_true, scores[:, 1])), None
+    return float(skm.roc_auc_score(y_true, scores, multi_class="ovr", average="macro",
                                    labels=list(range(n_classes)))), None

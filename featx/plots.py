@@ -12,8 +12,8 @@ from typing import Mapping, Sequence
 from featx.features import pool_of
 from featx.files import atomic_write
 
-__all__ = ["plot_confusion_matrix", "plot_pool_sizes", "plot_score_vs_time",
-           "plot_training_curves"]
+__all__ = ["plot_confusion_matrix", "plot_forest", "plot_pool_sizes", "plot_reliability",
+           "plot_score_vs_time", "plot_training_curves"]
 
 
 def _save(fig, path: Path) -> Path:
@@ -202,5 +202,79 @@ def plot_score_vs_time(points: Sequence[Mapping], path: str | Path, *, title: st
     if title:
         ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_forest(rows: Sequence[Mapping], path: str | Path, *, title: str = "",
+                xlabel: str = "test balanced accuracy") -> Path:
+    """Each method's metric with its 95% interval, one line per method, best at the top.
+
+    Parameters
+    ----------
+    rows : sequence of mappings
+        In rank order, with ``label``, ``value``, ``lo``, ``hi`` (None: point only),
+        ``group`` (the family: its colour and legend entry) and ``mark`` (e.g. "≈ best",
+        written at the right).
+    path : str or Path
+        PNG file to write.
+    """
+    fig = _figure(8.0, 1.2 + 0.32 * max(len(rows), 1))
+    ax = fig.subplots()
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    colours = {g: f"C{i}" for i, g in enumerate(groups)}
+    labelled = set()
+    for y, r in enumerate(reversed(list(rows))):
+        if r["value"] is None:
+            continue
+        colour = colours[r["group"]]
+        if r["lo"] is not None and r["hi"] is not None:
+            ax.plot([r["lo"], r["hi"]], [y, y], color=colour, linewidth=2)
+        ax.plot([r["value"]], [y], "o", color=colour,
+                label=None if r["group"] in labelled else r["group"])
+        labelled.add(r["group"])
+        if r.get("mark"):
+            ax.annotate(r["mark"], (1.0, y), xycoords=("axes fraction", "data"),
+                        xytext=(4, 0), textcoords="offset points", va="center",
+                        fontsize="small")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r["label"] for r in reversed(list(rows))], fontsize="small")
+    ax.set_xlabel(f"{xlabel} (dot) and 95% interval (line)")
+    ax.grid(True, axis="x", alpha=0.3)
+    if labelled:
+        ax.legend(loc="lower right", fontsize="small")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_reliability(bins: Mapping, path: str | Path, *, title: str = "") -> Path:
+    """A reliability diagram: per confidence bin, the accuracy against the mean top-class
+    confidence (bars), the diagonal of perfect calibration, and how many images each bin
+    holds (below).
+
+    ``bins`` : from :func:`featx.stats.reliability_bins` (``edges``, ``count``,
+    ``confidence``, ``accuracy``).
+    """
+    fig = _figure(5.0, 5.4)
+    ax, ax_n = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    edges, count = bins["edges"], bins["count"]
+    width = edges[1] - edges[0]
+    filled = count > 0
+    ax.bar(edges[:-1][filled], bins["accuracy"][filled], width=width, align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy in bin")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(bins["confidence"][filled], bins["accuracy"][filled], "o", color="C3",
+            markersize=3, label="mean confidence")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize="small")
+    ax_n.bar(edges[:-1], count, width=width, align="edge", color="C0", edgecolor="black")
+    ax_n.set_xlim(0, 1)
+    ax_n.set_xlabel("top-class confidence")
+    ax_n.set_ylabel("images")
+    if title:
+        ax.set_title(title, fontsize="medium")
     fig.tight_layout()
     return _save(fig, Path(path))

@@ -8,6 +8,7 @@ show (report.md/csv, the terminal tables, heads_summary.csv). A new metric: comp
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -26,9 +27,14 @@ __all__ = [
     "METRIC_COLUMNS",
     "RESULT_SCHEMA",
     "Column",
+    "OUTPUTS_SUFFIX",
     "finetune_result_path",
     "head_model_path",
     "head_result_path",
+    "image_outputs_path",
+    "metric_cells",
+    "read_image_outputs",
+    "write_image_outputs",
     "make_result",
     "read_result",
     "write_json",
@@ -55,6 +61,80 @@ def finetune_result_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / FINETUNE_RESULT
 
 
+OUTPUTS_SUFFIX = ".test_outputs.csv"
+
+
+def image_outputs_path(result_path: str | Path) -> Path:
+    """``{stem}.test_outputs.csv`` beside a result JSON: its per-image test outputs."""
+    result_path = Path(result_path)
+    return result_path.with_name(result_path.stem + OUTPUTS_SUFFIX)
+
+
+def _output_columns(classes) -> list[str]:
+    return ["path", "label", "pred"] + [f"score_{c}" for c in classes]
+
+
+def write_image_outputs(path: str | Path, paths, y_true, y_pred, scores: np.ndarray,
+                        classes) -> Path:
+    """Write each test image's label, prediction and class scores as CSV, atomically.
+
+    Columns ``path`` (the test file list, in its order), ``label`` and ``pred`` (class
+    names) and ``score_{class}`` per class (``repr`` floats: they read back exactly).
+    ``scores`` : ndarray of shape (n_images, n_classes); ``y_true``/``y_pred`` integer labels.
+    """
+    path = Path(path)
+    scores = np.asarray(scores, dtype=np.float64)
+    classes = [str(c) for c in classes]
+    if scores.shape != (len(paths), len(classes)) or len(y_true) != len(paths) \
+            or len(y_pred) != len(paths):
+        raise ValueError(f"outputs of {len(paths)} images: labels {len(y_true)}, predictions "
+                         f"{len(y_pred)}, scores {scores.shape}, {len(classes)} classes")
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(_output_columns(classes))
+        for p, t, q, row in zip(paths, y_true, y_pred, scores.tolist()):
+            w.writerow([p, classes[int(t)], classes[int(q)], *map(repr, row)])
+    return path
+
+
+def read_image_outputs(path: str | Path, result: dict) -> dict:
+    """The per-image outputs at ``path`` of ``result``: ``paths`` (list), ``y_true`` and
+    ``y_pred`` (int arrays of shape (n,)), ``scores`` (float array of shape (n, n_classes)).
+
+    Raises :class:`FeatxError` (one line naming the file) when it is not the outputs of
+    that result: other columns, another number of rows than ``metrics["n"]``, a label that
+    is not one of its classes, a score that is not a number.
+    """
+    classes = [str(c) for c in (result.get("dataset") or {}).get("classes") or []]
+    want = _output_columns(classes)
+    n = (result.get("metrics") or {}).get("n")
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise FeatxError(f"{path}: cannot be read as per-image outputs ({type(exc).__name__})"
+                         f"; re-run the command that wrote its result.") from None
+    if not rows or rows[0] != want:
+        raise FeatxError(f"{path}: columns {','.join(rows[0]) if rows else '(none)'} are not "
+                         f"{','.join(want)}; not the outputs of its result. Re-run the command "
+                         f"that wrote it.")
+    body = rows[1:]
+    if n != len(body):
+        raise FeatxError(f"{path}: {len(body)} rows, but its result scored {n} test images; "
+                         f"re-run the command that wrote it.")
+    try:
+        y_true = np.array([index[r[1]] for r in body], dtype=np.int64)
+        y_pred = np.array([index[r[2]] for r in body], dtype=np.int64)
+        scores = np.array([[float(v) for v in r[3:]] for r in body], dtype=np.float64)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise FeatxError(f"{path}: a row holds a label that is not one of the classes or a "
+                         f"score that is not a number ({type(exc).__name__}: {exc}); re-run "
+                         f"the command that wrote it.") from None
+    return {"paths": [r[0] for r in body], "y_true": y_true, "y_pred": y_pred,
+            "scores": scores.reshape(len(body), len(classes))}
+
+
 @dataclass(frozen=True)
 class Column:
     """One reported test metric and how the tables show it.
@@ -62,6 +142,9 @@ class Column:
     ``key`` is its key in ``result["metrics"]``; its CSV column (report.csv,
     heads_summary.csv) is ``test_{key}`` (:attr:`name`). ``header``/``fmt``: the report's
     table (terminal and report.md); ``short``/``short_fmt``: the fit-heads terminal table.
+    ``interval``: the metric has a 95% interval (``result["metrics"]["intervals"][key]``),
+    in the CSVs as the columns :attr:`lo_name` and :attr:`hi_name` (:attr:`names` gives all
+    of a column's CSV names) and in the report's table as ``0.897 [0.873, 0.920]``.
     """
 
     key: str
@@ -69,10 +152,24 @@ class Column:
     short: str
     fmt: str = ".4f"
     short_fmt: str = ".3f"
+    interval: bool = True
 
     @property
     def name(self) -> str:
         return f"test_{self.key}"
+
+    @property
+    def lo_name(self) -> str:
+        return f"test_{self.key}_lo"
+
+    @property
+    def hi_name(self) -> str:
+        return f"test_{self.key}_hi"
+
+    @property
+    def names(self) -> list[str]:
+        """Its CSV columns: the value, then the interval's bounds where it has one."""
+        return [self.name, self.lo_name, self.hi_name] if self.interval else [self.name]
 
 
 # in table order; the fit-heads table puts balanced accuracy (what it sorts by) first
@@ -81,7 +178,28 @@ METRIC_COLUMNS: tuple[Column, ...] = (
     Column("balanced_accuracy", "bal. acc", "bal_acc"),
     Column("macro_f1", "macro F1", "f1"),
     Column("roc_auc", "ROC-AUC", "auc"),
+    # calibration, from class probabilities only (None for decision-score heads)
+    Column("ece", "ECE", "ece", interval=False),
+    Column("brier", "Brier", "brier"),
 )
+
+
+def metric_cells(metrics: dict) -> dict[str, float | None]:
+    """The CSV cells of :data:`METRIC_COLUMNS` from a result's ``metrics``: ``test_{key}``,
+    and ``test_{key}_lo`` / ``_hi`` from ``metrics["intervals"]`` (None where absent)."""
+    def num(v):
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
+            and math.isfinite(v) else None
+    intervals = metrics.get("intervals") if isinstance(metrics.get("intervals"), dict) else {}
+    cells = {}
+    for c in METRIC_COLUMNS:
+        cells[c.name] = num(metrics.get(c.key))
+        if c.interval:
+            iv = intervals.get(c.key)
+            ok = isinstance(iv, (list, tuple)) and len(iv) == 2
+            cells[c.lo_name] = num(iv[0]) if ok else None
+            cells[c.hi_name] = num(iv[1]) if ok else None
+    return cells
 
 
 def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: dict,

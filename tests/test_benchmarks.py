@@ -107,3 +107,13 @@ def test_peer_alignment_agreement_and_rate_ratio_on_synthetic_numbers():
         peer.align(keys, X, keys[:-1] + ["test/C0/x.png"], other)
     fx, ref, ratio = peer.rate_ratio(100, [4.0, 2.0], [5.0, 8.0])
     assert (fx, ref, ratio) == (50.0, 20.0, 2.5)
+
+
+def test_quick_stats_run_prints_a_row_whose_ratio_matches_its_numbers(tmp_path, capsys):
+    from tests.builders import write_digits
+    data = write_digits(tmp_path / "digits", per_class=4, size=28, layout="split")  # unused
+    assert bench.main(["--quick", "--only", "stats", "--data", str(data),
+                       "--out", str(tmp_path / "b.md")]) == 0
+    rows = bench.parse_table(capsys.readouterr().out.split("## all rows", 1)[1])
+    assert len(rows) == 1 and rows[0]["measured"].startswith("report intervals + paired tests")
+    assert check_row(rows[0])

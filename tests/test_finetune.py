@@ -367,3 +367,23 @@ def test_bad_input_gives_one_line(digits_dir, tmp_path, args, expected):
     errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and expected in errors[0], r.output
     assert not list((tmp_path / "r").glob("*/result.json"))
+
+
+def test_result_carries_intervals_and_per_image_outputs_of_the_test_list(basic_run):
+    from featx.artifacts import artifact_file
+    from featx.results import read_image_outputs
+    result = json.loads(basic_run.result_path.read_text())
+    m = result["metrics"]
+    assert m["intervals"]["bootstrap"]["n_boot"] == 1000
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "brier"):
+        lo, hi = m["intervals"][key]
+        assert lo <= m[key] <= hi, key
+    assert m["score_kind"] == "probability" and 0 <= m["ece"] <= 1
+    path = artifact_file(basic_run.result_path, result, "test_outputs")  # sha256 checked
+    out = read_image_outputs(path, result)
+    split = load_dataset(basic_run.result["dataset"]["root"]).splits["test"]
+    assert out["paths"] == [p for p, _ in split]  # keyed by the test file list, in its order
+    again = classification_metrics(out["y_true"], out["y_pred"], out["scores"], CLASSES)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
+        # the same float64 numbers: the CSV holds repr() floats
+        assert again[key] == pytest.approx(m[key], abs=1e-12), key

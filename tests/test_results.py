@@ -96,14 +96,19 @@ def test_fit_heads_writes_where_head_result_path_says(tmp_path):
 
 def test_columns_and_headers_are_the_ones_featx_has_always_written():
     """Pins the CSV columns and table headers (the outputs must not change)."""
-    metric = ["test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc"]
+    metric = ["test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc",
+              "test_ece", "test_brier"]
     assert [c.name for c in METRIC_COLUMNS] == metric
+    # each metric with an interval brings its bounds, right after it (ECE has none)
+    cells = [n for m in metric for n in ([m] if m == "test_ece" else [m, f"{m}_lo", f"{m}_hi"])]
+    paired = ["delta", "delta_lo", "delta_hi", "p", "p_holm", "approx_best", "mcnemar_p",
+              "mcnemar_p_holm", "delong_p", "delong_p_holm"]
     assert REPORT_COLUMNS == ["group", "comparable", "reason", "dataset", "rank", "best",
-                              "model", "method", "kind", "feature", "head", *metric, "n_test",
-                              "wall_s", "extract_share_s", "run_s", "split_fingerprint",
-                              "test_fingerprint", "source"]
+                              "model", "method", "kind", "feature", "head", *cells, *paired,
+                              "n_test", "wall_s", "extract_share_s", "run_s",
+                              "split_fingerprint", "test_fingerprint", "source"]
     assert SUMMARY_COLUMNS == ["cache", "dataset", "model", "feature", "head", "mode",
-                               "selection", "chosen", *metric, "val_score", "val_accuracy",
+                               "selection", "chosen", *cells, "val_score", "val_accuracy",
                                "val_balanced_accuracy", "select_s", "fit_s", "predict_s",
                                "extract_s", "total_s", "json"]
     row = {"dataset": "tiles", "model": "resnet18", "feature": "pool2", "head": "svm",
@@ -112,9 +117,9 @@ def test_columns_and_headers_are_the_ones_featx_has_always_written():
            "fit_s": 0.25}
     assert format_summary([row]).splitlines()[:2] == [
         "dataset        model          feature     head     mode    bal_acc    acc     f1"
-        "    auc    val   fit_s",
+        "    auc    ece  brier    val   fit_s",
         "tiles          resnet18       pool2       svm      memory    0.800  0.912  0.750"
-        "      -  0.500    1.25"]
+        "      -      -      -  0.500    1.25"]
 
 
 _EXTRA_METRIC = textwrap.dedent("""
@@ -129,12 +134,15 @@ _EXTRA_METRIC = textwrap.dedent("""
         out["error_rate"] = 1.0 - out["accuracy"]
         return out
     metrics.classification_metrics = with_error_rate
-    results.METRIC_COLUMNS += (results.Column("error_rate", "error", "err"),)
+    # (featx.stats computes no interval for it: interval=False, one CSV column)
+    results.METRIC_COLUMNS += (results.Column("error_rate", "error", "err", interval=False),)
 
     from featx.cli import main
     cache, out = sys.argv[1:]
+    # no intervals: the tables then show plain numbers, which this test reads by position
     for args in (["fit-heads", cache, "--heads", "linear,knn", "--features", "penultimate",
-                  "--jobs", "1", "--out", out], ["report", out]):
+                  "--jobs", "1", "--out", out, "--bootstrap", "0"],
+                 ["report", out, "--bootstrap", "0"]):
         try:
             main(args)
         except SystemExit as exc:
@@ -154,13 +162,14 @@ def test_one_new_column_reaches_every_table_and_csv(tmp_path):
     lines = proc.stdout.splitlines()
 
     summary = pd.read_csv(out / "heads_summary.csv")
-    i = SUMMARY_COLUMNS.index("test_roc_auc") + 1
-    assert list(summary.columns) == SUMMARY_COLUMNS[:i] + ["test_error_rate"] + SUMMARY_COLUMNS[i:]
+    i = SUMMARY_COLUMNS.index("test_brier_hi") + 1
+    new = ["test_error_rate"]
+    assert list(summary.columns) == SUMMARY_COLUMNS[:i] + new + SUMMARY_COLUMNS[i:]
     assert np.allclose(summary["test_error_rate"], 1 - summary["test_accuracy"])
 
     report = pd.read_csv(out / "report" / "report.csv")
-    i = REPORT_COLUMNS.index("test_roc_auc") + 1
-    assert list(report.columns) == REPORT_COLUMNS[:i] + ["test_error_rate"] + REPORT_COLUMNS[i:]
+    i = REPORT_COLUMNS.index("test_brier_hi") + 1
+    assert list(report.columns) == REPORT_COLUMNS[:i] + new + REPORT_COLUMNS[i:]
     assert np.allclose(report["test_error_rate"], 1 - report["test_accuracy"])
     for json_name in summary["json"]:
         res = read_result(out / json_name)
@@ -168,14 +177,16 @@ def test_one_new_column_reaches_every_table_and_csv(tmp_path):
 
     # fit-heads terminal table: short header, 3 decimals
     head = next(ln for ln in lines if ln.startswith("dataset "))
-    assert head.split()[5:] == ["bal_acc", "acc", "f1", "auc", "err", "val", "fit_s"]
+    assert head.split()[5:] == ["bal_acc", "acc", "f1", "auc", "ece", "brier", "err", "val",
+                                "fit_s"]
     knn = next(ln for ln in lines if ln.startswith("blobs ") and " knn " in ln).split()
-    assert knn[9] == f"{1 - float(knn[6]):.3f}"
+    assert knn[11] == f"{1 - float(knn[6]):.3f}"
 
     # report terminal table and report.md: header after ROC-AUC, 4 decimals, right-aligned
     at = next(i for i, ln in enumerate(lines) if ln.startswith("rank "))
     assert lines[at].split() == ["rank", "model", "method", "kind", "test", "acc", "bal.", "acc",
-                                 "macro", "F1", "ROC-AUC", "error", "wall", "s", "best"]
+                                 "macro", "F1", "ROC-AUC", "ECE", "Brier", "error", "p",
+                                 "(Holm)", "wall", "s", "best"]
     acc_end = lines[at].index("test acc") + len("test acc")
     err_end = lines[at].index("error") + len("error")
     for row in lines[at + 1:at + 3]:
@@ -187,7 +198,7 @@ def test_one_new_column_reaches_every_table_and_csv(tmp_path):
     at = next(i for i, ln in enumerate(md) if ln.startswith("| rank |"))
     header = [c.strip() for c in md[at].strip("|").split("|")]
     assert header == ["rank", "model", "method", "kind", "test acc", "bal. acc", "macro F1",
-                      "ROC-AUC", "error", "wall s", "best"]
-    assert md[at + 1].strip("|").split("|") == ["---:"] + ["---"] * 3 + ["---:"] * 6 + ["---"]
+                      "ROC-AUC", "ECE", "Brier", "error", "p (Holm)", "wall s", "best"]
+    assert md[at + 1].strip("|").split("|") == ["---:"] + ["---"] * 3 + ["---:"] * 9 + ["---"]
     cells = [c.strip() for c in md[at + 2].strip("|").split("|")]
-    assert cells[8] == f"{1 - float(cells[4]):.4f}"
+    assert cells[10] == f"{1 - float(cells[4]):.4f}"

@@ -28,7 +28,8 @@ __all__: list[str] = []
 
 # Settings that do not change what a run computes: they stay out of the run's folder name
 # and may differ on --resume.
-RUN_INDEPENDENT = ("resume", "progress", "workers", "device", "out_dir")
+# settings that do not change what is trained (bootstrap: only the test intervals)
+RUN_INDEPENDENT = ("resume", "progress", "workers", "device", "out_dir", "bootstrap")
 
 
 def config_dict(cfg: FinetuneConfig) -> dict:

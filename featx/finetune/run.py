@@ -76,8 +76,14 @@ from featx.finetune.training import (
     load_data,
     train_one_epoch,
 )
-from featx.metrics import classification_metrics
-from featx.results import finetune_result_path, make_result, write_json
+from featx.results import (
+    finetune_result_path,
+    image_outputs_path,
+    make_result,
+    write_image_outputs,
+    write_json,
+)
+from featx.stats import scored_metrics
 from featx.runtime import cap_workers, finetune_workers
 
 if TYPE_CHECKING:
@@ -417,7 +423,9 @@ def _record(run: _Run, scored: str, te: dict) -> FinetuneResult:
                "per_epoch_s": round(fit_s / max(len(history), 1), 3), "fit_s": round(fit_s, 3),
                "predict_s": round(te["seconds"], 3),
                "epoch_s": [row["epoch_s"] for row in history]}
-    metrics = classification_metrics(te["y_true"], te["y_pred"], te["scores"], run.data.classes)
+    # the softmax of a model trained on a log loss is its probability (calibrated or not)
+    metrics = scored_metrics(te["y_true"], te["y_pred"], te["scores"], run.data.classes,
+                             probabilities=True, n_boot=cfg.bootstrap, seed=cfg.seed)
     metrics.update(total_s=timings["total_s"], per_epoch_s=timings["per_epoch_s"])
     selection = {"criterion": "val_loss" if run.has_val else "last_epoch",
                  "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
@@ -438,6 +446,13 @@ def _record(run: _Run, scored: str, te: dict) -> FinetuneResult:
                              title=f"{cfg.model} on {run.data.name} ({run.run_dir.name})")
         # predict and export refuse a best.pt other than the one scored here
         result["artifacts"][sha256_key("model")] = file_sha256(run.best_path)
+        result_path.unlink(missing_ok=True)  # never a result beside outputs it did not score
+        items = run.data.splits["train" if scored == "train" else scored]
+        outputs = write_image_outputs(
+            image_outputs_path(result_path), [items[i][0] for i in te["index"]],
+            te["y_true"], te["y_pred"], te["scores"], run.data.classes)
+        result["artifacts"]["test_outputs"] = outputs.name
+        result["artifacts"][sha256_key("test_outputs")] = file_sha256(outputs)
         write_json(result_path, result)
     distributed.barrier()
     return FinetuneResult(run.run_dir, result_path, result, history, best["epoch"],

@@ -4,6 +4,7 @@ One *run* is one (cache, feature, head); its files::
 
     {out}/{cache stem}/heads/{feature}__{head}.json      result, schema featx-result/1
     {out}/{cache stem}/heads/{feature}__{head}.skops     the fitted sklearn Pipeline (skops, no pickle)
+    {out}/{cache stem}/heads/{feature}__{head}.test_outputs.csv   each test image's outputs
     {out}/{cache stem}/pool_sizes.png                    when 2+ pool sizes were run
     {out}/heads_summary.csv                              one row per run (merged over calls)
 
@@ -21,7 +22,13 @@ import joblib
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from featx.artifacts import artifact_file, dump_head_model, load_head_model, sha256_key
+from featx.artifacts import (
+    artifact_file,
+    dump_head_model,
+    file_sha256,
+    load_head_model,
+    sha256_key,
+)
 from featx.cache import Cache, CacheError, partial_path
 from featx.config import HeadsConfig, check_settings
 from featx.errors import FeatxError, ParameterError
@@ -39,8 +46,22 @@ from featx.heads.outofcore import (
 )
 from featx.heads.registry import get_head, parse_heads
 from featx.heads.summary import format_pool_matrix, plot_pool_summary
-from featx.heads.task import SUMMARY_COLUMNS, HeadTask, run_indexed, summary_row, task_request
-from featx.results import head_model_path, head_result_path, read_result, write_json
+from featx.heads.task import (
+    SUMMARY_COLUMNS,
+    HeadTask,
+    ImageOutputs,
+    run_indexed,
+    summary_row,
+    task_request,
+)
+from featx.results import (
+    head_model_path,
+    head_result_path,
+    image_outputs_path,
+    read_result,
+    write_image_outputs,
+    write_json,
+)
 
 __all__ = ["HeadsConfig", "HeadsRun", "fit_heads", "load_head", "open_cache",
            "resolve_features"]
@@ -111,12 +132,16 @@ def _check_labels(cache: Cache, select_on: str, cv: int) -> list[str]:
     return notes
 
 
-def _write_run(task: HeadTask, result: dict, model: Pipeline) -> None:
-    """The model, then its result JSON; an older JSON goes first, so no JSON ever sits
-    beside a model it did not describe, and a run killed half-way reads as not done."""
+def _write_run(task: HeadTask, result: dict, model: Pipeline, outputs: ImageOutputs) -> None:
+    """The model and the per-image test outputs, then the result JSON with their sha256; an
+    older JSON goes first, so no JSON ever sits beside files it did not describe, and a run
+    killed half-way reads as not done."""
     task.out_json.unlink(missing_ok=True)
     sha = dump_head_model(model, head_model_path(task.out_json))
     result["artifacts"][sha256_key("model")] = sha
+    out = write_image_outputs(image_outputs_path(task.out_json), task.cache.paths("test"),
+                              outputs.y_true, outputs.y_pred, outputs.scores, task.cache.classes)
+    result["artifacts"][sha256_key("test_outputs")] = file_sha256(out)
     write_json(task.out_json, result)
 
 
@@ -128,6 +153,7 @@ def _current_result(task: HeadTask) -> dict | None:
         return None
     try:
         artifact_file(task.out_json, res)
+        artifact_file(task.out_json, res, "test_outputs")
     except (FeatxError, OSError):
         return None
     return res
@@ -306,15 +332,15 @@ def _fit_todo(tasks: list[HeadTask], pca_groups: list[list[HeadTask]], reused: d
     finished = {}
     if todo:
         with heads_backend(config.backend, scheduler=config.scheduler, jobs=config.jobs):
-            for i, result, row, model in _dispatch(todo, arrays, config, limit):
-                _write_run(tasks[i], result, model)
+            for i, result, row, model, outputs in _dispatch(todo, arrays, config, limit):
+                _write_run(tasks[i], result, model, outputs)
                 finished[i] = (result, row)
     return finished
 
 
 def _dispatch(todo: list[tuple[int, HeadTask]], arrays: dict[int, tuple], config: HeadsConfig,
-              limit: int) -> Iterator[tuple[int, dict, dict, Pipeline]]:
-    """``(i, result, row, model)`` of each task, inside the open joblib backend."""
+              limit: int) -> Iterator[tuple[int, dict, dict, Pipeline, ImageOutputs]]:
+    """``(i, result, row, model, outputs)`` of each task, inside the open joblib backend."""
     if config.backend == "loky":
         in_memory = [t.plan.need_mb * MB for _, t in todo if t.plan.mode == "memory"]
         outer, inner = _n_jobs(config.jobs, len(todo), limit, max(in_memory, default=1.0))

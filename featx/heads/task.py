@@ -27,13 +27,19 @@ from featx.heads.selection import (
     quiet_fit_warnings,
     select_and_fit,
 )
-from featx.metrics import classification_metrics
-from featx.results import METRIC_COLUMNS, head_model_path, make_result
+from featx.results import (
+    METRIC_COLUMNS,
+    head_model_path,
+    image_outputs_path,
+    make_result,
+    metric_cells,
+)
+from featx.stats import scored_metrics
 
 if TYPE_CHECKING:
     from featx.config import HeadsConfig
 
-__all__ = ["SUMMARY_COLUMNS"]
+__all__ = ["SUMMARY_COLUMNS", "ImageOutputs"]
 
 
 @dataclass
@@ -65,9 +71,20 @@ class _Fitted:
     reduce_s: float = 0.0
 
 
+@dataclass
+class ImageOutputs:
+    """Each test image's label, prediction and class scores, in the cache's test order:
+    ``y_true``/``y_pred`` of shape (n,), ``scores`` of shape (n, n_classes)."""
+
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    scores: np.ndarray
+
+
 def _run_task(task: HeadTask, X_train: np.ndarray | None = None, X_val: np.ndarray | None = None,
-              X_test: np.ndarray | None = None) -> tuple[dict, dict, Pipeline]:
-    """Fit, select and score one (cache, feature, head); returns (result, row, pipeline).
+              X_test: np.ndarray | None = None) -> tuple[dict, dict, Pipeline, ImageOutputs]:
+    """Fit, select and score one (cache, feature, head); returns (result, row, pipeline,
+    test outputs).
 
     In pca mode the reduced rows come as arguments (joblib memmaps them for loky and
     scatters them once per call for dask, so a feature's heads share one copy); otherwise
@@ -79,7 +96,7 @@ def _run_task(task: HeadTask, X_train: np.ndarray | None = None, X_val: np.ndarr
         fitted = _fit_streamed(task, has_val)
     else:
         fitted = _fit_in_memory(task, has_val, X_train, X_val, X_test)
-    metrics, predict_s = _score(fitted, cache, has_val)
+    metrics, predict_s, outputs = _score(fitted, cache, has_val, task.config)
     timings = _timings(task, fitted, predict_s)
     head = "sgd" if task.plan.mode == "stream" else task.head
     suffix = {"memory": "", "pca": f" [pca{task.plan.pca}]",
@@ -89,8 +106,10 @@ def _run_task(task: HeadTask, X_train: np.ndarray | None = None, X_val: np.ndarr
         feature=task.feature, head=head, dataset=task.dataset, metrics=metrics,
         timings=timings, settings=_settings(task, head, fitted.selection),
         selection=fitted.selection, provenance=cache.attrs,
-        artifacts={"model": head_model_path(task.out_json).name, "cache": str(cache.path)})
-    return result, summary_row(result, task, task.plan), fitted.saved
+        artifacts={"model": head_model_path(task.out_json).name,
+                   "test_outputs": image_outputs_path(task.out_json).name,
+                   "cache": str(cache.path)})
+    return result, summary_row(result, task, task.plan), fitted.saved, outputs
 
 
 def _fit_streamed(task: HeadTask, has_val: bool) -> _Fitted:
@@ -130,9 +149,11 @@ def _fit_in_memory(task: HeadTask, has_val: bool, X_train: np.ndarray | None,
                    iter([X_val]) if has_val else None, load_s, reduce_s)
 
 
-def _score(fitted: _Fitted, cache: Cache, has_val: bool) -> tuple[dict, float]:
-    """Test (and val) metrics of the fitted model, with the selection's numbers and times;
-    and the test prediction's seconds."""
+def _score(fitted: _Fitted, cache: Cache, has_val: bool, config: HeadsConfig
+           ) -> tuple[dict, float, ImageOutputs]:
+    """Test (and val) metrics of the fitted model, with the selection's numbers and times,
+    intervals and calibration (:func:`featx.stats.scored_metrics`); the test prediction's
+    seconds; the per-image test outputs."""
     classes, y_test = cache.classes, cache.labels("test")
     model, selection = fitted.model, fitted.selection
     t1 = time.perf_counter()
@@ -140,7 +161,12 @@ def _score(fitted: _Fitted, cache: Cache, has_val: bool) -> tuple[dict, float]:
         pred, score = predict_blocks(model, fitted.test_blocks, len(classes))
     predict_s = time.perf_counter() - t1
     with quiet_fit_warnings():
-        metrics = classification_metrics(y_test, pred, score, classes)
+        # ECE and Brier need probabilities: a head with only a decision function (ridge,
+        # linear SVM) gets none, rather than a softmax of margins posing as one
+        probabilities = hasattr(model, "predict_proba")
+        score = score if score.ndim == 2 else np.column_stack([-score, score])
+        metrics = scored_metrics(y_test, pred, score, classes, probabilities=probabilities,
+                                 n_boot=config.bootstrap, seed=config.seed)
         if has_val:
             y_val = cache.labels("val")
             val_pred = np.concatenate([model.predict(X) for X in fitted.val_blocks])
@@ -152,7 +178,7 @@ def _score(fitted: _Fitted, cache: Cache, has_val: bool) -> tuple[dict, float]:
     metrics["fit_s"] = fitted.fit_times["fit_s"]
     metrics["select_s"] = fitted.fit_times["select_s"]
     metrics["predict_s"] = predict_s
-    return metrics, predict_s
+    return metrics, predict_s, ImageOutputs(y_test, pred, score)
 
 
 def _timings(task: HeadTask, fitted: _Fitted, predict_s: float) -> dict:
@@ -191,7 +217,8 @@ def _settings(task: HeadTask, head: str, selection: dict) -> dict:
     return settings
 
 
-def run_indexed(i: int, task: HeadTask, *arrays) -> tuple[int, dict, dict, Pipeline]:
+def run_indexed(i: int, task: HeadTask, *arrays
+                ) -> tuple[int, dict, dict, Pipeline, ImageOutputs]:
     return (i, *_run_task(task, *arrays))
 
 
@@ -205,7 +232,7 @@ def task_request(task: HeadTask) -> dict:
 
 
 SUMMARY_COLUMNS = (["cache", "dataset", "model", "feature", "head", "mode", "selection",
-                    "chosen"] + [c.name for c in METRIC_COLUMNS]
+                    "chosen"] + [n for c in METRIC_COLUMNS for n in c.names]
                    + ["val_score", "val_accuracy", "val_balanced_accuracy", "select_s", "fit_s",
                       "predict_s", "extract_s", "total_s", "json"])
 
@@ -218,7 +245,7 @@ def summary_row(result: dict, task: HeadTask, plan: MemoryPlan) -> dict:
         "model": result["model"], "feature": result["feature"], "head": result["head"],
         "mode": mode, "selection": result["selection"]["on"],
         "chosen": json.dumps(result["selection"]["chosen"], sort_keys=True),
-        **{c.name: m.get(c.key) for c in METRIC_COLUMNS},
+        **metric_cells(m),
         "val_score": m["selection_score"], "val_accuracy": m.get("val_accuracy"),
         "val_balanced_accuracy": m.get("val_balanced_accuracy"),
         "select_s": t["select_s"], "fit_s": t["fit_s"], "predict_s": t["predict_s"],

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from featx.errors import FeatxError
-from featx.results import FINETUNE_RESULT, HEADS_DIR, METRIC_COLUMNS, RESULT_SCHEMA
+from featx.results import FINETUNE_RESULT, HEADS_DIR, RESULT_SCHEMA, metric_cells
 
 __all__ = ["COMPARABLE_RULE", "RANK_RULE", "WALL_TIME_RULE", "load_results", "rank_results"]
 
@@ -150,7 +150,7 @@ def _row_from_result(res: Any, path: Path, root: Path) -> dict:
         "feature": r.raw.get("feature"),
         "head": r.raw.get("head"),
         "created": str(r.raw.get("created") or ""),
-        **{c.name: _num(r.metrics.get(c.key)) for c in METRIC_COLUMNS},
+        **metric_cells(r.metrics),  # the intervals stored in the result, if any
         "n_test": r.metrics.get("n"),
         "extract_s": extract_s,
         "run_s": run_s,

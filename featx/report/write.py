@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from featx.artifacts import ArtifactError, artifact_file
+from featx.config import ReportConfig, check_settings
 from featx.errors import FeatxError
 from featx.features import pool_of
 from featx.files import atomic_write
@@ -29,12 +30,16 @@ from featx.report.ranking import (
     rank_results,
     run_folder,
 )
+from featx.report.paired import APPROX_BEST, PAIRED_COLUMNS, GroupStats, analyse_group
 from featx.results import METRIC_COLUMNS
 
 __all__ = ["REPORT_COLUMNS", "format_table", "write_report"]
 
+# every metric's value and interval bounds (Column.names), then the paired tests against the
+# group's best (featx.report.paired)
 REPORT_COLUMNS = (["group", "comparable", "reason", "dataset", "rank", "best", "model", "method",
-                   "kind", "feature", "head"] + [c.name for c in METRIC_COLUMNS]
+                   "kind", "feature", "head"] + [n for c in METRIC_COLUMNS for n in c.names]
+                  + list(PAIRED_COLUMNS)
                   + ["n_test", "wall_s", "extract_share_s", "run_s", "split_fingerprint",
                      "test_fingerprint", "source"])
 
@@ -54,15 +59,37 @@ def _seconds(value: float | None) -> str:
 
 
 _TABLE_HEAD = (["rank", "model", "method", "kind"] + [c.header for c in METRIC_COLUMNS]
-               + ["wall s", "best"])
-# right-aligned: rank, the metrics, wall s
-_NUMERIC = {0, *range(4, 4 + len(METRIC_COLUMNS)), 4 + len(METRIC_COLUMNS)}
+               + ["p (Holm)", "wall s", "best"])
+# right-aligned: rank, the metrics, p, wall s
+_NUMERIC = {0, *range(4, 4 + len(METRIC_COLUMNS) + 2)}
+
+
+def _metric_cell(r: dict, c) -> str:
+    """``0.897 [0.873, 0.920]`` with an interval (3 decimals: the interval says the 4th means
+    nothing), else the value in the column's format."""
+    value = r.get(c.name)
+    lo, hi = (r.get(c.lo_name), r.get(c.hi_name)) if c.interval else (None, None)
+    if value is None or lo is None or hi is None:
+        return _f(value, c.fmt)
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _mark(r: dict) -> str:
+    if r["best"]:
+        return r["best"]
+    return APPROX_BEST if r.get("approx_best") else ""
 
 
 def _cells(r: dict) -> list[str]:
     return ([str(r["rank"]), r["model"], r["method"], r["kind"]]
-            + [_f(r.get(c.name), c.fmt) for c in METRIC_COLUMNS]
-            + [_seconds(r["wall_s"]), r["best"]])
+            + [_metric_cell(r, c) for c in METRIC_COLUMNS]
+            + [_p(r.get("p_holm")), _seconds(r["wall_s"]), _mark(r)])
 
 
 def _groups(ranked: Sequence[dict]) -> list[list[dict]]:
@@ -104,7 +131,7 @@ def _md_table(members: list[dict]) -> str:
                             for i in range(len(_TABLE_HEAD))) + "|"]
     for r in members:
         cells = [esc(c) for c in _cells(r)]
-        if r["best"]:
+        if cells[-1]:
             cells[-1] = f"**{cells[-1]}**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -184,6 +211,47 @@ def _pool_scores(members: list[dict]) -> dict[str, dict[str, float]]:
     return dict(scores)
 
 
+def _stat_plots(members: list[dict], stats: GroupStats, out: Path, suffix: str,
+                notes: list[str]) -> list[Path]:
+    """The forest plot of the ranking metric and the reliability diagrams of the best head
+    and the best fine-tuning (from their stored outputs, when they hold probabilities)."""
+    from featx.plots import plot_forest, plot_reliability
+    from featx.stats import reliability_bins
+    name, written = members[0]["group"], []
+    key = "test_balanced_accuracy"
+    rows = [{"label": f"{r['model']} {r['method']}"[:60], "value": r[key],
+             "lo": r.get(f"{key}_lo"), "hi": r.get(f"{key}_hi"),
+             "group": _FAMILIES.get(r["kind"], r["kind"]), "mark": _mark(r)}
+            for r in members if r[key] is not None]
+    if rows:
+        written.append(plot_forest(rows, out / f"forest{suffix}.png",
+                                   title=f"{name}: balanced accuracy, 95% intervals"))
+    def probabilities(r):
+        return (r["result"].get("metrics") or {}).get("score_kind") == "probability"
+
+    for kind, mark in BEST_MARK.items():
+        # the best row of the family whose scores are probabilities (a ridge or linear SVM
+        # head has none to calibrate), said in the title when it is not the family's best
+        ranked = [i for i, r in enumerate(members) if r["kind"] == kind and i in stats.outputs]
+        i = next((i for i in ranked if probabilities(members[i])), None)
+        if i is None:
+            if ranked:
+                notes.append(f"{name}: no {_FAMILIES.get(kind, kind)} result gives "
+                             f"probabilities; no reliability diagram")
+            continue
+        r = members[i]
+        if i != ranked[0]:
+            mark = f"{mark} with probabilities"
+        out_i = stats.outputs[i]
+        ece = (r["result"].get("metrics") or {}).get("ece")
+        written.append(plot_reliability(
+            reliability_bins(out_i["y_true"], out_i["scores"]),
+            out / f"reliability_{kind}{suffix}.png",
+            title=f"{mark}: {r['model']} {r['method']}"
+                  + (f"\nECE {ece:.3f}" if isinstance(ece, float) else "")))
+    return written
+
+
 def _plots_for_group(members: list[dict], out: Path, suffix: str,
                      notes: list[str]) -> list[Path]:
     from featx.plots import plot_confusion_matrix, plot_pool_sizes, plot_score_vs_time
@@ -240,7 +308,7 @@ def _curves(ranked: Sequence[dict], out: Path, notes: list[str]) -> list[Path]:
 
 def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]],
               curves: list[Path], out: Path, problems: list[tuple[str, str]],
-              notes: list[str]) -> str:
+              notes: list[str], verdicts: list[str]) -> str:
     from featx import __version__
     groups = _groups(ranked)
     kinds = Counter(r["kind"] for r in ranked)
@@ -249,6 +317,8 @@ def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]
              + ", ".join(f"{n} {_FAMILIES.get(k, k)}" for k, n in sorted(kinds.items()))
              + f"; {len({r['dataset'] for r in ranked})} dataset(s). "
              f"Written {time.strftime('%Y-%m-%d %H:%M')} by featx {__version__}.", ""]
+    if verdicts:
+        lines[1:1] = ["", *(f"**{v}**" for v in verdicts)]
 
     def rel(p: Path) -> str:
         return os.path.relpath(p, out).replace(os.sep, "/")
@@ -281,12 +351,52 @@ def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]
               f"- **Wall time:** {WALL_TIME_RULE}",
               f"- **Comparability:** {COMPARABLE_RULE}",
               "- Metrics are on the test split (ROC-AUC one-vs-rest macro for 3+ classes; "
-              "– when undefined). Plots cover the main group of each dataset.", ""]
+              "– when undefined). Plots cover the main group of each dataset.",
+              f"- **Intervals and tests:** {STATS_RULE}", ""]
     return "\n".join(lines)
 
 
-def write_report(results_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Read the results under ``results_dir``; write report.md, .csv, .html and plots.
+STATS_RULE = (
+    "[lo, hi] are 95% percentile intervals from a bootstrap of the test images stratified by "
+    "class (the same resamples for every row of a group); they cover the variation of the "
+    "test set, not of training. p (Holm): the paired-bootstrap test of the row's balanced "
+    "accuracy against the group's best on the same images, Holm-corrected across the "
+    "group's rows; '≈ best' = not shown to differ from the best at 0.05, which is not "
+    "'equal'. report.csv adds McNemar's exact test (accuracy) and, for two classes, "
+    "DeLong's test (ROC-AUC). See docs/statistics.md.")
+
+
+def _statistics(ranked: list[dict], n_boot: int, notes: list[str],
+                problems: list[tuple[str, str]]) -> tuple[dict[str, GroupStats], list[str]]:
+    """Intervals and paired tests per group (rows updated in place); the verdicts of the
+    comparable groups. Rows without stored outputs are named in one note."""
+    stats, verdicts, missing = {}, [], []
+    groups = _groups(ranked)
+    for members in groups:
+        if n_boot <= 0:
+            continue
+        st = analyse_group(members, n_boot=n_boot)
+        stats[members[0]["group"]] = st
+        problems.extend(st.problems)
+        missing.extend(st.missing)
+        if st.verdict and members[0]["comparable"]:
+            n_main = sum(1 for g in groups if g[0]["comparable"])
+            verdicts.append(st.verdict if n_main == 1 else f"{members[0]['group']}: {st.verdict}")
+    if missing:
+        kinds = {r["kind"] for r in missing}
+        fix = " or ".join(([f"`featx fit-heads CACHE --out ...` (heads)"] if "head" in kinds
+                           else []) + (["`featx finetune ... --resume` (fine-tuning)"]
+                                       if "finetune" in kinds else []))
+        notes.append(f"{len(missing)} result(s) have no usable per-image test outputs "
+                     f"(e.g. {missing[0]['source']}; written by an older featx): ranked, but "
+                     f"without intervals or paired tests; re-run {fix} with the same settings "
+                     f"to add them.")
+    return stats, verdicts
+
+
+def write_report(results_dir: str | Path, out: str | Path | None = None, *,
+                 config: ReportConfig | None = None) -> dict[str, Any]:
+    """Read the results under ``results_dir``; write ``report.md``, ``.csv``, ``.html`` and plots.
 
     Parameters
     ----------
@@ -298,14 +408,19 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> dict
     Returns
     -------
     dict with ``table`` (the aligned text table), ``markdown``, ``csv`` and ``html`` (paths),
-    ``plot`` (list of PNG paths) and ``note`` (list of remarks: unreadable files, skipped
-    plots).
+    ``plot`` (list of PNG paths), ``note`` (list of remarks: unreadable files, skipped
+    plots, results without outputs) and ``verdict`` (the opening sentence(s), or None).
+
+    ``config``: :class:`~featx.config.ReportConfig` (the bootstrap resamples; 0 keeps the
+    intervals stored in the results and runs no paired tests).
 
     Raises
     ------
     ValueError
         When no readable result is found (the message says how many files were unreadable).
     """
+    config = config or ReportConfig()
+    check_settings(config)
     results_dir = Path(results_dir)
     out = Path(out) if out is not None else results_dir / "report"
     problems: list[tuple[str, str]] = []
@@ -318,14 +433,17 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> dict
                          f"--out {results_dir}`.")
     ranked = rank_results(rows)
     notes: list[str] = []
+    stats, verdicts = _statistics(ranked, config.bootstrap, notes, problems)
     main_groups = [g for g in _groups(ranked) if g[0]["comparable"]]
     plots: dict[str, list[Path]] = {}
     for members in main_groups:
         suffix = "" if len(main_groups) == 1 else f"_{_slug(members[0]['group'])}"
         plots[members[0]["group"]] = _plots_for_group(members, out, suffix, notes)
+        plots[members[0]["group"]] += _stat_plots(
+            members, stats.get(members[0]["group"], GroupStats()), out, suffix, notes)
     curves = _curves(ranked, out, notes)
     csv_path = _write_csv(out / "report.csv", ranked)
-    md = _markdown(results_dir, ranked, plots, curves, out, problems, notes)
+    md = _markdown(results_dir, ranked, plots, curves, out, problems, notes, verdicts)
     md_path = _write_atomic(out / "report.md", lambda f: f.write(md))
     from featx.report.html import write_html  # it renders this module's groups and columns
     html_path = write_html(out / "report.html", ranked, markdown=md, plots=plots, curves=curves,
@@ -335,4 +453,5 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> dict
                      "read: " + "; ".join(f"{p} ({why})" for p, why in problems))
     return {"table": format_table(ranked), "markdown": md_path, "csv": csv_path,
             "html": html_path,
-            "plot": [p for ps in plots.values() for p in ps] + curves, "note": notes}
+            "plot": [p for ps in plots.values() for p in ps] + curves, "note": notes,
+            "verdict": "\n".join(verdicts) or None}
