@@ -141,7 +141,7 @@ def _config_from_options(config, **given):
             continue
         value, default = ctx.params[param.name], fields[name].default
         if isinstance(default, tuple) and isinstance(value, str):
-            value = tuple(value.split(","))
+            value = tuple(v for v in value.split(",") if v)  # "" (an empty list) is ()
         elif default is None and value == "none" and "none" in rule_of(config, name).get(
                 "choices", ()):
             value = None

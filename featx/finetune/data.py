@@ -5,7 +5,7 @@ extraction leaves them out, so a run's dataset fingerprints equal those of the c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from featx.data import DataError, DatasetSpec, dataset_fingerprints
 from featx.data.images import ImageFiles
 from featx.runtime import cap_workers, finetune_workers
 
-__all__ = ["FinetuneData", "data_from_cache", "data_from_spec"]
+__all__ = ["FinetuneData", "data_from_cache", "data_from_spec", "subset_data"]
 
 
 @dataclass
@@ -71,6 +71,19 @@ def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> Finetun
                         cache.skipped(), Path(path))
 
 
+def subset_data(data: FinetuneData, subset, seed: int) -> FinetuneData:
+    """``data`` with its train split cut to the labelled ``subset``
+    (:class:`~featx.data.subsets.TrainSubset`) drawn with ``seed``: the very images
+    ``fit-heads --shots/--train-fraction`` draws from the same files. Val and test stay;
+    ``info`` keeps the full split's fingerprints (the same test set as the heads) and adds
+    ``train_subset`` (:func:`~featx.data.subsets.subset_record`)."""
+    from featx.data.subsets import draw_train_subset, subset_record
+    items = data.splits["train"]
+    idx = draw_train_subset(items, data.classes, subset, seed)
+    info = {**data.info, "train_subset": subset_record(items, idx, data.classes, subset, seed)}
+    return replace(data, splits={**data.splits, "train": [items[i] for i in idx]}, info=info)
+
+
 def _no_transform(img):
     return torch.zeros(3, 1, 1)  # decoding is the check; the pixels are not needed
 
@@ -100,6 +113,6 @@ def data_from_spec(spec: DatasetSpec, *, workers: int | None = None) -> Finetune
         skipped += [(split, it[0], e) for it, e in zip(items, errors) if e]
     info = {"name": spec.name, "root": str(Path(spec.root).resolve()),
             "classes": list(spec.classes), "fingerprint": spec.fingerprint(),
-            **dataset_fingerprints(readable)}
+            "split_seed": spec.seed, **dataset_fingerprints(readable)}
     return FinetuneData(spec.name, Path(spec.root), list(spec.classes), readable, info,
                         f"--data {spec.root}", skipped)
