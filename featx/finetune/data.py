@@ -14,7 +14,8 @@ from featx.data import DataError, DatasetSpec, dataset_fingerprints
 from featx.data.images import ImageFiles
 from featx.runtime import cap_workers, finetune_workers
 
-__all__ = ["FinetuneData", "data_from_cache", "data_from_spec", "subset_data"]
+__all__ = ["FinetuneData", "data_from_cache", "data_from_spec", "repeat_sources",
+           "subset_data"]
 
 
 @dataclass
@@ -69,6 +70,34 @@ def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> Finetun
         info = {**info, **dataset_fingerprints(splits), "missing_files": len(missing)}
     return FinetuneData(info["name"], root, cache.classes, splits, info, f"--split-from {path}",
                         cache.skipped(), Path(path))
+
+
+def repeat_sources(source: str | Path, repeats: int, seed: int, *, split_seed: int = 0,
+                   split_fractions: str = "0.7,0.15,0.15", from_cache: bool) -> list:
+    """``(split source, seed)`` of each of ``repeats`` runs.
+
+    ``from_cache``: ``source`` is a cache; data featx split gets split views for its split
+    seed + 1, ... (:func:`featx.cache.resplit`, written beside it), pre-split data the seeds
+    ``seed``, ``seed + 1``, ... . Otherwise ``source`` is a ``--data`` path and the sources
+    are ``(path, split seed)``: split seeds ``split_seed``, ``split_seed + 1``, ..., or seeds
+    for pre-split data.
+    """
+    from featx.cache import Cache, resplit
+    from featx.data import load_dataset, parse_split_fractions
+    if from_cache:
+        if repeats == 1:
+            return [(source, seed)]
+        base = Cache(source).attrs.get("split_seed")
+        if base is None:
+            return [(source, seed + r) for r in range(repeats)]
+        return [(source, seed)] + [(resplit(source, int(base) + r).path, seed)
+                                   for r in range(1, repeats)]
+    if repeats == 1:
+        return [((source, split_seed), seed)]
+    spec = load_dataset(source, split=parse_split_fractions(split_fractions), seed=split_seed)
+    if spec.seed is None:
+        return [((source, split_seed), seed + r) for r in range(repeats)]
+    return [((source, split_seed + r), seed) for r in range(repeats)]
 
 
 def subset_data(data: FinetuneData, subset, seed: int) -> FinetuneData:
