@@ -99,7 +99,7 @@ def resplit_items(attrs: dict, full: dict[str, list[tuple[str, int]]], split_see
         raise CacheError(
             f"{attrs.get('dataset_name')}: the data came split (layout {layout}: train/val/test "
             f"folders or a CSV split column), so its split is part of the data and cannot be "
-            f"drawn again; repeat over {{seed}} instead.")
+            f"drawn again with another {{split_seed}}; repeat over {{seed}} instead.")
     by_class: dict[int, list[str]] = defaultdict(list)
     for items in full.values():
         for rel, label in items:
