@@ -124,8 +124,8 @@ def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: d
         "timings": timings,
         "provenance": provenance or {},
         "artifacts": artifacts or {},
-        **({"repeat": repeat} if repeat is not None else {}),
-        **({"train_subset": train_subset} if train_subset is not None else {}),
+        "repeat": repeat,              # None: not known (the report then skips it)
+        "train_subset": train_subset,  # None: trained on all of train
     }
 
 

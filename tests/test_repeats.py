@@ -157,3 +157,31 @@ def test_compare_with_5_repeats_extracts_once(digits10, tmp_path, cli, monkeypat
     res = [json.loads(p.read_text()) for p in out.rglob("penultimate__logistic.json")]
     assert sorted(x["repeat"]["split_seed"] for x in res) == [0, 1, 2, 3, 4]
     assert len({x["dataset"]["test_fingerprint"] for x in res}) == 5
+
+
+def test_finetune_repeats_over_views_of_its_cache_or_over_split_seeds(digits10, cache10, cli,
+                                                                     monkeypatch):
+    import featx.finetune
+    seen = []
+    common = ["finetune", "--model", "mobilenet_v2", "--weights", "none", "--workers", "0"]
+    # the data and seed each run would train on, not the training
+    monkeypatch.setattr(featx.finetune, "finetune", lambda data, cfg, **kw: seen.append(
+        (data.info["split_fingerprint"], data.info["split_seed"], cfg.seed)) or _Done())
+    r = cli(*common, "--split-from", cache10, "--repeats", "3")
+    assert r.exit_code == 0, r.output
+    views = [Cache(cache10)] + [Cache(resplit(cache10, s).path) for s in (1, 2)]
+    assert seen == [(v.dataset_info()["split_fingerprint"], s, 0) for s, v in enumerate(views)]
+    seen.clear()
+    cli(*common, "--data", digits10, "--repeats", "2", "--seed", "4")
+    assert [(s, seed) for _, s, seed in seen] == [(0, 4), (1, 4)]
+    assert seen[0][0] == views[0].dataset_info()["split_fingerprint"]  # same files, same split
+    assert seen[1][0] == views[1].dataset_info()["split_fingerprint"]
+
+
+class _Done:
+    """What the stubbed finetune returns: enough for the command to print its summary."""
+
+    result = {"metrics": {"accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0},
+              "selection": {"best_epoch": 1, "criterion": "val_loss", "scored_split": "test"},
+              "timings": {"total_s": 0.0}}
+    result_path = "result.json"
