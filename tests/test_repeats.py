@@ -157,6 +157,12 @@ def test_compare_with_5_repeats_extracts_once(digits10, tmp_path, cli, monkeypat
     res = [json.loads(p.read_text()) for p in out.rglob("penultimate__logistic.json")]
     assert sorted(x["repeat"]["split_seed"] for x in res) == [0, 1, 2, 3, 4]
     assert len({x["dataset"]["test_fingerprint"] for x in res}) == 5
+    import csv
+    with open(out / "report" / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and {r["repeats_n"] for r in rows} == {"5"}
+    assert {r["repeats_mark"] for r in rows} == {"best"}  # the one setting, over 5 splits
+    assert "## Repeats over splits and seeds" in (out / "report" / "report.md").read_text()
 
 
 def test_finetune_repeats_over_views_of_its_cache_or_over_split_seeds(digits10, cache10, cli,
