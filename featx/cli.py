@@ -17,7 +17,9 @@ from featx.config import (
     ExtractConfig,
     FinetuneConfig,
     HeadsConfig,
+    RepeatConfig,
     ReportConfig,
+    SubsetConfig,
     rule_of,
 )
 
@@ -148,7 +150,7 @@ def _config_from_options(config, **given):
             continue
         value, default = ctx.params[param.name], fields[name].default
         if isinstance(default, tuple) and isinstance(value, str):
-            value = tuple(value.split(","))
+            value = tuple(v for v in value.split(",") if v)  # "" (an empty list) is ()
         elif default is None and value == "none" and "none" in rule_of(config, name).get(
                 "choices", ()):
             value = None
@@ -338,6 +340,31 @@ def info(cache_file):
     click.echo(Cache(cache_file).describe())
 
 
+@main.command(cls=_EnvCommand)
+@click.argument("cache_file", type=click.Path(path_type=Path))
+@click.option("--split-seed", "split_seeds", type=_SEED, multiple=True, required=True,
+              help="Seed of the new split (repeatable), 0..4294967295.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Folder for the views [default: the cache's].")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a real cache of other inputs that has the view's name.")
+def resplit(cache_file, split_seeds, out_dir, overwrite):
+    """Split a cache's images again, without running the backbone: a split view per seed.
+
+    Writes NAME_split{S}.h5 (the name `featx extract --split-seed S` gives that split's
+    cache) holding the new file lists and an index into CACHE's rows; no feature is copied.
+    Every command that takes a cache takes the view. Only for data featx split (class
+    folders, a CSV without a split column); prints each view's path.
+    """
+    from featx.cache import resplit as run_resplit
+    for seed in split_seeds:
+        res = run_resplit(cache_file, seed, out_dir=out_dir, overwrite=overwrite)
+        counts = ", ".join(f"{s} {sum(c)}" for s, c in res.counts.items())
+        click.echo(f"split seed {seed}: {counts}"
+                   + (" (up to date)" if res.status == "up-to-date" else ""), err=True)
+        click.echo(str(res.path))
+
+
 # --- commands added by later modules register below this line ---------------------------------
 
 @main.command(cls=_EnvCommand)
@@ -392,12 +419,21 @@ def report(results_dir, out, bootstrap):
 @_option(HeadsConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
 @_option(HeadsConfig, "refit", is_flag=True)
 @_option(HeadsConfig, "bootstrap", metavar="N")
+@_option(HeadsConfig, "shots", metavar="K,K,...")
+@_option(HeadsConfig, "train_fraction", metavar="F,F,...")
+@_option(HeadsConfig, "draws")
+@_option(HeadsConfig, "repeats")
 def fit_heads(caches, jobs, out, **settings):
     """Fit classical heads on cached features; choose on val, score once on test.
 
     Writes OUT/{cache}/heads/{feature}__{head}.json and .skops per run, merges
     OUT/heads_summary.csv, and prints a table sorted by test balanced accuracy. A result
     already made from the same cache file with the same settings is reused, not refitted.
+
+    \b
+    --shots / --train-fraction: label efficiency, --draws seeded draws of each labelled
+    subset of train (val and test untouched); --repeats K: K splits (split views, no
+    extraction) or, for pre-split data, K seeds.
     """
     from featx.config import HeadsConfig
     from featx.heads import fit_heads as run_fit_heads
@@ -442,6 +478,10 @@ def fit_heads(caches, jobs, out, **settings):
               help="With --split-from: fine-tune even if some of the cache's images are gone "
               "(the result records the files used, so report marks it not comparable).")
 @_option(FinetuneConfig, "progress", "--progress/--no-progress")
+@_option(SubsetConfig, "shots", metavar="K,K,...")
+@_option(SubsetConfig, "train_fraction", metavar="F,F,...")
+@_option(SubsetConfig, "draws")
+@_option(RepeatConfig, "repeats")
 def finetune(model, data_path, split_fractions, split_seed, split_from, show_stages,
              allow_missing, **settings):
     """Fine-tune a backbone with a new head on the same split and metrics as the heads.
@@ -453,10 +493,25 @@ def finetune(model, data_path, split_fractions, split_seed, split_from, show_sta
     Several GPUs or machines: start it with torchrun (DistributedDataParallel),
       torchrun --nproc-per-node 4 -m featx finetune ...
     --batch-size is then per process; only rank 0 prints and writes files.
+
+    \b
+    --shots / --train-fraction: one run per labelled subset and draw, the very images
+    fit-heads draws with the same --seed; --repeats K: K splits (--split-from: split views
+    of the cache; --data: split seeds S..S+K-1) or, for pre-split data, K seeds.
     """
+    from dataclasses import replace
+
     from featx import distributed
     from featx.config import FinetuneConfig
-    from featx.finetune import check_config, data_from_cache, data_from_spec, list_stages
+    from featx.data.subsets import train_subsets
+    from featx.finetune import (
+        check_config,
+        data_from_cache,
+        data_from_spec,
+        list_stages,
+        repeat_sources,
+        subset_data,
+    )
     from featx.finetune import finetune as run_finetune
     if show_stages:
         for name in list_stages(model):
@@ -464,20 +519,47 @@ def finetune(model, data_path, split_fractions, split_seed, split_from, show_sta
         return
     cfg = _config_from_options(FinetuneConfig, model=model)
     check_config(cfg)  # bad settings fail before any image is read
+    sub = _config_from_options(SubsetConfig)
+    subsets = train_subsets(sub.shots, sub.train_fraction, sub.draws) or [None]
+    repeats = _config_from_options(RepeatConfig).repeats
     if (data_path is None) == (split_from is None):
         raise click.ClickException("give exactly one of --data PATH or --split-from CACHE.")
     env = distributed.init_process_group(cfg.device)  # under torchrun: join the process group; else nothing
+    # (split source, seed) of every repeat: split views of --split-from, split seeds of
+    # --data, or seeds for pre-split data
+    sources = distributed.run_on_main(lambda: repeat_sources(
+        split_from if split_from is not None else data_path, repeats, cfg.seed,
+        split_seed=split_seed, split_fractions=split_fractions,
+        from_cache=split_from is not None))
+    last = None
+    for source, seed in sources:
+        for subset in subsets:
+            last = _finetune_one(source, split_from is not None, allow_missing, split_fractions,
+                                 replace(cfg, seed=seed), subset, env, run_finetune,
+                                 data_from_cache, data_from_spec, subset_data)
+    if last is not None and env.is_main and (len(sources) > 1 or len(subsets) > 1):
+        click.echo(f"{len(sources) * len(subsets)} fine-tuning runs under {cfg.out_dir}",
+                   err=True)
+
+
+def _finetune_one(source, from_cache, allow_missing, split_fractions, cfg, subset, env,
+                  run_finetune, data_from_cache, data_from_spec, subset_data):
+    """One fine-tuning run of ``featx finetune``: its data, the run, what it printed."""
+    from featx import distributed
     # under torchrun rank 0 reads the split (and decodes every image once) for all ranks
-    if split_from is not None:
-        data = distributed.run_on_main(lambda: data_from_cache(split_from,
-                                                       allow_missing=allow_missing))
+    if from_cache:
+        data = distributed.run_on_main(lambda: data_from_cache(source,
+                                                               allow_missing=allow_missing))
         if data.info.get("missing_files") and env.is_main:
-            click.echo(f"note: {data.info['missing_files']} image(s) of {split_from} are gone; "
+            click.echo(f"note: {data.info['missing_files']} image(s) of {source} are gone; "
                        f"fine-tuning without them (not comparable with the cache's heads)",
                        err=True)
     else:
+        path, seed = source
         data = distributed.run_on_main(lambda: data_from_spec(
-            load_data_arg(data_path, split_fractions, split_seed), workers=cfg.workers))
+            load_data_arg(path, split_fractions, seed), workers=cfg.workers))
+    if subset is not None:
+        data = subset_data(data, subset, cfg.seed)
     if env.is_main:
         click.echo(f"data: {data.source}, classes {', '.join(data.classes)}; "
                    + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items())
@@ -491,13 +573,14 @@ def finetune(model, data_path, split_fractions, split_seed, split_from, show_sta
         raise click.ClickException("interrupted. best.pt and last.pt of the finished epochs are "
                                    "kept; add --resume to the same command to continue.")
     if not env.is_main:
-        return
+        return res
     m, sel = res.result["metrics"], res.result["selection"]
     click.echo(f"best epoch {sel['best_epoch']} ({sel['criterion']}); {sel['scored_split']} "
                f"accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
                f"macro F1 {m['macro_f1']:.4f}; {res.result['timings']['total_s']:.1f} s",
                err=True)
     click.echo(str(res.result_path))
+    return res
 
 # --- featx predict / export -----------------------------------------------------------------
 
@@ -622,6 +705,7 @@ def _print_compare(run) -> None:
 @_option(CompareConfig, "out", type=click.Path(file_okay=False, path_type=Path))
 @_option(CompareConfig, "overwrite", is_flag=True)
 @_option(CompareConfig, "progress", "--progress/--no-progress")
+@_option(CompareConfig, "repeats")
 def compare(data_path, split_fractions, split_seed, models_, pool, heads, device, **settings):
     """Run the whole experiment: extract, heads on every feature, fine-tune, report.
 

@@ -50,11 +50,11 @@ class CompareRun:
 
 
 def _heads_up_to_date(cache: Cache, features: list[str], heads: list[str], out: Path,
-                      cfg: CompareConfig) -> list[str]:
+                      cfg: CompareConfig, seed: int | None = None) -> list[str]:
     """Features of ``cache`` for which every head already has a result that ``fit-heads``,
     given :func:`_heads_config`, would reuse (:func:`~featx.head_current.current_head_result`;
     the memory plan and the grids are not compared, they would need sklearn)."""
-    hcfg = _heads_config(cfg, heads, features, out)
+    hcfg = _heads_config(cfg, heads, features, out, seed)
     has_val = "val" in cache.splits and len(cache.labels("val")) > 0
     select = select_for(hcfg, has_val)
     done = []
@@ -68,7 +68,8 @@ def _head_is_current(cache: Cache, feature: str, head: str, select: str,
                      hcfg: HeadsConfig) -> bool:
     """``head``'s own result is current, or the streamed sgd result that replaces it."""
     for fitted, streamed in ((head, False), ("sgd", True)):
-        path = head_result_path(hcfg.out_dir, cache.path.stem, feature, fitted)
+        path = head_result_path(hcfg.out_dir, cache.path.stem, feature, fitted,
+                                seed=hcfg.seed)
         request = head_request(hcfg, head=fitted, feature=feature, select_on=select,
                                streamed=streamed)
         if path.is_file():
@@ -77,10 +78,12 @@ def _head_is_current(cache: Cache, feature: str, head: str, select: str,
 
 
 def _heads_config(cfg: CompareConfig, heads: list[str], features: list[str],
-                  out: Path) -> HeadsConfig:
-    """The :class:`HeadsConfig` that compare passes to ``fit_heads`` for one cache."""
+                  out: Path, seed: int | None = None) -> HeadsConfig:
+    """The :class:`HeadsConfig` that compare passes to ``fit_heads`` for one cache (``seed``:
+    a repeat's, default ``cfg.seed``)."""
     return HeadsConfig(heads=tuple(heads), features=tuple(features),
-                       class_weight=cfg.class_weight, jobs=cfg.jobs, seed=cfg.seed, out_dir=out,
+                       class_weight=cfg.class_weight, jobs=cfg.jobs,
+                       seed=cfg.seed if seed is None else seed, out_dir=out,
                        backend=cfg.backend, scheduler=cfg.scheduler)
 
 
@@ -116,21 +119,23 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
         say(f"extract {model}: {ex.status} -> {ex.path}")
         run.caches.append(ex.path)
 
-    done, skipped = distributed.run_on_main(lambda: _fit_heads(run.caches, heads, cfg, out, log))
+    runs = distributed.run_on_main(lambda: _repeats(data, cfg, run.caches, say))
+    done, skipped = distributed.run_on_main(lambda: _fit_heads(
+        [(path, seed) for _, path, seed in runs], heads, cfg, out, log))
     run.done += done
     run.skipped += skipped
 
-    for model, path in zip(cfg.models, run.caches):  # every rank: DDP under torchrun
+    for model, path, seed in runs:  # every rank: DDP under torchrun
         ft_data = distributed.run_on_main(lambda: data_from_cache(path))  # the heads' very files
         for freeze in FINETUNE_MODES[cfg.finetune]:
             fcfg = FinetuneConfig(
                 model=model, weights=cfg.weights, freeze=freeze, epochs=cfg.epochs,
                 batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, loss=cfg.loss,
                 image_size=cfg.image_size, precision=cfg.precision, device=cfg.device,
-                workers=cfg.workers, seed=cfg.seed, out_dir=out, resume=True,
+                workers=cfg.workers, seed=seed, out_dir=out, resume=True,
                 progress=cfg.progress)
             run_dir = out / run_dir_name(ft_data, fcfg, resolve_weights(model, cfg.weights,
-                                                                        seed=cfg.seed))
+                                                                        seed=seed))
             if distributed.run_on_main(lambda: _finished(finetune_result_path(run_dir))):
                 run.skipped.append(f"finetune {model} freeze={freeze}: done ({run_dir})")
                 say(f"finetune {model} freeze={freeze}: up to date")
@@ -142,6 +147,28 @@ def run_compare(data: DatasetSpec, cfg: CompareConfig, *,
     return run
 
 
+def _repeats(data: DatasetSpec, cfg: CompareConfig, caches: list[Path],
+             say: Callable[[str], None]) -> list[tuple[str, Path, int]]:
+    """``(model, cache, seed)`` of every repeat: with ``cfg.repeats`` K > 1, data featx split
+    is split again with split seeds S+1, ..., S+K-1 (split views of each cache's rows:
+    :func:`featx.cache.resplit`, no extraction), pre-split data gets seeds seed, ..., seed+K-1."""
+    runs = [(m, p, cfg.seed) for m, p in zip(cfg.models, caches)]
+    if cfg.repeats == 1:
+        return runs
+    if data.seed is None:
+        say(f"repeats: {cfg.repeats} seeds {cfg.seed}..{cfg.seed + cfg.repeats - 1} (the data "
+            f"came split, so its split stays)")
+        return [(m, p, cfg.seed + r) for m, p, _ in runs for r in range(cfg.repeats)]
+    from featx.cache import resplit
+    say(f"repeats: {cfg.repeats} splits, split seeds {data.seed}..{data.seed + cfg.repeats - 1} "
+        f"(split views of each cache's rows: no extraction)")
+    out = []
+    for m, p, seed in runs:
+        out.append((m, p, seed))
+        out += [(m, resplit(p, data.seed + r).path, seed) for r in range(1, cfg.repeats)]
+    return out
+
+
 def _report(out: Path, *, fresh: bool) -> dict:
     """The report, rewritten only when something was done or a result is newer than it."""
     report = _current_report(out) if fresh else None
@@ -151,30 +178,34 @@ def _report(out: Path, *, fresh: bool) -> dict:
     return report
 
 
-def _fit_heads(caches: list[Path], heads: list[str], cfg: CompareConfig, out: Path,
+def _fit_heads(caches: list[tuple[Path, int]], heads: list[str], cfg: CompareConfig, out: Path,
                log: Callable[[str], None]) -> tuple[list[str], list[str]]:
-    """Every head on every feature that lacks a current result; ``(done, skipped)`` lines."""
+    """Every head on every feature that lacks a current result; ``(done, skipped)`` lines.
+    ``caches``: ``(cache, seed)`` of each repeat."""
     done, skipped, todo_by_cache = [], [], []
-    for path in caches:
+    for path, seed in caches:
         cache = Cache(path)
         # what this comparison asked for, even when the cache holds more pool sizes
         features = [PENULTIMATE] + [feature_name(n) for n in cfg.pools]
         for feature in features:
             cache.check_feature(feature)
-        current = _heads_up_to_date(cache, features, heads, out, cfg)
+        current = _heads_up_to_date(cache, features, heads, out, cfg, seed)
         todo = [f for f in features if f not in current]
+        name = path.name + (f" seed {seed}" if seed != cfg.seed else "")
         if not todo:
-            skipped.append(f"heads on {path.name}: all results current")
-            log(f"heads on {path.name}: up to date")
+            skipped.append(f"heads on {name}: all results current")
+            log(f"heads on {name}: up to date")
         else:
-            todo_by_cache.append((path, todo))
+            todo_by_cache.append((path, seed, todo))
     if todo_by_cache:  # one cluster (or loky pool) for every cache's heads
         from featx.heads import fit_heads, heads_backend, parse_heads
         heads = parse_heads(heads)
         with heads_backend(cfg.backend, scheduler=cfg.scheduler, jobs=cfg.jobs):
-            for path, todo in todo_by_cache:
-                fit_heads([path], _heads_config(cfg, heads, todo, out), log=log)
-                done.append(f"heads on {path.name}: {', '.join(todo)}")
+            for path, seed, todo in todo_by_cache:
+                fit_heads([path], _heads_config(cfg, heads, todo, out, seed), log=log)
+                done.append(f"heads on {path.name}"
+                            + (f" seed {seed}" if seed != cfg.seed else "")
+                            + f": {', '.join(todo)}")
     return done, skipped
 
 

@@ -20,7 +20,8 @@ from featx.errors import ParameterError
 __all__ = ["BACKENDS", "CLASS_WEIGHTS", "CompareConfig", "DEFAULT_HEADS", "DEFAULT_MAX_WORKERS",
            "ExtractConfig",
            "FINETUNE_MODES", "FinetuneConfig", "HeadsConfig", "LOSSES", "MAX_SEED", "OPTIMIZERS",
-           "PRECISIONS", "ReportConfig", "SCHEDULERS", "SELECT_MODES", "STORE_DTYPES", "check_setting",
+           "PRECISIONS", "RepeatConfig", "ReportConfig", "SCHEDULERS", "SELECT_MODES", "STORE_DTYPES", "SubsetConfig",
+           "check_setting",
            "check_settings", "rule_of"]
 
 # the most DataLoader workers a default picks (an explicit --workers may ask for more, up to
@@ -143,6 +144,14 @@ _SHARED = {
                 dict(choices=BACKENDS)),
     "bootstrap": (1000, "Bootstrap resamples of the test images (stratified by class, seeded) "
                   "for the 95% intervals and paired tests; 0 = none.", dict(min=0)),
+    "shots": ((), "Label efficiency: labelled train images per class, e.g. 1,2,4,8,16; one run "
+              "per shot count and draw, val and test untouched."),
+    "train_fraction": ((), "Label efficiency: stratified fractions of the train split, e.g. "
+                       "0.01,0.1,0.5,1; one run per fraction and draw."),
+    "draws": (3, "Seeded draws of each --shots / --train-fraction subset.", dict(min=1)),
+    "repeats": (1, "Repeat over K splits (data featx splits: split seeds S..S+K-1, one "
+                "extraction) or K seeds (pre-split data: seeds of head init and training).",
+                dict(min=1, max=100)),
     "scheduler": (None, "A running dask scheduler (tcp://host:8786) or ray cluster (host:6379) "
                   "[default: start a local one of --jobs workers]."),
 }
@@ -273,6 +282,29 @@ class HeadsConfig:
     refit: bool = _opt(False, "Fit again even where OUT already holds a result made from the "
                        "same cache with the same settings (reused by default).")
     bootstrap: int = _shared("bootstrap")
+    shots: tuple[int, ...] = _shared("shots")
+    train_fraction: tuple[float, ...] = _shared("train_fraction")
+    draws: int = _shared("draws")
+    repeats: int = _shared("repeats")
+
+
+@dataclass
+class SubsetConfig:
+    """The labelled train subsets of a label-efficiency curve (``finetune --shots``; for
+    the heads these are fields of :class:`HeadsConfig`): every shot count and fraction,
+    ``draws`` seeded draws each (:func:`featx.data.subsets.train_subsets`)."""
+
+    shots: tuple[int, ...] = _shared("shots")
+    train_fraction: tuple[float, ...] = _shared("train_fraction")
+    draws: int = _shared("draws")
+
+
+@dataclass
+class RepeatConfig:
+    """How often ``finetune`` repeats its run (``--repeats``; for fit-heads and compare it
+    is a field of :class:`HeadsConfig` / :class:`CompareConfig`)."""
+
+    repeats: int = _shared("repeats")
 
 
 @dataclass
@@ -318,3 +350,4 @@ class CompareConfig:
     out: Path = _opt(Path("results/compare"), "Results folder (report in OUT/report).")
     overwrite: bool = _opt(False, "Replace caches made from other inputs.")
     progress: bool = _shared("progress")
+    repeats: int = _shared("repeats")

@@ -9,6 +9,7 @@ show (report.md/csv, the terminal tables, heads_summary.csv). A new metric: comp
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import time
@@ -37,6 +38,7 @@ __all__ = [
     "write_image_outputs",
     "make_result",
     "read_result",
+    "repeat_record",
     "write_json",
 ]
 
@@ -46,9 +48,14 @@ HEADS_DIR = "heads"              # {out}/{cache stem}/heads/ holds a cache's hea
 FINETUNE_RESULT = "result.json"  # a fine-tuning run folder's result
 
 
-def head_result_path(out_dir: str | Path, cache_stem: str, feature: str, head: str) -> Path:
-    """``{out_dir}/{cache_stem}/heads/{feature}__{head}.json``: one fit-heads run's result."""
-    return Path(out_dir) / cache_stem / HEADS_DIR / f"{feature}__{head}.json"
+def head_result_path(out_dir: str | Path, cache_stem: str, feature: str, head: str, *,
+                     seed: int = 0, subset: str | None = None) -> Path:
+    """``{out_dir}/{cache_stem}[_seed{S}]/heads/{feature}__{head}[__{subset}].json``: one
+    fit-heads run's result. Another seed than 0 gets its own folder (a repeat over seeds
+    keeps every seed's result), a labelled train subset (``shots4-d0``) its own name."""
+    folder = f"{cache_stem}_seed{seed}" if seed else cache_stem
+    name = f"{feature}__{head}" + (f"__{subset}" if subset else "")
+    return Path(out_dir) / folder / HEADS_DIR / f"{name}.json"
 
 
 def head_model_path(result_path: str | Path) -> Path:
@@ -205,12 +212,15 @@ def metric_cells(metrics: dict) -> dict[str, float | None]:
 def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: dict,
                 timings: dict, settings: dict | None = None, selection: dict | None = None,
                 feature: str | None = None, head: str | None = None,
-                provenance: dict | None = None, artifacts: dict | None = None) -> dict:
+                provenance: dict | None = None, artifacts: dict | None = None,
+                repeat: dict | None = None, train_subset: dict | None = None) -> dict:
     """One result record, the same schema for heads (``kind="head"``) and fine-tuning.
 
     ``dataset`` must hold ``name``, ``classes``, ``split_fingerprint`` (all splits' file lists)
     and ``test_fingerprint`` (the test list), which ``report`` uses to decide comparability.
-    ``timings`` are wall seconds (``fit_s``, ``predict_s``, ``total_s``, ...).
+    ``timings`` are wall seconds (``fit_s``, ``predict_s``, ``total_s``, ...). ``repeat``
+    (:func:`repeat_record`) says which experiment this is one repeat of; ``train_subset``
+    (:func:`featx.data.subsets.subset_record`) the labelled subset it was trained on.
     """
     from featx import __version__
     for key in ("name", "classes", "split_fingerprint", "test_fingerprint"):
@@ -232,7 +242,22 @@ def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: d
         "timings": timings,
         "provenance": provenance or {},
         "artifacts": artifacts or {},
+        "repeat": repeat,              # None: not known (the report then skips it)
+        "train_subset": train_subset,  # None: trained on all of train
     }
+
+
+def repeat_record(experiment: dict, *, split_seed: int | None, seed: int) -> dict:
+    """The ``repeat`` block of a result: ``experiment`` (sha256 of every setting that defines
+    the experiment, the split and the seed left out), ``split_seed`` and ``seed``.
+
+    Results of one dataset's files (``dataset.files_fingerprint``) with the same
+    ``experiment`` are repeats of each other; ``report`` summarises them over their splits
+    and seeds.
+    """
+    text = json.dumps(jsonable(experiment), sort_keys=True, default=str)
+    return {"experiment": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "split_seed": split_seed, "seed": int(seed)}
 
 
 def jsonable(obj):

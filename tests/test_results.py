@@ -106,7 +106,13 @@ def test_columns_and_headers_are_the_ones_featx_has_always_written():
     assert REPORT_COLUMNS == ["group", "comparable", "reason", "dataset", "rank", "best",
                               "model", "method", "kind", "feature", "head", *cells, *paired,
                               "n_test", "wall_s", "extract_share_s", "run_s",
-                              "split_fingerprint", "test_fingerprint", "source"]
+                              "split_fingerprint", "test_fingerprint", "source",
+                              # issue 20: repeats (featx.report.repeats), then label
+                              # efficiency (featx.report.efficiency), appended
+                              "split_seed", "seed", "repeat_group", "repeats_n",
+                              "repeats_mean", "repeats_sd", "repeats_delta", "repeats_p",
+                              "repeats_p_holm", "repeats_mark", "shots", "train_fraction",
+                              "draw", "n_train", "per_class_labelled"]
     assert SUMMARY_COLUMNS == ["cache", "dataset", "model", "feature", "head", "mode",
                                "selection", "chosen", *cells, "val_score", "val_accuracy",
                                "val_balanced_accuracy", "select_s", "fit_s", "predict_s",

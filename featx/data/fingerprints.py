@@ -16,7 +16,8 @@ def file_list_fingerprint(items: Iterable[tuple[str, int]]) -> str:
 
 
 def dataset_fingerprints(splits: dict[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
-    """``split_fingerprint``, ``test_fingerprint`` and ``counts`` of the files a run scores.
+    """``split_fingerprint``, ``files_fingerprint`` (all files, whatever their split),
+    ``test_fingerprint`` and ``counts`` of the files a run scores.
 
     ``splits`` is ``{split: [(relpath, label), ...]}`` with the readable files only. The same
     lists give the same fingerprints whether they come from a cache or from ``--data``, so
@@ -27,6 +28,8 @@ def dataset_fingerprints(splits: dict[str, Sequence[tuple[str, int]]]) -> dict[s
     all_items = [(f"{s}/{p}", lab) for s in order for p, lab in splits[s]]
     return {
         "split_fingerprint": file_list_fingerprint(all_items),
+        # the same files however they are split: what repeats over splits have in common
+        "files_fingerprint": file_list_fingerprint(sorted(it for s in order for it in splits[s])),
         "test_fingerprint": file_list_fingerprint(splits.get("test", [])),
         "counts": {s: len(splits[s]) for s in order},
     }

@@ -7,12 +7,18 @@ optimizers, schedules), :mod:`~featx.finetune.training` (one epoch, evaluation, 
 (the loop from top to bottom, and the result).
 """
 from featx.config import FinetuneConfig
-from featx.finetune.data import FinetuneData, data_from_cache, data_from_spec
+from featx.finetune.data import (
+    FinetuneData,
+    data_from_cache,
+    data_from_spec,
+    repeat_sources,
+    subset_data,
+)
 from featx.finetune.model import FinetuneModel, FocalLoss, build_model, list_stages, make_loss
 from featx.finetune.run import FinetuneResult, check_config, finetune, run_dir_name
 from featx.finetune.training import evaluate, load_data, train_one_epoch
 
 __all__ = ["FinetuneConfig", "FinetuneData", "FinetuneModel", "FinetuneResult", "FocalLoss",
            "build_model", "check_config", "data_from_cache", "data_from_spec", "evaluate",
-           "finetune", "list_stages", "load_data", "make_loss", "run_dir_name",
-           "train_one_epoch"]
+           "finetune", "list_stages", "load_data", "make_loss", "repeat_sources",
+           "run_dir_name", "subset_data", "train_one_epoch"]

@@ -5,7 +5,7 @@ extraction leaves them out, so a run's dataset fingerprints equal those of the c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -14,7 +14,8 @@ from featx.data import DataError, DatasetSpec, dataset_fingerprints
 from featx.data.images import ImageFiles
 from featx.runtime import cap_workers, finetune_workers
 
-__all__ = ["FinetuneData", "data_from_cache", "data_from_spec"]
+__all__ = ["FinetuneData", "data_from_cache", "data_from_spec", "repeat_sources",
+           "subset_data"]
 
 
 @dataclass
@@ -71,6 +72,47 @@ def data_from_cache(path: str | Path, *, allow_missing: bool = False) -> Finetun
                         cache.skipped(), Path(path))
 
 
+def repeat_sources(source: str | Path, repeats: int, seed: int, *, split_seed: int = 0,
+                   split_fractions: str = "0.7,0.15,0.15", from_cache: bool) -> list:
+    """``(split source, seed)`` of each of ``repeats`` runs.
+
+    ``from_cache``: ``source`` is a cache; data featx split gets split views for its split
+    seed + 1, ... (:func:`featx.cache.resplit`, written beside it), pre-split data the seeds
+    ``seed``, ``seed + 1``, ... . Otherwise ``source`` is a ``--data`` path and the sources
+    are ``(path, split seed)``: split seeds ``split_seed``, ``split_seed + 1``, ..., or seeds
+    for pre-split data.
+    """
+    from featx.cache import Cache, resplit
+    from featx.data import load_dataset, parse_split_fractions
+    if from_cache:
+        if repeats == 1:
+            return [(source, seed)]
+        base = Cache(source).attrs.get("split_seed")
+        if base is None:
+            return [(source, seed + r) for r in range(repeats)]
+        return [(source, seed)] + [(resplit(source, int(base) + r).path, seed)
+                                   for r in range(1, repeats)]
+    if repeats == 1:
+        return [((source, split_seed), seed)]
+    spec = load_dataset(source, split=parse_split_fractions(split_fractions), seed=split_seed)
+    if spec.seed is None:
+        return [((source, split_seed), seed + r) for r in range(repeats)]
+    return [((source, split_seed + r), seed) for r in range(repeats)]
+
+
+def subset_data(data: FinetuneData, subset, seed: int) -> FinetuneData:
+    """``data`` with its train split cut to the labelled ``subset``
+    (:class:`~featx.data.subsets.TrainSubset`) drawn with ``seed``: the very images
+    ``fit-heads --shots/--train-fraction`` draws from the same files. Val and test stay;
+    ``info`` keeps the full split's fingerprints (the same test set as the heads) and adds
+    ``train_subset`` (:func:`~featx.data.subsets.subset_record`)."""
+    from featx.data.subsets import draw_train_subset, subset_record
+    items = data.splits["train"]
+    idx = draw_train_subset(items, data.classes, subset, seed)
+    info = {**data.info, "train_subset": subset_record(items, idx, data.classes, subset, seed)}
+    return replace(data, splits={**data.splits, "train": [items[i] for i in idx]}, info=info)
+
+
 def _no_transform(img):
     return torch.zeros(3, 1, 1)  # decoding is the check; the pixels are not needed
 
@@ -100,6 +142,6 @@ def data_from_spec(spec: DatasetSpec, *, workers: int | None = None) -> Finetune
         skipped += [(split, it[0], e) for it, e in zip(items, errors) if e]
     info = {"name": spec.name, "root": str(Path(spec.root).resolve()),
             "classes": list(spec.classes), "fingerprint": spec.fingerprint(),
-            **dataset_fingerprints(readable)}
+            "split_seed": spec.seed, **dataset_fingerprints(readable)}
     return FinetuneData(spec.name, Path(spec.root), list(spec.classes), readable, info,
                         f"--data {spec.root}", skipped)

@@ -49,6 +49,7 @@ from featx.artifacts import file_sha256, sha256_key
 from featx.backbones import ResolvedWeights, pool_notes, resolve_run
 from featx.config import FinetuneConfig, check_settings
 from featx.data import DataError
+from featx.data.subsets import TrainSubset
 from featx.errors import ParameterError
 from featx.finetune.checkpoints import (
     RUN_INDEPENDENT,
@@ -80,6 +81,7 @@ from featx.results import (
     finetune_result_path,
     image_outputs_path,
     make_result,
+    repeat_record,
     write_image_outputs,
     write_json,
 )
@@ -139,10 +141,15 @@ def run_dir_name(data: FinetuneData, cfg: FinetuneConfig, weights: ResolvedWeigh
     """
     key = {k: v for k, v in config_dict(cfg).items() if k not in RUN_INDEPENDENT}
     key.update(weights_sha256=weights.sha256, split=data.info["split_fingerprint"])
+    subset = data.info.get("train_subset")
+    tag = ""
+    if subset is not None:  # a labelled train subset (label efficiency): its own folder
+        key["train_subset"] = subset["train_fingerprint"]
+        tag = "-" + TrainSubset(subset["shots"], subset["fraction"], subset["draw"]).tag
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in data.name)
     return (f"{safe}_{cfg.model.replace(':', '-')}_finetune_{weights.tag}-{cfg.freeze}-{cfg.loss}-pool{cfg.pool}"
-            f"-{digest}")
+            f"{tag}-{digest}")
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -476,9 +483,22 @@ def _result_record(data: FinetuneData, cfg: FinetuneConfig, model: FinetuneModel
     if data.cache is not None:
         artifacts["cache"] = str(data.cache)
     from featx.features import PENULTIMATE, feature_name
-    return make_result(kind="finetune",
-                       method=f"finetune freeze={cfg.freeze} loss={cfg.loss} pool={cfg.pool}",
-                       dataset=data.info, model=cfg.model, metrics=metrics, timings=timings,
+    method = f"finetune freeze={cfg.freeze} loss={cfg.loss} pool={cfg.pool}"
+    subset = data.info.get("train_subset")
+    # the same experiment on another split or seed: every setting but those and the run's
+    experiment = {k: v for k, v in config_dict(cfg).items()
+                  if k not in RUN_INDEPENDENT and k != "seed"}
+    # random init (weights none) is seeded: its hash changes with the seed, not the experiment
+    experiment.update(kind="finetune", method=method,
+                      weights_sha256=weights.sha256 if weights.kind != "none" else "none",
+                      train_subset=None if subset is None else
+                      {k: subset[k] for k in ("shots", "fraction", "draw")})
+    return make_result(kind="finetune", method=method,
+                       dataset={k: v for k, v in data.info.items() if k != "train_subset"},
+                       model=cfg.model, metrics=metrics, timings=timings,
                        settings=settings, selection=selection,
                        feature=PENULTIMATE if cfg.pool == 1 else feature_name(cfg.pool),
-                       head="linear", provenance=provenance, artifacts=artifacts)
+                       head="linear", provenance=provenance, artifacts=artifacts,
+                       repeat=repeat_record(experiment, split_seed=data.info.get("split_seed"),
+                                            seed=cfg.seed),
+                       train_subset=subset)

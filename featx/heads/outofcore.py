@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import h5py
 import numpy as np
 from sklearn.decomposition import IncrementalPCA
 from sklearn.linear_model import SGDClassifier
@@ -153,13 +152,11 @@ def _shuffled_blocks(cache: Cache, split: str, feature: str, index: np.ndarray, 
     """``(rows_index, X)`` batches of ``index`` in random order: caches are sorted by class,
     so SGD must not see them in file order."""
     order = rng.permutation(index)
-    with h5py.File(cache.path, "r") as f:
-        ds = f[f"{split}/{feature}"]
-        for start in range(0, len(order), rows):
-            idx = np.sort(order[start:start + rows])  # h5py reads increasing indices
-            X = ds[idx].astype(np.float32, copy=False)
-            perm = rng.permutation(len(idx))
-            yield idx[perm], X[perm]
+    for start in range(0, len(order), rows):
+        idx = np.sort(order[start:start + rows])  # read in file order: contiguous slices
+        X = cache.rows(split, feature, idx)  # a split view's rows come from its parent
+        perm = rng.permutation(len(idx))
+        yield idx[perm], X[perm]
 
 
 # --- PCA and streaming for features that do not fit -------------------------------------------
@@ -285,11 +282,9 @@ def _holdout_score(clf: SGDClassifier, scaler: StandardScaler | str, cache: Cach
         pred = np.concatenate([clf.predict(_scaled(scaler, X))
                                for X in row_blocks(cache, "val", feature, rows)])
         return balanced_accuracy_score(cache.labels("val"), pred)
-    with h5py.File(cache.path, "r") as f:
-        ds = f[f"train/{feature}"]
-        pred = np.concatenate([clf.predict(_scaled(scaler, ds[hold[s:s + rows]]
-                                                   .astype(np.float32)))
-                               for s in range(0, len(hold), rows)])
+    pred = np.concatenate([clf.predict(_scaled(scaler, cache.rows("train", feature,
+                                                                  hold[s:s + rows])))
+                           for s in range(0, len(hold), rows)])
     return balanced_accuracy_score(y[hold], pred)
 
 

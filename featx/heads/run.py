@@ -31,6 +31,7 @@ from featx.artifacts import (
 )
 from featx.cache import Cache, CacheError, partial_path
 from featx.config import HeadsConfig, check_settings
+from featx.data.subsets import draw_train_subset, subset_record, train_subsets
 from featx.errors import FeatxError, ParameterError
 from featx.features import pool_of
 from featx.files import atomic_write
@@ -202,7 +203,7 @@ def fit_heads(caches: Sequence[str | Path], config: HeadsConfig, *,
 
     config = _check_config(caches, config)
     limit, source = memory_limit(config.memory_limit_mb)
-    prepared = _open_caches(caches, config, say)
+    prepared = _open_caches(_repeat_caches(caches, config, say), config, say)
     tasks, pca_groups = _plan_tasks(prepared, config, limit, source, say)
     reused = _current_results(tasks, config, say)
     finished = _fit_todo(tasks, pca_groups, reused, config, limit)
@@ -222,23 +223,48 @@ def _check_config(caches: Sequence[str | Path], config: HeadsConfig) -> HeadsCon
     heads = parse_heads(config.heads)
     config = replace(config, heads=tuple(heads), out_dir=Path(config.out_dir))
     check_settings(config)  # the rules declared beside its fields (featx/config.py)
+    train_subsets(config.shots, config.train_fraction, config.draws)  # checks them
     check_backend(config.backend, config.scheduler)
     if not caches:
         raise FeatxError("give at least one cache file.")
     return config
 
 
-def _open_caches(caches: Sequence[str | Path], config: HeadsConfig,
-                 say: Callable[[str], None]) -> list[tuple[Cache, list[str], str]]:
-    """``(cache, features, select_on)`` per cache, each checked; notes go to ``say``."""
+def _repeat_caches(caches: Sequence[str | Path], config: HeadsConfig,
+                   say: Callable[[str], None]) -> list[tuple[Path, int]]:
+    """``(cache, seed)`` of every run ``config.repeats`` asks for: a cache of data featx
+    split is split again (split views for its seed + 1, ..., written beside it: no
+    extraction), a cache of pre-split data is fitted with seeds ``seed``, ``seed + 1``, ..."""
+    from featx.cache import resplit
+    out = []
+    for path in caches:
+        out.append((Path(path), config.seed))
+        if config.repeats == 1:
+            continue
+        attrs = open_cache(path).attrs
+        if attrs.get("split_seed") is None:
+            out += [(Path(path), config.seed + r) for r in range(1, config.repeats)]
+            continue
+        for r in range(1, config.repeats):
+            view = resplit(path, int(attrs["split_seed"]) + r)
+            out.append((view.path, config.seed))
+        say(f"note: {Path(path).name}: {config.repeats} repeats over split seeds "
+            f"{attrs['split_seed']}..{int(attrs['split_seed']) + config.repeats - 1} "
+            f"(split views of its rows, no extraction).")
+    return out
+
+
+def _open_caches(caches: Sequence[tuple[Path, int]], config: HeadsConfig,
+                 say: Callable[[str], None]) -> list[tuple[Cache, list[str], str, int]]:
+    """``(cache, features, select_on, seed)`` per cache, each checked; notes go to ``say``."""
     prepared = []
-    stems = [Path(p).stem for p in caches]
+    stems = [(Path(p).stem, seed) for p, seed in caches]
     if len(set(stems)) < len(stems):
-        twice = sorted({s for s in stems if stems.count(s) > 1})
+        twice = sorted({s for s, _ in stems if stems.count(s) > 1})
         raise FeatxError(f"two caches share the name {twice[0]!r}; their results would land "
                          f"in the same folder under --out. Fit them in separate runs with "
                          f"different --out folders.")
-    for path in caches:
+    for path, seed in caches:
         cache = open_cache(path)
         features = resolve_features(cache, config.features)
         has_val = "val" in cache.splits and len(cache.labels("val")) > 0
@@ -248,7 +274,7 @@ def _open_caches(caches: Sequence[str | Path], config: HeadsConfig,
         if config.select == "val" and not has_val:
             say(f"note: {cache.path.name} has no val split; choosing hyperparameters by "
                 f"{config.cv}-fold stratified CV on train.")
-        prepared.append((cache, features, select))
+        prepared.append((cache, features, select, seed))
     if config.class_weight == "balanced":
         for h in config.heads:
             if not get_head(h).supports_class_weight:
@@ -263,30 +289,70 @@ def _plan_tasks(prepared, config: HeadsConfig, limit: int, source: str,
     tasks of each PCA-reduced (cache, feature), which share one reduction."""
     heads = config.heads
     tasks, pca_groups = [], []
-    for cache, features, select_on in prepared:
+    for cache, features, select_on, seed in prepared:
         dataset = cache.dataset_info()
-        n_rows = sum(len(cache.labels(s)) for s in ("train", "val") if s in cache.splits)
-        for feature in features:
-            dims = cache.shape("train", feature)[1]
-            plan = plan_memory(n_rows, dims, heads, limit_bytes=limit, limit_source=source,
-                               pca=config.pca)
-            if plan.mode != "memory":
-                holdout = (f", alpha chosen on a stratified 1/{config.cv} holdout of train"
-                           if select_on == "cv" else "")
-                say("note: " + describe_plan(plan, heads, f"{cache.path.name} {feature}",
-                                              holdout))
-            if plan.mode == "stream":
-                tasks.append(HeadTask(cache, dataset, feature, "sgd", plan, select_on, config,
-                                   head_result_path(config.out_dir, cache.path.stem, feature,
-                                                    "sgd")))
-                continue
-            group = [HeadTask(cache, dataset, feature, h, plan, select_on, config,
-                           head_result_path(config.out_dir, cache.path.stem, feature, h))
-                     for h in heads]
-            if plan.mode == "pca":
-                pca_groups.append(group)
-            tasks.extend(group)
+        tcfg = replace(config, seed=seed)
+        for subset, idx, info in _subsets(cache, tcfg, select_on):
+            for feature in features:
+                plan = _plan_feature(cache, feature, idx, tcfg, limit, source, select_on, say)
+
+                def path(head: str) -> Path:
+                    return head_result_path(config.out_dir, cache.path.stem, feature, head,
+                                            seed=seed, subset=subset.tag if subset else None)
+                if plan.mode == "stream":
+                    tasks.append(HeadTask(cache, dataset, feature, "sgd", plan, select_on, tcfg,
+                                          path("sgd")))
+                    continue
+                group = [HeadTask(cache, dataset, feature, h, plan, select_on, tcfg, path(h),
+                                  subset=subset, train_idx=idx, subset_info=info)
+                         for h in heads]
+                if plan.mode == "pca":
+                    pca_groups.append(group)
+                tasks.extend(group)
     return tasks, pca_groups
+
+
+def _subsets(cache: Cache, config: HeadsConfig, select_on: str) -> list[tuple]:
+    """``(subset, train rows, record)`` of every labelled subset asked for; ``(None, None,
+    None)`` (all of train) when none is. Shot counts a class cannot give fail here, before
+    any fit."""
+    subsets = train_subsets(config.shots, config.train_fraction, config.draws)
+    if not subsets:
+        return [(None, None, None)]
+    items, out = cache.split_items("train"), []
+    for subset in subsets:
+        idx = draw_train_subset(items, cache.classes, subset, config.seed)
+        info = subset_record(items, idx, cache.classes, subset, config.seed)
+        present = [n for n in info["per_class"] if n]
+        if select_on == "cv" and min(present) < config.cv:
+            raise FeatxError(f"{cache.path.name} has no val split, so hyperparameters are "
+                             f"chosen by {config.cv}-fold CV on train, which a subset of "
+                             f"{min(present)} image(s) per class ({subset.tag}) cannot give; "
+                             f"lower {{cv}} or use larger {{shots}}.")
+        out.append((subset, idx, info))
+    return out
+
+
+def _plan_feature(cache: Cache, feature: str, idx, config: HeadsConfig, limit: int,
+                  source: str, select_on: str, say: Callable[[str], None]):
+    """The memory plan of one feature's fits (``idx``: the labelled subset's train rows)."""
+    n_train = len(cache.labels("train")) if idx is None else len(idx)
+    n_rows = n_train + (len(cache.labels("val")) if "val" in cache.splits else 0)
+    dims = cache.shape("train", feature)[1]
+    plan = plan_memory(n_rows, dims, config.heads, limit_bytes=limit, limit_source=source,
+                       pca=config.pca)
+    if plan.mode != "memory" and idx is not None:
+        raise FeatxError(f"{cache.path.name} {feature}: a labelled subset of {n_train} train "
+                         f"rows does not fit in memory ({plan.need_mb:.0f} MB needed, limit "
+                         f"{plan.limit_mb:.0f} MB); subsets are fitted in memory only: use "
+                         f"smaller {{shots}} / {{train_fraction}} or raise "
+                         f"{{memory_limit_mb}}.")
+    if plan.mode != "memory":
+        holdout = (f", alpha chosen on a stratified 1/{config.cv} holdout of train"
+                   if select_on == "cv" else "")
+        say("note: " + describe_plan(plan, config.heads, f"{cache.path.name} {feature}",
+                                      holdout))
+    return plan
 
 
 def _current_results(tasks: list[HeadTask], config: HeadsConfig,
@@ -360,8 +426,10 @@ def _dispatch(todo: list[tuple[int, HeadTask]], arrays: dict[int, tuple], config
 def _compare_pool_sizes(run: HeadsRun, prepared, tasks: list[HeadTask], reused: dict[int, dict],
                         config: HeadsConfig) -> None:
     """Where a cache ran 2+ features including a pool: its matrix and pool_sizes.png."""
-    for cache, features, _ in prepared:
-        rows = [r for r in run.rows if r["cache"] == cache.path.stem]
+    for cache, features, _, seed in prepared:
+        if seed != config.seed or config.shots or config.train_fraction:
+            continue  # one matrix per cache: its first seed's runs on all of train
+        rows = [r for r in run.rows if r["json"].startswith(f"{cache.path.stem}/")]
         ran = {r["feature"] for r in rows}
         if len(ran) >= 2 and any(pool_of(f) is not None for f in ran):  # a pool-size comparison
             run.matrices.append(format_pool_matrix(rows, title=cache.path.name))

@@ -18,6 +18,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import Pipeline
 
 from featx.cache import Cache
+from featx.data.subsets import TrainSubset
 from featx.head_current import head_request
 from featx.heads.outofcore import MemoryPlan, fit_streaming, row_blocks
 from featx.heads.registry import STREAM_GRID, get_head
@@ -33,6 +34,7 @@ from featx.results import (
     image_outputs_path,
     make_result,
     metric_cells,
+    repeat_record,
 )
 from featx.stats import scored_metrics
 
@@ -55,6 +57,11 @@ class HeadTask:
     inner_jobs: int = 1
     reducer: Pipeline | None = None  # pca mode: fitted on train, shared by the feature's heads
     reduce_s: float = 0.0
+    # label efficiency: the labelled train subset (featx.data.subsets), its train rows and
+    # the record the result keeps; None: all of train
+    subset: TrainSubset | None = None
+    train_idx: np.ndarray | None = None
+    subset_info: dict | None = None
 
 
 @dataclass
@@ -108,8 +115,20 @@ def _run_task(task: HeadTask, X_train: np.ndarray | None = None, X_val: np.ndarr
         selection=fitted.selection, provenance=cache.attrs,
         artifacts={"model": head_model_path(task.out_json).name,
                    "test_outputs": image_outputs_path(task.out_json).name,
-                   "cache": str(cache.path)})
+                   "cache": str(cache.path)},
+        repeat=repeat_record(_experiment(task, f"{head} @ {task.feature}{suffix}"),
+                             split_seed=cache.attrs.get("split_seed"), seed=task.config.seed),
+        train_subset=task.subset_info)
     return result, summary_row(result, task, task.plan), fitted.saved, outputs
+
+
+def _experiment(task: HeadTask, method: str) -> dict:
+    """What makes two head results the same experiment on another split or seed: the
+    request without its seed, and the cache's features (model, weights, transform)."""
+    request = {k: v for k, v in task_request(task).items() if k != "seed"}
+    keys = ("model", "weights_sha256", "transform", "precision", "store_dtype", "image_size")
+    return {"kind": "head", "method": method, "request": request,
+            "features_from": {k: task.cache.attrs.get(k) for k in keys}}
 
 
 def _fit_streamed(task: HeadTask, has_val: bool) -> _Fitted:
@@ -133,13 +152,17 @@ def _fit_in_memory(task: HeadTask, has_val: bool, X_train: np.ndarray | None,
         reduce_s = task.reduce_s
         test_blocks = iter([X_test])
     else:
-        X_train = cache.load("train", task.feature)
+        X_train = (cache.load("train", task.feature) if task.train_idx is None
+                   else cache.rows("train", task.feature, task.train_idx))
         X_val = cache.load("val", task.feature) if has_val else None
         test_blocks = row_blocks(cache, "test", task.feature, plan.block_rows)
         load_s = time.perf_counter() - t0
     y_val = cache.labels("val") if has_val else None
+    y_train = cache.labels("train")
+    if task.train_idx is not None:
+        y_train = y_train[task.train_idx]
     model, selection, tm = select_and_fit(
-        task.head, X_train, cache.labels("train"), X_val, y_val, select=task.select_on,
+        task.head, X_train, y_train, X_val, y_val, select=task.select_on,
         cv=cfg.cv, standardize=cfg.standardize, class_weight=cfg.class_weight, seed=cfg.seed,
         n_jobs=task.inner_jobs)
     del X_train
@@ -225,10 +248,13 @@ def run_indexed(i: int, task: HeadTask, *arrays
 def task_request(task: HeadTask) -> dict:
     """What ``task``'s result depends on besides the cache (:func:`head_request`)."""
     streamed = task.plan.mode == "stream"
-    return head_request(task.config, head=task.head, feature=task.feature,
-                        select_on=task.select_on, streamed=streamed,
-                        plan=(task.plan.mode, task.plan.pca),
-                        grid=STREAM_GRID if streamed else get_head(task.head).grid)
+    req = head_request(task.config, head=task.head, feature=task.feature,
+                       select_on=task.select_on, streamed=streamed,
+                       plan=(task.plan.mode, task.plan.pca),
+                       grid=STREAM_GRID if streamed else get_head(task.head).grid)
+    if task.subset is not None:
+        req["train_subset"] = task.subset.to_dict()
+    return req
 
 
 SUMMARY_COLUMNS = (["cache", "dataset", "model", "feature", "head", "mode", "selection",

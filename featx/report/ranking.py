@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,12 @@ def _head_run_s(timings: dict, extract_s: float) -> float | None:
 
 
 def _cache_key(r: _Result) -> tuple[str, str, str, str]:
-    """One extraction pass = one cache file as it was when these heads read it."""
+    """One extraction pass = one cache file as it was when these heads read it; the split
+    views of a cache (featx resplit) share its pass."""
+    view = r.provenance.get("split_view")
+    if isinstance(view, dict) and view.get("parent"):
+        parent = Path(str(r.artifacts.get("cache") or "")).parent / str(view["parent"])
+        return (os.path.normpath(parent), str(view.get("parent_created") or ""), r.model, "")
     return (str(r.artifacts.get("cache") or ""), str(r.provenance.get("created") or ""),
             r.model, r.dataset["split_fingerprint"])
 

@@ -31,6 +31,14 @@ from featx.report.ranking import (
     run_folder,
 )
 from featx.report.paired import APPROX_BEST, PAIRED_COLUMNS, GroupStats, analyse_group
+from featx.report.efficiency import (
+    EFFICIENCY_COLUMNS,
+    EFFICIENCY_RULE,
+    efficiency_markdown,
+    split_subset_rows,
+    write_efficiency,
+)
+from featx.report.repeats import REPEAT_COLUMNS, REPEATS_RULE, annotate_repeats, repeats_markdown
 from featx.results import METRIC_COLUMNS
 
 __all__ = ["REPORT_COLUMNS", "format_table", "write_report"]
@@ -41,7 +49,7 @@ REPORT_COLUMNS = (["group", "comparable", "reason", "dataset", "rank", "best", "
                    "kind", "feature", "head"] + [n for c in METRIC_COLUMNS for n in c.names]
                   + list(PAIRED_COLUMNS)
                   + ["n_test", "wall_s", "extract_share_s", "run_s", "split_fingerprint",
-                     "test_fingerprint", "source"])
+                     "test_fingerprint", "source"] + REPEAT_COLUMNS + EFFICIENCY_COLUMNS)
 
 _FAMILIES = {"head": "frozen heads", "finetune": "fine-tuning"}
 
@@ -308,7 +316,7 @@ def _curves(ranked: Sequence[dict], out: Path, notes: list[str]) -> list[Path]:
 
 def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]],
               curves: list[Path], out: Path, problems: list[tuple[str, str]],
-              notes: list[str], verdicts: list[str]) -> str:
+              notes: list[str], verdicts: list[str], sections: Sequence[str] = ()) -> str:
     from featx import __version__
     groups = _groups(ranked)
     kinds = Counter(r["kind"] for r in ranked)
@@ -336,6 +344,7 @@ def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]
                   "dataset, so they are ranked only among themselves.", ""]
         for members in others:
             lines += [f"### {_group_title(members)}", "", _md_table(members), ""]
+    lines += list(sections)  # repeats, label efficiency (featx.report.repeats / efficiency)
     if curves:
         lines += ["## Fine-tuning curves", ""]
         lines += [f"![{p.stem}]({rel(p)})" for p in curves]
@@ -350,6 +359,8 @@ def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]
               f"- **Ranking:** {RANK_RULE}",
               f"- **Wall time:** {WALL_TIME_RULE}",
               f"- **Comparability:** {COMPARABLE_RULE}",
+              f"- **Repeats:** {REPEATS_RULE}",
+              f"- **Label efficiency:** {EFFICIENCY_RULE}",
               "- Metrics are on the test split (ROC-AUC one-vs-rest macro for 3+ classes; "
               "– when undefined). Plots cover the main group of each dataset.",
               f"- **Intervals and tests:** {STATS_RULE}", ""]
@@ -424,14 +435,15 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, *,
     results_dir = Path(results_dir)
     out = Path(out) if out is not None else results_dir / "report"
     problems: list[tuple[str, str]] = []
-    rows = load_results(results_dir, problems=problems)
-    if not rows:
+    rows, subset_rows = split_subset_rows(load_results(results_dir, problems=problems))
+    if not rows and not subset_rows:
         extra = (f"; {len(problems)} file(s) look like results but cannot be read, e.g. "
                  f"{problems[0][0]}: {problems[0][1]}" if problems else "")
         raise FeatxError(f"no featx result files under {results_dir}{extra}. Write some with "
                          f"`featx fit-heads CACHE --out {results_dir}` or `featx finetune ... "
                          f"--out {results_dir}`.")
     ranked = rank_results(rows)
+    repeats = annotate_repeats(ranked)
     notes: list[str] = []
     stats, verdicts = _statistics(ranked, config.bootstrap, notes, problems)
     main_groups = [g for g in _groups(ranked) if g[0]["comparable"]]
@@ -442,8 +454,10 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, *,
         plots[members[0]["group"]] += _stat_plots(
             members, stats.get(members[0]["group"], GroupStats()), out, suffix, notes)
     curves = _curves(ranked, out, notes)
-    csv_path = _write_csv(out / "report.csv", ranked)
-    md = _markdown(results_dir, ranked, plots, curves, out, problems, notes, verdicts)
+    efficiency = write_efficiency(subset_rows, out, notes)
+    csv_path = _write_csv(out / "report.csv", ranked + _subset_csv_rows(subset_rows))
+    md = _markdown(results_dir, ranked, plots, curves, out, problems, notes, verdicts,
+                   repeats_markdown(repeats) + efficiency_markdown(efficiency, out))
     md_path = _write_atomic(out / "report.md", lambda f: f.write(md))
     from featx.report.html import write_html  # it renders this module's groups and columns
     html_path = write_html(out / "report.html", ranked, markdown=md, plots=plots, curves=curves,
@@ -453,5 +467,13 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, *,
                      "read: " + "; ".join(f"{p} ({why})" for p, why in problems))
     return {"table": format_table(ranked), "markdown": md_path, "csv": csv_path,
             "html": html_path,
-            "plot": [p for ps in plots.values() for p in ps] + curves, "note": notes,
+            "plot": [p for ps in plots.values() for p in ps] + curves
+            + list(efficiency["plots"].values()), "note": notes,
             "verdict": "\n".join(verdicts) or None}
+
+
+def _subset_csv_rows(rows: Sequence[dict]) -> list[dict]:
+    """Label-efficiency rows for report.csv: not ranked, in a group of their own."""
+    return [{**r, "group": f"{r['dataset']} [label efficiency]", "comparable": False,
+             "reason": "trained on a labelled subset of train", "rank": None, "best": "",
+             "wall_s": r.get("run_s"), "extract_share_s": None} for r in rows]
