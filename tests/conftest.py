@@ -28,6 +28,16 @@ def _offline_torch_home(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def _auto_engine_is_torch(monkeypatch):
+    """``--engine auto`` runs torch in every test, whatever is installed: on an fp32 CPU it
+    would otherwise pick OpenVINO or ONNX Runtime, and tests that count or hook torch's
+    forward would see another engine on some CPU kinds only. tests/test_engines.py asks
+    for the engines by name, and restores auto's order where it tests it."""
+    from featx.backbones import engines
+    monkeypatch.setattr(engines, "AUTO_ORDER", ())
+
+
 @pytest.fixture
 def cli():
     """The one CLI runner: ``cli(*args, **invoke_kw)`` runs ``featx ARGS`` in this process

@@ -25,7 +25,7 @@ _BF16_ERROR = {
     "resnet18": (3.3e-3, "random"), "resnet34": (4.0e-3, "random"),
     "resnet50": (4.5e-3, "random"), "shufflenet_v2_x1_0": (7.1e-3, "random"),
     "shufflenet_v2_x2_0": (3.6e-3, "random"), "vgg16": (7.9e-3, "random"),
-    "vgg16_bn": (None, ""),
+    "vgg16_bn": (7.9e-3, "random"),
 }
 
 
