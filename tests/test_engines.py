@@ -39,10 +39,16 @@ def _installed(engine: str):
         pytest.skip(f"{engine} is not installed (pip install featx[{engines._EXTRA[engine]}])")
 
 
+@pytest.fixture(scope="module")
+def export_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("hub") / "featx-engines"
+
+
 @pytest.fixture(autouse=True)
-def _own_export_dir(tmp_path, monkeypatch):
-    """Each test exports into its own hub folder, so counts start at zero."""
-    monkeypatch.setattr(engines, "export_dir", lambda: tmp_path / "featx-engines")
+def _module_export_dir(export_home, monkeypatch):
+    """The module's tests share one folder of exported graphs (an export costs seconds);
+    the tests that count exports use image sizes no other test uses."""
+    monkeypatch.setattr(engines, "export_dir", lambda: export_home)
 
 
 def _features(path) -> dict[str, np.ndarray]:
@@ -62,6 +68,19 @@ def small_digits(tmp_path_factory):
     return load_dataset(write_digits(tmp_path_factory.mktemp("engines") / "d", per_class=6))
 
 
+@pytest.fixture(scope="module")
+def torch_reference(small_digits, tmp_path_factory):
+    """``reference(model, weights, size)``: torch fp32's features of ``small_digits``."""
+    out, seen = tmp_path_factory.mktemp("torch_ref"), {}
+
+    def reference(model="resnet18", weights="none", size=48):
+        if (model, size) not in seen:
+            seen[model, size] = _features(_run(small_digits, out, "torch", model, weights,
+                                               size).path)
+        return seen[model, size]
+    return reference
+
+
 def _assert_close(got: dict, ref: dict) -> None:
     assert got.keys() == ref.keys()
     for k in ref:
@@ -70,12 +89,12 @@ def _assert_close(got: dict, ref: dict) -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_engine_features_equal_torch_fp32_on_random_resnet18(engine, small_digits, tmp_path):
+def test_engine_features_equal_torch_fp32_on_random_resnet18(engine, small_digits, tmp_path,
+                                                             torch_reference):
     _installed(engine)
-    ref = _run(small_digits, tmp_path / "torch", "torch")
     got = _run(small_digits, tmp_path / engine, engine)
     assert got.engine == engine
-    _assert_close(_features(got.path), _features(ref.path))
+    _assert_close(_features(got.path), torch_reference())
     with h5py.File(got.path) as f:
         assert f.attrs["engine"] == engine
         assert f.attrs["engine_version"] == engines.engine_version(engine)
@@ -83,52 +102,53 @@ def test_engine_features_equal_torch_fp32_on_random_resnet18(engine, small_digit
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_features_equal_torch_fp32_on_imagenet_mobilenet_v2(engine, mobilenet_in_hub,
-                                                                     small_digits, tmp_path):
+                                                                     small_digits, tmp_path,
+                                                                     torch_reference):
     _installed(engine)
-    ref = _run(small_digits, tmp_path / "torch", "torch", "mobilenet_v2", "imagenet", 64)
     got = _run(small_digits, tmp_path / engine, engine, "mobilenet_v2", "imagenet", 64)
-    _assert_close(_features(got.path), _features(ref.path))
+    _assert_close(_features(got.path), torch_reference("mobilenet_v2", "imagenet", 64))
 
 
-def test_the_exported_graph_is_reused_by_the_next_run(small_digits, tmp_path):
+def test_the_exported_graph_is_reused_by_the_next_run(small_digits, tmp_path, export_home):
     _installed("onnxruntime")
     before = engines.exports["count"]
-    _run(small_digits, tmp_path / "a", "onnxruntime")
+    _run(small_digits, tmp_path / "a", "onnxruntime", size=40)
     assert engines.exports["count"] == before + 1
-    files = list((tmp_path / "featx-engines").glob("*.onnx"))
-    assert len(files) == 1 and files[0].name.startswith("resnet18_48px_fp32_")
-    _run(small_digits, tmp_path / "b", "onnxruntime")  # another cache, the same graph
+    _run(small_digits, tmp_path / "b", "onnxruntime", size=40)  # another cache, same graph
     assert engines.exports["count"] == before + 1
     if _have("openvino"):  # one file serves both engines
-        _run(small_digits, tmp_path / "c", "openvino")
+        _run(small_digits, tmp_path / "c", "openvino", size=40)
         assert engines.exports["count"] == before + 1
-    _run(small_digits, tmp_path / "d", "onnxruntime", size=40)  # another image size
+    _run(small_digits, tmp_path / "d", "onnxruntime", size=36)  # another image size
     assert engines.exports["count"] == before + 2
+    names = sorted(p.name for p in export_home.glob("resnet18_[34][06]px_fp32_*.onnx"))
+    assert [n[:14] for n in names] == ["resnet18_36px_", "resnet18_40px_"], names
 
 
-def test_a_corrupt_exported_graph_is_exported_again(small_digits, tmp_path):
+def test_a_corrupt_exported_graph_is_exported_again(small_digits, tmp_path, export_home,
+                                                     torch_reference):
     _installed("onnxruntime")
-    ref = _run(small_digits, tmp_path / "torch", "torch")
-    _run(small_digits, tmp_path / "a", "onnxruntime")
-    graph, = (tmp_path / "featx-engines").glob("*.onnx")
+    _run(small_digits, tmp_path / "a", "onnxruntime")  # resnet18 at 48 px
+    graph, = export_home.glob("resnet18_48px_fp32_*.onnx")
     graph.write_bytes(graph.read_bytes()[:1000])  # cut short, as by a full disk elsewhere
     before = engines.exports["count"]
     again = _run(small_digits, tmp_path / "b", "onnxruntime")
     assert engines.exports["count"] == before + 1
     assert any("did not load" in n and "exported it again" in n for n in again.notes)
-    _assert_close(_features(again.path), _features(ref.path))
+    _assert_close(_features(again.path), torch_reference())
 
 
-def test_a_fresh_graph_that_does_not_load_is_one_line(small_digits, tmp_path, monkeypatch,
-                                                      cli):
+def test_a_fresh_graph_that_does_not_load_is_one_line(small_digits, tmp_path, monkeypatch):
     _installed("onnxruntime")
 
-    def broken(path):
-        raise RuntimeError("INVALID_PROTOBUF: simulated")
-    monkeypatch.setitem(engines._LOADERS, "onnxruntime", broken)
+    def broken_export(network, image_size, path):  # an exporter that writes garbage
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not an onnx graph")
+    monkeypatch.setattr(engines, "_export", broken_export)
     with pytest.raises(EngineError, match="does not load .*use engine torch"):
-        _run(small_digits, tmp_path / "a", "onnxruntime")
-    assert not list((tmp_path / "a").glob("*.h5"))  # no cache claims those features
+        _run(small_digits, tmp_path / "a", "onnxruntime", size=52)
+    # no cache, complete or partial, claims those features
+    assert not [p for p in (tmp_path / "a").glob("*") if p.suffix in (".h5", ".partial")]
 
 
 def test_a_missing_engine_is_one_line_naming_the_extra(digits_dir, tmp_path, monkeypatch, cli):
@@ -165,8 +185,8 @@ def test_a_cache_from_torch_serves_a_run_with_an_engine(small_digits, tmp_path):
     """The engine is recorded, not compared: features agree within 1e-5 (TOL), like two
     runs of torch on two CPU kinds, so another engine does not make a cache stale."""
     _installed("onnxruntime")
-    first = _run(small_digits, tmp_path, "torch")
-    again = _run(small_digits, tmp_path, "onnxruntime")
+    first = _run(small_digits, tmp_path, "torch", size=32)
+    again = _run(small_digits, tmp_path, "onnxruntime", size=32)
     assert again.status == "up-to-date" and again.path == first.path
     with h5py.File(first.path) as f:
         assert f.attrs["engine"] == "torch"
