@@ -141,7 +141,7 @@ def test_a_corrupt_exported_graph_is_exported_again(small_digits, tmp_path, expo
 def test_a_fresh_graph_that_does_not_load_is_one_line(small_digits, tmp_path, monkeypatch):
     _installed("onnxruntime")
 
-    def broken_export(network, image_size, path):  # an exporter that writes garbage
+    def broken_export(network, image_size, path, model):  # an exporter that writes garbage
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"not an onnx graph")
     monkeypatch.setattr(engines, "_export", broken_export)

@@ -125,7 +125,7 @@ def _export_path(key: dict) -> Path:
 exports = {"count": 0}
 
 
-def _export(network: torch.nn.Module, image_size: int, path: Path) -> None:
+def _export(network: torch.nn.Module, image_size: int, path: Path, model: str) -> None:
     """Export ``network`` (on the CPU, fp32) with a dynamic batch dimension to ``path``,
     atomically: an interrupted export leaves no file under the final name."""
     import warnings
@@ -142,7 +142,7 @@ def _export(network: torch.nn.Module, image_size: int, path: Path) -> None:
             program.save(str(tmp), external_data=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise EngineError(f"could not export {path.name.split('_')[0]} to ONNX "
+        raise EngineError(f"could not export {model} to ONNX "
                           f"({type(exc).__name__}: {reason}); use {{engine}} torch.") from None
     exports["count"] += 1
 
@@ -156,7 +156,7 @@ def exported_model(network: torch.nn.Module, model: str, weights_sha256: str, im
     path = _export_path(_export_key(model, weights_sha256, image_size))
     fresh = not path.is_file()
     if fresh:
-        _export(network, image_size, path)
+        _export(network, image_size, path, model)
     try:
         return load(path)
     except Exception as exc:
