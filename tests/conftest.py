@@ -17,9 +17,12 @@ from tests.builders import invoke_cli, write_digits
 @pytest.fixture(scope="session", autouse=True)
 def _offline_torch_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("torch_home")
-    old = {k: os.environ.get(k) for k in ("TORCH_HOME", "FEATX_OFFLINE")}
+    old = {k: os.environ.get(k) for k in ("TORCH_HOME", "FEATX_OFFLINE", "FEATX_ENGINE")}
     os.environ["TORCH_HOME"] = str(home)
     os.environ["FEATX_OFFLINE"] = "1"
+    # featx commands in child processes (torchrun, subprocess) run torch, as the tests in
+    # this process do (_auto_engine_is_torch); tests/test_engines.py names its engines
+    os.environ["FEATX_ENGINE"] = "torch"
     yield home
     for k, v in old.items():
         if v is None:
