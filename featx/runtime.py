@@ -17,7 +17,7 @@ from featx.config import DEFAULT_MAX_WORKERS, ExtractConfig, check_setting
 from featx.data import DataParameterError
 from featx.errors import Note, ParameterError
 
-__all__ = ["autocast", "cap_workers", "cpu_has_native_bf16", "extract_workers",
+__all__ = ["autocast", "cap_workers", "cpu_has_amx", "cpu_has_native_bf16", "extract_workers",
            "finetune_workers", "resolve_device", "resolve_precision"]
 
 
@@ -65,6 +65,11 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16)."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch >= 2.1
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (where torch's bf16 is fastest: BENCHMARKS.md)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def autocast(device: torch.device, precision: str):

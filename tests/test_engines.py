@@ -172,6 +172,23 @@ def test_auto_picks_an_installed_cpu_engine_only_for_fp32_on_the_cpu(monkeypatch
                                                    else "torch")
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_and_auto_on_a_native_bf16_cpu_run_bf16_in_torch_only_with_amx(amx, monkeypatch):
+    import featx.runtime as rt
+    from featx.backbones import resolve_run
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(engines, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(engines, "AUTO_ORDER", ("openvino", "onnxruntime"))
+    have = installed_engines()
+    ready = resolve_run("resnet18", "none", device="cpu", precision="auto", engine="auto")
+    if amx or not have:
+        assert (ready.precision, ready.engine) == ("bf16", "torch")
+    else:  # AVX512-BF16 alone: an engine's fp32 measured ~2x torch's bf16
+        assert (ready.precision, ready.engine) == ("fp32", have[0])
+    # an engine asked for by name gets fp32; torch asked for by name keeps auto's bf16
+    assert resolve_run("resnet18", "none", device="cpu", engine="torch").precision == "bf16"
+
+
 def test_an_explicit_engine_runs_fp32_on_the_cpu_only():
     with pytest.raises(ValueError, match="engine='onnxruntime': runs fp32 here, not bf16"):
         resolve_engine("onnxruntime", CPU, "bf16")

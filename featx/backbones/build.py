@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featx.backbones.engines import engine_version, resolve_engine
+from featx.backbones.engines import engine_version, fp32_engine_beats_bf16, resolve_engine
 from featx.backbones.registry import BackboneSpec, bf16_keeps_features, get_backbone, is_timm
 from featx.backbones.state_dicts import load_state_dict
 from featx.backbones.timm_models import timm_transform
@@ -129,14 +129,18 @@ def resolve_run(model: str, weights: str = "imagenet", *, device: str = "auto",
 
     ``precision="auto"`` takes bf16 only for a model whose recorded bf16 error is within
     the bound (:func:`~featx.backbones.registry.bf16_keeps_features`), and fp32 when an
-    fp32-only engine (onnxruntime, openvino) is asked for by name.
+    fp32-only engine (onnxruntime, openvino) is asked for by name or, with ``engine="auto"``,
+    would be faster (:func:`~featx.backbones.engines.fp32_engine_beats_bf16`).
     """
     dev = resolve_device(device)
     if env is not None:
         dev = local_device(dev, env)
-    fp32_engine = engine not in ("auto", "torch")
-    prec = resolve_precision(precision, dev,
-                             bf16_ok=bf16_keeps_features(get_backbone(model)) and not fp32_engine)
+    # bf16 where it keeps the features, and where torch's bf16 is the fastest choice: not
+    # with an fp32-only engine asked for by name, nor (both auto) on a CPU without AMX
+    # where an installed engine's fp32 ran faster (BENCHMARKS.md, "Engines")
+    bf16_ok = bf16_keeps_features(get_backbone(model)) and (
+        engine == "torch" or engine == "auto" and not fp32_engine_beats_bf16(dev))
+    prec = resolve_precision(precision, dev, bf16_ok=bf16_ok)
     eng = resolve_engine(engine, dev, prec)
     resolved = resolve_weights(model, weights, seed=seed)
     return RunSetup(dev, prec, resolved, backbone_transform(model, resolved, image_size), eng)

@@ -12,7 +12,9 @@ one exported file serves every choice of pools. It is written once per model + w
 :func:`resolve_engine` turns ``auto`` into an engine: torch on CUDA and for bf16/fp16 (the
 engines run fp32 here), else the first installed of :data:`AUTO_ORDER`, the order measured
 in BENCHMARKS.md. Engines are optional extras (``pip install featx[onnx]`` /
-``featx[openvino]``); asking for one that is not installed is a one-line error.
+``featx[openvino]``); asking for one that is not installed is a one-line error. With
+both ``auto``, a CPU without AMX runs fp32 in an engine rather than bf16 in torch
+(:func:`fp32_engine_beats_bf16`).
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ from featx.backbones.registry import is_timm
 from featx.config import ExtractConfig, check_setting
 from featx.errors import FeatxError, Note, ParameterError
 from featx.files import atomic_write
+from featx.runtime import cpu_has_amx
 
 __all__ = ["AUTO_ORDER", "EXPORT_FORMAT", "EngineError", "engine_runner", "engine_version",
-           "export_dir", "exported_model", "installed_engines", "resolve_engine"]
+           "export_dir", "exported_model", "fp32_engine_beats_bf16", "installed_engines",
+           "resolve_engine"]
 
 # auto's preference among the installed CPU engines, fastest first (BENCHMARKS.md, "Engines")
 AUTO_ORDER = ("openvino", "onnxruntime")
@@ -70,12 +74,26 @@ def engine_version(engine: str) -> str:
     return importlib.import_module(engine).__version__
 
 
+def fp32_engine_beats_bf16(device: torch.device) -> bool:
+    """Whether ``--precision auto --engine auto`` should run fp32 in an engine rather than
+    bf16 in torch on ``device``: on a CPU without AMX with an engine installed.
+
+    On AVX512-BF16 without AMX (AMD EPYC, machine D) OpenVINO fp32 ran resnet18/resnet50
+    2.2x/1.9x faster than torch bf16, and keeps fp32's features. With AMX torch's bf16
+    measured 2.75x torch fp32 (machine A), more than the 1.5-2.6x any engine reached over
+    torch fp32 elsewhere (engines not measured on AMX), so bf16 stays torch's there.
+    BENCHMARKS.md, "Engines".
+    """
+    return device.type == "cpu" and not cpu_has_amx() and bool(installed_engines())
+
+
 def resolve_engine(engine: str, device: torch.device, precision: str) -> str:
     """``auto`` -> an engine for ``device`` and the resolved ``precision``; an explicit one is
     checked (CPU, fp32, installed).
 
-    ``auto`` is torch on CUDA and for bf16/fp16 (native-bf16 CPUs run bf16 fastest in
-    torch: BENCHMARKS.md), else the first installed of :data:`AUTO_ORDER`, else torch.
+    ``auto`` is torch on CUDA and for bf16/fp16 (the engines run fp32 here; with AMX
+    torch's bf16 is the fastest path measured), else the first installed of
+    :data:`AUTO_ORDER`, else torch.
     """
     check_setting(ExtractConfig, "engine", engine)
     if engine == "auto":
