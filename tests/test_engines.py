@@ -119,10 +119,13 @@ def test_the_exported_graph_is_reused_by_the_next_run(small_digits, tmp_path, ex
     if _have("openvino"):  # one file serves both engines
         _run(small_digits, tmp_path / "c", "openvino", size=40)
         assert engines.exports["count"] == before + 1
-    _run(small_digits, tmp_path / "d", "onnxruntime", size=36)  # another image size
-    assert engines.exports["count"] == before + 2
-    names = sorted(p.name for p in export_home.glob("resnet18_[34][06]px_fp32_*.onnx"))
-    assert [n[:14] for n in names] == ["resnet18_36px_", "resnet18_40px_"], names
+    graph, = export_home.glob("resnet18_40px_fp32_*.onnx")
+    # another image size, other weights or another torch: another file (no export needed
+    # to see it: the name is the key's digest)
+    key = engines._export_key("resnet18", "none-seed0", 40)
+    assert engines._export_path(key) == graph
+    for change in ({"image_size": 36}, {"weights_sha256": "none-seed1"}, {"torch": "9.9"}):
+        assert engines._export_path({**key, **change}) != graph, change
 
 
 def test_a_corrupt_exported_graph_is_exported_again(small_digits, tmp_path, export_home,
@@ -138,7 +141,8 @@ def test_a_corrupt_exported_graph_is_exported_again(small_digits, tmp_path, expo
     _assert_close(_features(again.path), torch_reference())
 
 
-def test_a_fresh_graph_that_does_not_load_is_one_line(small_digits, tmp_path, monkeypatch):
+def test_a_fresh_graph_that_does_not_load_is_one_line(small_digits, tmp_path, monkeypatch,
+                                                      export_home):
     _installed("onnxruntime")
 
     def broken_export(network, image_size, path, model):  # an exporter that writes garbage
@@ -147,6 +151,7 @@ def test_a_fresh_graph_that_does_not_load_is_one_line(small_digits, tmp_path, mo
     monkeypatch.setattr(engines, "_export", broken_export)
     with pytest.raises(EngineError, match="does not load .*use engine torch"):
         _run(small_digits, tmp_path / "a", "onnxruntime", size=52)
+    assert not list(export_home.glob("resnet18_52px_*"))  # the next run exports again
     # no cache, complete or partial, claims those features
     assert not [p for p in (tmp_path / "a").glob("*") if p.suffix in (".h5", ".partial")]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -53,11 +54,11 @@ class EngineError(FeatxError, RuntimeError):
 
 
 def _missing(engine: str) -> str | None:
-    """The first module ``engine`` needs that does not import, else ``None``."""
+    """The first module ``engine`` needs that is not installed, else ``None``."""
+    # found, not imported: importing openvino and onnxscript costs ~1-2 s, which a re-run
+    # of a finished extract (resolving auto, then finding the cache up to date) must not pay
     for module in _NEEDS[engine]:
-        try:
-            importlib.import_module(module)
-        except ImportError:
+        if importlib.util.find_spec(module) is None:
             return module
     return None
 
@@ -179,9 +180,11 @@ def exported_model(network: torch.nn.Module, model: str, weights_sha256: str, im
         return load(path)
     except Exception as exc:
         if fresh:
+            path.unlink(missing_ok=True)  # the next run exports again rather than load it
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             raise EngineError(f"the graph exported for {model} ({path}) does not load "
-                              f"({type(exc).__name__}: {str(exc).strip()[:160]}); use "
-                              f"{{engine}} torch.") from None
+                              f"({type(exc).__name__}: {reason}); use {{engine}} torch."
+                              ) from None
         if notes is not None:
             notes.append(Note(f"note: {path.name} did not load ({type(exc).__name__}); "
                               f"exported it again."))
