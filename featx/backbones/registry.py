@@ -25,8 +25,9 @@ from torch import nn
 
 from featx.errors import FeatxError
 
-__all__ = ["BF16_MAX_ERROR", "BackboneSpec", "UnknownModelError", "bf16_keeps_features", "WeightsError", "get_backbone", "is_timm",
-           "list_backbones", "register_backbone", "register_source"]
+__all__ = ["BF16_MAX_ERROR", "BackboneSpec", "UnknownModelError", "WeightsError",
+           "bf16_keeps_features", "get_backbone", "is_timm", "list_backbones",
+           "register_backbone", "register_source"]
 
 
 # How far (relative, ‖bf16 - fp32‖ / ‖fp32‖ of the features) bf16 may move a model's
