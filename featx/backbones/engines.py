@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import re
@@ -68,10 +69,22 @@ def installed_engines() -> list[str]:
     return [e for e in AUTO_ORDER if _missing(e) is None]
 
 
+# the distributions that provide each engine's module
+_DISTS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"),
+          "openvino": ("openvino",)}
+
+
 def engine_version(engine: str) -> str:
     """``engine``'s package version (torch's for ``torch``)."""
     if engine == "torch":
         return torch.__version__
+    # from the installed metadata: the provenance is built before a finished cache is
+    # found up to date, and importing the engine there would cost a no-op re-run seconds
+    for dist in _DISTS[engine]:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
     return importlib.import_module(engine).__version__
 
 
