@@ -165,9 +165,10 @@ def test_auto_precision_picks_bf16_only_for_models_whose_recorded_error_is_withi
             assert got == "bf16", (name, error)
     assert resolve_run("mobilenet_v2", "none", device="cpu", precision="auto").precision == \
         "fp32"
-    # asked for by name, bf16 is still bf16
+    # asked for by name, bf16 is still bf16; fine-tuning (not frozen features) keeps bf16
     assert resolve_run("mobilenet_v2", "none", device="cpu", precision="bf16").precision == \
         "bf16"
+    assert resolve_run("mobilenet_v2", "none", device="cpu", frozen=False).precision == "bf16"
 
 
 def test_mobilenet_v2_with_imagenet_weights_moves_beyond_the_bound_in_bf16(mobilenet_in_hub,

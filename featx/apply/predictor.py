@@ -104,10 +104,12 @@ class Predictor:
 
 
 def _recorded_precision(recorded: str | None, requested: str, device: torch.device,
-                        notes: list[str], model: str) -> str:
+                        notes: list[str], model: str | None) -> str:
     if requested != "recorded":
-        return resolve_precision(requested, device,
-                                 bf16_ok=bf16_keeps_features(get_backbone(model)))
+        # a head's backbone gives frozen features: the registry's bf16 rule applies (model);
+        # a fine-tuned network (None) runs as it was trained, in mixed precision
+        return resolve_precision(requested, device, bf16_ok=model is None
+                                 or bf16_keeps_features(get_backbone(model)))
     recorded = recorded or "fp32"
     if recorded == "fp16" and device.type == "cpu":
         notes.append("note: the result was computed in fp16, which needs a GPU; using fp32.")
@@ -238,7 +240,7 @@ def _finetune_predictor(path: Path, result: dict, *, device: torch.device,
                                   f"{str(exc).splitlines()[0]}") from None
     notes: list[str] = []
     prec = _recorded_precision(settings.get("precision_used"), precision, device, notes,
-                               result["model"])
+                               None)
     return Predictor("finetune", path, result, result["model"], result.get("feature") or "",
                      classes, transform, network.eval().to(device), device, prec, "prob",
                      weights_source=f"{ckpt_path} (epoch {ckpt.get('epoch')})", notes=notes)

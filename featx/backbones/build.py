@@ -122,7 +122,7 @@ class RunSetup:
 
 def resolve_run(model: str, weights: str = "imagenet", *, device: str = "auto",
           precision: str = "auto", image_size: int | None = None, seed: int = 0,
-          env: DistEnv | None = None, engine: str = "torch") -> RunSetup:
+          env: DistEnv | None = None, engine: str = "torch", frozen: bool = True) -> RunSetup:
     """Device -> precision -> engine -> weights -> transform for ``model``, in that order (so
     the first bad option is the one reported). Under torchrun (``env`` joined) a CUDA device
     is this process's ``cuda:LOCAL_RANK``. ``seed`` draws random init (``weights="none"``).
@@ -130,7 +130,9 @@ def resolve_run(model: str, weights: str = "imagenet", *, device: str = "auto",
     ``precision="auto"`` takes bf16 only for a model whose recorded bf16 error is within
     the bound (:func:`~featx.backbones.registry.bf16_keeps_features`), and fp32 when an
     fp32-only engine (onnxruntime, openvino) is asked for by name or, with ``engine="auto"``,
-    would be faster (:func:`~featx.backbones.engines.fp32_engine_beats_bf16`).
+    would be faster (:func:`~featx.backbones.engines.fp32_engine_beats_bf16`). Those rules
+    are about frozen features: fine-tuning (``frozen=False``) trains in mixed precision
+    wherever bf16 is native, whatever the model.
     """
     dev = resolve_device(device)
     if env is not None:
@@ -138,7 +140,7 @@ def resolve_run(model: str, weights: str = "imagenet", *, device: str = "auto",
     # bf16 where it keeps the features, and where torch's bf16 is the fastest choice: not
     # with an fp32-only engine asked for by name, nor (both auto) on a CPU without AMX
     # where an installed engine's fp32 ran faster (BENCHMARKS.md, "Engines")
-    bf16_ok = bf16_keeps_features(get_backbone(model)) and (
+    bf16_ok = not frozen or bf16_keeps_features(get_backbone(model)) and (
         engine == "torch" or engine == "auto" and not fp32_engine_beats_bf16(dev))
     prec = resolve_precision(precision, dev, bf16_ok=bf16_ok)
     eng = resolve_engine(engine, dev, prec)
