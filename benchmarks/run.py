@@ -11,8 +11,7 @@ reference figure, their ratio and the target::
 
 Benchmarks (``--only`` names):
 
-* ``extract``  featx extract at its defaults (precision auto: bf16 on CPUs with native bf16,
-  else fp32) vs a plain torchvision loop (DataLoader, fp32, no_grad, numpy save), same
+* ``extract``  featx extract at its defaults (precision and engine auto: docs/engines.md) vs a plain torchvision loop (DataLoader, fp32, no_grad, numpy save), same
   images, weights, batch size and workers; feature difference and logistic test accuracy
   on both feature sets.
 * ``ceiling``  featx extract vs the same prepared model run on tensors already in memory
@@ -840,8 +839,13 @@ def machine() -> dict:
         pass
     import h5py
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    from featx.backbones import engine_version, installed_engines
+    from featx.runtime import cpu_has_amx
+    engines = ", ".join(f"{e} {engine_version(e)}" for e in installed_engines()) or "none"
     return {"cpu": cpu, "cores": os.cpu_count(), "ram": mem, "gpu": gpu,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            # the CPU kind: what --precision auto and --engine auto decide by
+            "native_bf16": cpu_has_native_bf16(), "amx": cpu_has_amx(), "engines": engines,
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
@@ -889,8 +893,9 @@ def main(argv=None) -> int:
     settings = Settings.for_args(args)
     info = machine()
     print(f"# machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, GPU "
-          f"{info['gpu']}; torch {info['torch']} ({info['cpu_capability']}, "
-          f"{info['torch_threads']} threads)", flush=True)
+          f"{info['gpu']}; torch {info['torch']} ({info['cpu_capability']}, native bf16 "
+          f"{info['native_bf16']}, AMX {info['amx']}, {info['torch_threads']} threads); "
+          f"engines: {info['engines']}", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="featx-bench-") as tmp:
         data, note = load_images(args.data, Path(tmp))
