@@ -11,12 +11,15 @@ reference figure, their ratio and the target::
 
 Benchmarks (``--only`` names):
 
-* ``extract``  featx extract at its defaults (precision auto: bf16 on CPUs with native bf16,
-  else fp32) vs a plain torchvision loop (DataLoader, fp32, no_grad, numpy save), same
+* ``extract``  featx extract at its defaults (precision and engine auto: docs/engines.md) vs a plain torchvision loop (DataLoader, fp32, no_grad, numpy save), same
   images, weights, batch size and workers; feature difference and logistic test accuracy
   on both feature sets.
 * ``ceiling``  featx extract vs the same prepared model run on tensors already in memory
   (the most the pipeline could reach); with ``--device cuda`` also resnet50/vgg16 in bf16.
+* ``engines``  side by side in one run, fp32: the plain loop, featx in torch, featx in each
+  installed engine (ONNX Runtime, OpenVINO; the exported graph made before timing, its
+  cost in a note), featx at its defaults (precision and engine auto), and the model-only
+  ceiling of torch and of each engine; features of each engine vs featx torch.
 * ``bf16``     featx with ``--precision bf16`` vs fp32 on the CPU: speed, feature error, and
   a logistic head's test accuracy on each (1,920 images, so 384 test predictions).
 * ``compile``  featx with ``compile=True`` (torch.compile, frozen weights) vs without,
@@ -72,8 +75,8 @@ from featx.data import DatasetSpec
 from featx.extract import extract
 from featx.runtime import cpu_has_native_bf16, extract_workers, resolve_precision
 
-BENCHMARKS = ("extract", "ceiling", "bf16", "compile", "pools", "loop", "memory", "heads",
-              "stats", "noop")
+BENCHMARKS = ("extract", "ceiling", "engines", "bf16", "compile", "pools", "loop", "memory",
+              "heads", "stats", "noop")
 
 
 # --- settings and rows ----------------------------------------------------------------------
@@ -97,6 +100,7 @@ class Settings:
     noop_images: int = 800        # the finished work that the no-op re-runs find
     stats_images: int = 10000     # one test set, 1:3 imbalanced like the chest X-rays
     stats_rows: int = 20          # results in the report group
+    engines_images: int = 192     # engines rows: 8 passes of each model over these
     reps: int = 1
 
     @classmethod
@@ -106,7 +110,8 @@ class Settings:
             s = replace(s, quick=True, image_size=32, images=24, batch_sizes=(8,),
                         bf16_images=40, loop_images=40, epochs=(1, 2), memory_images=8,
                         heads_image_size=32, heads_images=160, noop_images=40,
-                        stats_images=1000, stats_rows=5)
+                        stats_images=1000, stats_rows=5,
+                        engines_images=16)
         if args.images:
             s = replace(s, images=args.images)
         return s
@@ -203,13 +208,17 @@ def reference_extract(spec: DatasetSpec, name: str, size: int, batch_size: int, 
 
 def featx_extract(spec: DatasetSpec, name: str, size: int, batch_size: int, out: Path, *,
                   workers: int | None = None, pools=(), device: str = "cpu",
-                  precision: str = "auto", compile: bool = False):
-    """featx.extract.extract, timed as a whole (model build included), into a fresh folder."""
+                  precision: str = "auto", compile: bool = False, engine: str = "torch"):
+    """featx.extract.extract, timed as a whole (model build included), into a fresh folder.
+
+    ``engine`` defaults to torch, so the other rows measure what they always measured;
+    the ``engines`` rows ask for each engine (and for ``auto``) by name."""
     out.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(dir=out))  # always a fresh folder: never "up-to-date"
     cfg = ExtractConfig(model=name, weights="none", pools=tuple(pools), image_size=size,
                         batch_size=batch_size, workers=workers, device=device,
-                        precision=precision, out_dir=out, progress=False, compile=compile)
+                        precision=precision, out_dir=out, progress=False, compile=compile,
+                        engine=engine)
     t0 = time.perf_counter()
     res = extract(spec, cfg)
     return time.perf_counter() - t0, res
@@ -266,7 +275,7 @@ def bench_extract(ctx: Context) -> list[Row]:
                                            ctx.work / "ref.npy", s.device)
                 t_ref.append(t)
                 t, res = featx_extract(spec, name, s.image_size, bs, ctx.work / f"fx{rep}",
-                                       workers=workers, device=s.device)
+                                       workers=workers, device=s.device, engine="auto")
                 t_fx.append(t)
             fx = _cache_features(res.path)
             precision = Cache(res.path).attrs["precision"]  # what featx's auto chose here
@@ -299,7 +308,8 @@ def bench_extract(ctx: Context) -> list[Row]:
 
 
 def _model_only_rate(name: str, size: int, bs: int, n: int, device: str,
-                     precision: str = "fp32", compile: bool = False) -> tuple[float, float]:
+                     precision: str = "fp32", compile: bool = False,
+                     engine: str = "torch") -> tuple[float, float]:
     """(images/s, seconds of the first call) of featx's prepared model on random tensors
     already on the device: what extraction could reach if decoding and writing were free."""
     from featx.backbones import frozen_model, resolve_run
@@ -307,10 +317,12 @@ def _model_only_rate(name: str, size: int, bs: int, n: int, device: str,
     # extraction's own build (random weights); frozen.run is the bare forward, without
     # forward_batch's normalising, pooling and copying back
     frozen = frozen_model(name, resolve_run(name, "none", device=device, precision=precision,
-                                            image_size=size),
+                                            image_size=size, engine=engine),
                           compile_batch=bs if compile else None)
     dev, run = frozen.device, frozen.run
-    x = torch.randn(bs, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    # each forward gets the memory format extraction gives it (an exported graph: NCHW)
+    fmt = torch.channels_last if engine == "torch" else torch.contiguous_format
+    x = torch.randn(bs, 3, size, size, device=dev).contiguous(memory_format=fmt)
     batches = max(1, n // bs)
 
     def sync():
@@ -353,6 +365,79 @@ def bench_ceiling(ctx: Context) -> list[Row]:
                         "", "", ">= 0.8x", "",
                         "no GPU here; run `python -m benchmarks.run --device cuda --only "
                         "ceiling,extract`"))
+    return rows
+
+
+def bench_engines(ctx: Context) -> list[Row]:
+    """Every way featx can run the frozen pass in fp32 on this CPU, against the plain loop,
+    in one run (alternating, so a slow phase of a shared machine hits every side)."""
+    from featx.backbones import engines as eng
+    s = ctx.settings
+    if s.device.startswith("cuda"):
+        return []  # the engines run on the CPU; auto keeps CUDA on torch
+    spec = subset(ctx.data, s.engines_images)
+    _warm(spec)
+    n, bs, workers = _count(spec), s.batch_sizes[0], _default_workers(s.device)
+    have = [e for e in eng.AUTO_ORDER if eng._missing(e) is None]
+    rows = []
+    for name in s.models:
+        # each engine's graph exported before timing (a later run reuses it): its cost once
+        export_s = {}
+        for e in have:
+            t0 = time.perf_counter()
+            before = eng.exports["count"]
+            featx_extract(subset(spec, 1), name, s.image_size, bs, ctx.work / "warm",
+                          workers=workers, precision="fp32", engine=e)
+            if eng.exports["count"] > before:
+                export_s[e] = time.perf_counter() - t0
+        sides = ["plain", "torch"] + have + ["auto"]
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        feats, resolved = {}, ""
+        for rep in range(s.reps):
+            for side in sides:
+                if side == "plain":
+                    t, _ = reference_extract(spec, name, s.image_size, bs, workers,
+                                             ctx.work / "ref.npy", s.device)
+                else:
+                    precision = "auto" if side == "auto" else "fp32"
+                    t, res = featx_extract(spec, name, s.image_size, bs,
+                                           ctx.work / f"{side}{rep}", workers=workers,
+                                           precision=precision, engine=side)
+                    feats[side] = _cache_features(res.path)
+                    if side == "auto":
+                        resolved = f"{res.precision}, {res.engine}"
+                times[side].append(t)
+        rate = {k: n / _best(v) for k, v in times.items()}
+        base = rate["plain"]
+        label = f"{name} @{s.image_size}, batch {bs}, {n} images"
+        rows.append(Row(f"engines {label}: featx torch fp32 vs plain fp32 loop (images/s, "
+                        f"whole pass)", f"{rate['torch']:.1f}", f"{base:.1f}",
+                        _fmt_ratio(rate["torch"] / base), "informational"))
+        for e in have:
+            r = rate[e] / base
+            rows.append(Row(f"engines {label}: featx {e} fp32 vs plain fp32 loop "
+                            f"(images/s, whole pass)", f"{rate[e]:.1f}", f"{base:.1f}",
+                            _fmt_ratio(r), ">= 2x", _met(r >= 2),
+                            f"{_fmt_ratio(rate[e] / rate['torch'])} featx torch fp32"
+                            + (f"; exporting the graph once took {export_s[e]:.1f} s"
+                               if e in export_s else "")))
+            err = _rel_err(feats[e], feats["torch"])
+            rows.append(Row(f"  features {name}: featx {e} vs featx torch fp32 (relative "
+                            f"error)", f"{err:.1e}", "0", "", "<= 1e-05", _met(err <= 1e-5)))
+        rows.append(Row(f"engines {label}: featx defaults (auto: {resolved}) vs plain fp32 "
+                        f"loop (images/s, whole pass)", f"{rate['auto']:.1f}", f"{base:.1f}",
+                        _fmt_ratio(rate["auto"] / base), "informational"))
+        ceil_torch, _ = _model_only_rate(name, s.image_size, bs, n, s.device, "fp32")
+        rows.append(Row(f"engines {name}: featx torch fp32 whole pass vs its model-only "
+                        f"ceiling (images/s)", f"{rate['torch']:.1f}", f"{ceil_torch:.1f}",
+                        _fmt_ratio(rate["torch"] / ceil_torch), "informational"))
+        for e in have:
+            ceil, _ = _model_only_rate(name, s.image_size, bs, n, s.device, "fp32", engine=e)
+            rows.append(Row(f"engines {name}: model-only {e} vs model-only torch fp32 "
+                            f"(images/s)", f"{ceil:.1f}", f"{ceil_torch:.1f}",
+                            _fmt_ratio(ceil / ceil_torch), "informational",
+                            note=f"featx {e} whole pass reaches "
+                            f"{_fmt_ratio(rate[e] / ceil)} of it"))
     return rows
 
 
@@ -793,7 +878,8 @@ def bench_noop(ctx: Context) -> list[Row]:
                      ref_cpu) for name in commands]
 
 
-RUNNERS = {"extract": bench_extract, "ceiling": bench_ceiling, "bf16": bench_bf16,
+RUNNERS = {"extract": bench_extract, "ceiling": bench_ceiling, "engines": bench_engines,
+           "bf16": bench_bf16,
            "compile": bench_compile, "pools": bench_pools, "loop": bench_loop,
            "memory": bench_memory, "heads": bench_heads, "ranks": bench_ranks,
            "stats": bench_stats, "noop": bench_noop}
@@ -817,8 +903,13 @@ def machine() -> dict:
         pass
     import h5py
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    from featx.backbones import engine_version, installed_engines
+    from featx.runtime import cpu_has_amx
+    engines = ", ".join(f"{e} {engine_version(e)}" for e in installed_engines()) or "none"
     return {"cpu": cpu, "cores": os.cpu_count(), "ram": mem, "gpu": gpu,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            # the CPU kind: what --precision auto and --engine auto decide by
+            "native_bf16": cpu_has_native_bf16(), "amx": cpu_has_amx(), "engines": engines,
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
@@ -866,8 +957,9 @@ def main(argv=None) -> int:
     settings = Settings.for_args(args)
     info = machine()
     print(f"# machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, GPU "
-          f"{info['gpu']}; torch {info['torch']} ({info['cpu_capability']}, "
-          f"{info['torch_threads']} threads)", flush=True)
+          f"{info['gpu']}; torch {info['torch']} ({info['cpu_capability']}, native bf16 "
+          f"{info['native_bf16']}, AMX {info['amx']}, {info['torch_threads']} threads); "
+          f"engines: {info['engines']}", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="featx-bench-") as tmp:
         data, note = load_images(args.data, Path(tmp))

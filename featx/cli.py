@@ -289,6 +289,7 @@ def weights_import(file, model):
 @_option(ExtractConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
 @_option(ExtractConfig, "overwrite", is_flag=True)
 @_option(ExtractConfig, "compile", "--compile/--no-compile", "compile_")
+@_option(ExtractConfig, "engine")
 @_option(ExtractConfig, "progress", "--progress/--no-progress")
 def extract(models_, data_path, split_fractions, split_seed, pool, **settings):
     """Run frozen backbones over the images once; write features to HDF5.
@@ -319,7 +320,8 @@ def extract(models_, data_path, split_fractions, split_seed, pool, **settings):
             click.echo(f"{res.path}: up to date, nothing to do.", err=True)
         else:
             click.echo(f"{name}: {res.n_images} images in {res.seconds:.1f} s "
-                       f"({res.images_per_s:.1f} images/s, {res.precision}), "
+                       f"({res.images_per_s:.1f} images/s, {res.precision}"
+                       + (f", {res.engine}" if res.engine not in ("", "torch") else "") + "), "
                        f"weights: {res.weights_source}"
                        + (" [resumed]" if res.status == "resumed" else ""), err=True)
             if res.n_skipped:
@@ -602,11 +604,13 @@ def _finetune_one(source, from_cache, allow_missing, split_fractions, cfg, subse
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--precision", type=click.Choice(["recorded", "auto", "fp32", "bf16", "fp16"]),
               default="recorded", help="recorded: what the result was computed with.")
+@_option(ExtractConfig, "engine", help="What runs the backbone of a --head result, as in "
+         "extract (a fine-tuned network runs in torch).")
 @click.option("--workers", type=click.IntRange(0), default=0,
               help="DataLoader worker processes for decoding.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def predict(head, finetuned, data_paths, images, out, weights, batch_size, device,
-            precision, workers, progress):
+            precision, engine, workers, progress):
     """Apply a head (or a fine-tuned network) to new images; write predictions.csv.
 
     Runs the backbone, weights and transform recorded in the result (refusing when the
@@ -627,7 +631,7 @@ def predict(head, finetuned, data_paths, images, out, weights, batch_size, devic
     if not inputs:
         raise click.UsageError("give the images: --data FOLDER|MANIFEST.csv or image files.")
     run = run_predict(head or finetuned, inputs, out, expect="head" if head else "finetune",
-                      weights=weights, device=device, precision=precision,
+                      weights=weights, device=device, precision=precision, engine=engine,
                       batch_size=batch_size, workers=workers, progress=progress,
                       log=_say)
     click.echo(f"{run.n_images} image(s) predicted in {run.seconds:.1f} s", err=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from featx.errors import ParameterError
 
 __all__ = ["BACKENDS", "CLASS_WEIGHTS", "CompareConfig", "DEFAULT_HEADS", "DEFAULT_MAX_WORKERS",
-           "ExtractConfig",
+           "ENGINES", "ExtractConfig",
            "FINETUNE_MODES", "FinetuneConfig", "HeadsConfig", "LOSSES", "MAX_SEED", "OPTIMIZERS",
            "PRECISIONS", "RepeatConfig", "ReportConfig", "SCHEDULERS", "SELECT_MODES", "STORE_DTYPES", "SubsetConfig",
            "check_setting",
@@ -31,6 +31,8 @@ DEFAULT_MAX_WORKERS = 8
 # feeds all of them
 MAX_SEED = 2**32 - 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# what runs the frozen forward (featx/backbones/engines.py); the last two are optional extras
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 STORE_DTYPES = ("float32", "float16")    # dtypes a cache stores its features in
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "none")
@@ -130,8 +132,12 @@ _SHARED = {
     "image_size": (None, "Crop size in pixels; resize scaled to match [default: the weights' "
                    "own, usually 224].", dict(min=16, max=2048, integer=True)),
     "device": ("auto", "auto, cpu or cuda."),
-    "precision": ("auto", "auto: bf16/fp16 on GPU; on CPU bf16 where it is native (AMX, "
-                  "AVX512-BF16), else fp32.", dict(choices=PRECISIONS)),
+    "precision": ("auto", "auto: bf16/fp16 on GPU, and on CPUs where bf16 is native (AMX, "
+                  "AVX512-BF16), for models whose features bf16 keeps within 1e-2 of fp32 "
+                  "(docs/engines.md); else fp32.", dict(choices=PRECISIONS)),
+    "engine": ("auto", "What runs the frozen forward: auto picks the fastest installed for "
+               "the device and precision (docs/engines.md); onnxruntime / openvino: CPU, "
+               "fp32 (pip install featx[onnx] / featx[openvino]).", dict(choices=ENGINES)),
     "workers": (None, f"DataLoader worker processes, at most one per CPU core [default: CPU "
                 f"cores, at most {DEFAULT_MAX_WORKERS}; extract on the CPU: a quarter of the "
                 f"cores].", dict(min=0, integer=True)),
@@ -184,6 +190,7 @@ class ExtractConfig:
     workers: int | None = _shared("workers")
     device: str = _shared("device")
     precision: str = _shared("precision")
+    engine: str = _shared("engine")
     store: str = _opt("float32", "dtype of the stored features.", choices=STORE_DTYPES)
     out_dir: Path = _opt(Path("cache"), "Folder for the cache files.")
     overwrite: bool = _opt(False, "Replace a cache made from other inputs.")

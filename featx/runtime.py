@@ -17,7 +17,7 @@ from featx.config import DEFAULT_MAX_WORKERS, ExtractConfig, check_setting
 from featx.data import DataParameterError
 from featx.errors import Note, ParameterError
 
-__all__ = ["autocast", "cap_workers", "cpu_has_native_bf16", "extract_workers",
+__all__ = ["autocast", "cap_workers", "cpu_has_amx", "cpu_has_native_bf16", "extract_workers",
            "finetune_workers", "resolve_device", "resolve_precision"]
 
 
@@ -35,14 +35,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, *, bf16_ok: bool = True) -> str:
     """``auto``: bf16 on GPUs that support it, fp16 on older GPUs; on the CPU bf16 where the
-    cores compute in bf16 natively (AMX or AVX512-BF16), else fp32.
+    cores compute in bf16 natively (AMX or AVX512-BF16), else fp32. With ``bf16_ok`` false
+    (the model's features move beyond the bound in bf16:
+    :func:`featx.backbones.bf16_keeps_features`) ``auto`` is fp32 everywhere.
 
     Native bf16 made CPU extraction 2-3x faster than fp32; emulated bf16 (AVX2, plain
-    AVX512) is ~8x slower, so there fp32 stays. bf16 moves features by ~3e-3 relative,
-    which did not change a logistic head's test accuracy (BENCHMARKS.md); ``fp32`` gives
-    torchvision's numbers to 1e-5. The resolved precision is recorded in the cache.
+    AVX512) is ~8x slower, so there fp32 stays. bf16 moves ResNet features by ~3e-3
+    relative, which did not change a logistic head's test accuracy (BENCHMARKS.md), but
+    ImageNet MobileNetV2's by 0.2; ``fp32`` gives torchvision's numbers to 1e-5. The
+    resolved precision is recorded in the cache.
     """
     check_setting(ExtractConfig, "precision", precision)
     if precision != "auto":
@@ -50,6 +53,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             raise ParameterError("precision", precision, "needs a GPU; use fp32 or bf16 on the "
                                  "CPU.", shown=precision, sep=" ")
         return precision
+    if not bf16_ok:
+        # fp16 has 3 more mantissa bits than bf16 but was not measured: not chosen either
+        return "fp32"
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
@@ -59,6 +65,11 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16)."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch >= 2.1
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (where torch's bf16 is fastest: BENCHMARKS.md)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def autocast(device: torch.device, precision: str):

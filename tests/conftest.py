@@ -17,15 +17,28 @@ from tests.builders import invoke_cli, write_digits
 @pytest.fixture(scope="session", autouse=True)
 def _offline_torch_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("torch_home")
-    old = {k: os.environ.get(k) for k in ("TORCH_HOME", "FEATX_OFFLINE")}
+    old = {k: os.environ.get(k) for k in ("TORCH_HOME", "FEATX_OFFLINE", "FEATX_ENGINE")}
     os.environ["TORCH_HOME"] = str(home)
     os.environ["FEATX_OFFLINE"] = "1"
+    # featx commands in child processes (torchrun, subprocess) run torch, as the tests in
+    # this process do (_auto_engine_is_torch); tests/test_engines.py names its engines
+    os.environ["FEATX_ENGINE"] = "torch"
     yield home
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _auto_engine_is_torch(monkeypatch):
+    """``--engine auto`` runs torch in every test, whatever is installed: on an fp32 CPU it
+    would otherwise pick OpenVINO or ONNX Runtime, and tests that count or hook torch's
+    forward would see another engine on some CPU kinds only. tests/test_engines.py asks
+    for the engines by name, and restores auto's order where it tests it."""
+    from featx.backbones import engines
+    monkeypatch.setattr(engines, "AUTO_ORDER", ())
 
 
 @pytest.fixture

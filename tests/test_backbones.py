@@ -147,3 +147,57 @@ def test_stages_exist_in_the_model():
             else spec.builder(weights=None, **spec.build_kwargs)
         for stage in spec.stages:
             model.get_submodule(stage)
+
+
+# --- bf16 and the features: the registry's per-model rule for --precision auto -------------
+
+def test_auto_precision_picks_bf16_only_for_models_whose_recorded_error_is_within_the_bound(
+        monkeypatch):
+    import featx.runtime as rt
+    from featx.backbones import BF16_MAX_ERROR, list_backbones, resolve_run
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: True)  # where auto would pick bf16
+    for name in list_backbones():
+        error = get_backbone(name).bf16_error
+        got = resolve_run(name, "none", device="cpu", precision="auto").precision
+        if error is None or error > BF16_MAX_ERROR:
+            assert got == "fp32", (name, error)
+        else:
+            assert got == "bf16", (name, error)
+    assert resolve_run("mobilenet_v2", "none", device="cpu", precision="auto").precision == \
+        "fp32"
+    # asked for by name, bf16 is still bf16; fine-tuning (not frozen features) keeps bf16
+    assert resolve_run("mobilenet_v2", "none", device="cpu", precision="bf16").precision == \
+        "bf16"
+    assert resolve_run("mobilenet_v2", "none", device="cpu", frozen=False).precision == "bf16"
+
+
+def test_mobilenet_v2_with_imagenet_weights_moves_beyond_the_bound_in_bf16(mobilenet_in_hub,
+                                                                         tmp_path):
+    """The registry's mobilenet_v2 entry is honest: measured again here with the real
+    weights on 12 digit images at 64 px, bf16 moves its features beyond the bound.
+
+    The recorded 2.2e-1 is at 224 px on X-rays; this smaller set measured 5.7e-2. The test
+    asks only for more than 2x the bound, so another CPU's bf16 kernels (AMX vs
+    AVX512-BF16 vs emulated, which round the same bf16 inputs but sum in another order)
+    cannot flip the verdict."""
+    import numpy as np
+    import torch
+
+    from featx.backbones import BF16_MAX_ERROR, frozen_model, resolve_run
+    from featx.data import load_dataset
+    from featx.data.images import ImageFiles
+    from tests.builders import write_digits
+
+    assert get_backbone("mobilenet_v2").bf16_error > BF16_MAX_ERROR
+    data = load_dataset(write_digits(tmp_path / "d", per_class=4))
+    items = [it for split in data.splits.values() for it in split]
+    feats = {}
+    for precision in ("fp32", "bf16"):
+        ready = resolve_run("mobilenet_v2", "imagenet", device="cpu", precision=precision,
+                            image_size=64)
+        ds = ImageFiles(data.root, items, ready.transform.eval_transform_uint8(),
+                        ready.transform.crop, dtype=torch.uint8)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        feats[precision] = frozen_model("mobilenet_v2", ready).features(x, (1,))["penultimate"]
+    error = np.linalg.norm(feats["bf16"] - feats["fp32"]) / np.linalg.norm(feats["fp32"])
+    assert error > 2 * BF16_MAX_ERROR, error

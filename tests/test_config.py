@@ -50,6 +50,8 @@ def _invoke_captured(*args, env=None):
 
 def test_cli_defaults_are_the_config_defaults(digits_dir, monkeypatch):
     """Each command run with no options builds its library config with the config's defaults."""
+    # conftest sets FEATX_ENGINE=torch for the suite's child processes; here the default counts
+    monkeypatch.delenv("FEATX_ENGINE", raising=False)
     import featx.compare
     import featx.extract
     import featx.finetune

@@ -20,6 +20,13 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(native, monkeypatch):
         rt.resolve_precision("fp16", torch.device("cpu"))
 
 
+def test_auto_precision_is_fp32_for_a_model_that_bf16_moves_too_far(monkeypatch):
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: True)
+    assert rt.resolve_precision("auto", torch.device("cpu"), bf16_ok=False) == "fp32"
+    # asked for by name it is honoured: the rule is auto's
+    assert rt.resolve_precision("bf16", torch.device("cpu"), bf16_ok=False) == "bf16"
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux /proc/cpuinfo")
 def test_native_bf16_detection_agrees_with_the_cpu_flags():
     """torch's private probes are read with a fallback; a rename must not silently mean fp32."""

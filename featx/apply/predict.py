@@ -210,7 +210,8 @@ def write_predictions(predictor: Predictor, batches, out: str | Path, *, labelle
 
 def predict(result_path: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
             expect: str | None = None, weights: str | None = None, device: str = "auto",
-            precision: str = "recorded", batch_size: int = 32, workers: int = 0,
+            precision: str = "recorded", engine: str = "auto", batch_size: int = 32,
+            workers: int = 0,
             progress: bool = True, log: Callable[[str], None] | None = None) -> PredictRun:
     """Apply the result at ``result_path`` to the images under ``inputs``; write ``out``.
 
@@ -221,7 +222,7 @@ def predict(result_path: str | Path, inputs: Sequence[str | Path], out: str | Pa
     if batch_size < 1:
         raise ParameterError("batch_size", batch_size, "must be at least 1.")
     predictor = load_predictor(result_path, expect=expect, weights=weights, device=device,
-                               precision=precision)
+                               precision=precision, engine=engine)
     images = find_images(inputs, predictor.classes)
     notes = predictor.notes + [f"note: {n}" for n in images.notes]
     for n in notes:

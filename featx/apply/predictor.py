@@ -22,10 +22,12 @@ from featx.backbones import (
     RunSetup,
     WeightsError,
     backbone_transform,
+    bf16_keeps_features,
     build_backbone,
     feature_dims,
     frozen_model,
     get_backbone,
+    resolve_engine,
     resolve_weights,
 )
 from featx.data.images import TransformSpec
@@ -102,9 +104,12 @@ class Predictor:
 
 
 def _recorded_precision(recorded: str | None, requested: str, device: torch.device,
-                        notes: list[str]) -> str:
+                        notes: list[str], model: str | None) -> str:
     if requested != "recorded":
-        return resolve_precision(requested, device)
+        # a head's backbone gives frozen features: the registry's bf16 rule applies (model);
+        # a fine-tuned network (None) runs as it was trained, in mixed precision
+        return resolve_precision(requested, device, bf16_ok=model is None
+                                 or bf16_keeps_features(get_backbone(model)))
     recorded = recorded or "fp32"
     if recorded == "fp16" and device.type == "cpu":
         notes.append("note: the result was computed in fp16, which needs a GPU; using fp32.")
@@ -158,7 +163,7 @@ def _weights_for(model: str, prov: dict, override: str | None) -> ResolvedWeight
 
 
 def _head_predictor(path: Path, result: dict, *, weights: str | None, device: torch.device,
-                    precision: str) -> Predictor:
+                    precision: str, engine: str) -> Predictor:
     prov = result.get("provenance") or {}
     model, feature = prov.get("model"), result.get("feature")
     if not model or result.get("model") != model:
@@ -184,8 +189,10 @@ def _head_predictor(path: Path, result: dict, *, weights: str | None, device: to
         raise ResultMismatchError(f"{path}: featx now builds the transform {transform.to_dict()} "
                                   f"for {model}, the cache recorded {prov['transform']}.")
     notes: list[str] = []
-    prec = _recorded_precision(prov.get("precision"), precision, device, notes)
-    frozen = frozen_model(model, RunSetup(device, prec, w, transform))
+    prec = _recorded_precision(prov.get("precision"), precision, device, notes, model)
+    # the engine need not be the recorded one: engines agree with torch fp32 within 1e-5
+    ready = RunSetup(device, prec, w, transform, resolve_engine(engine, device, prec))
+    frozen = frozen_model(model, ready, notes=notes)
     outputs = "prob" if hasattr(pipeline, "predict_proba") else "score"
     return Predictor("head", path, result, model, feature, list(result["dataset"]["classes"]),
                      transform, frozen.network, device, prec, outputs, pipeline, w.source,
@@ -232,7 +239,8 @@ def _finetune_predictor(path: Path, result: dict, *, device: torch.device,
         raise ResultMismatchError(f"{ckpt_path} does not fit {result['model']}: "
                                   f"{str(exc).splitlines()[0]}") from None
     notes: list[str] = []
-    prec = _recorded_precision(settings.get("precision_used"), precision, device, notes)
+    prec = _recorded_precision(settings.get("precision_used"), precision, device, notes,
+                               None)
     return Predictor("finetune", path, result, result["model"], result.get("feature") or "",
                      classes, transform, network.eval().to(device), device, prec, "prob",
                      weights_source=f"{ckpt_path} (epoch {ckpt.get('epoch')})", notes=notes)
@@ -240,7 +248,7 @@ def _finetune_predictor(path: Path, result: dict, *, device: torch.device,
 
 def load_predictor(result_path: str | Path, *, expect: str | None = None,
                    weights: str | None = None, device: str = "auto",
-                   precision: str = "recorded") -> Predictor:
+                   precision: str = "recorded", engine: str = "auto") -> Predictor:
     """Rebuild what produced the result at ``result_path``.
 
     Parameters
@@ -252,6 +260,8 @@ def load_predictor(result_path: str | Path, *, expect: str | None = None,
     device : ``auto``, ``cpu``, ``cuda``.
     precision : ``recorded`` (what the result was computed with; fp16 becomes fp32 on a CPU)
         or ``auto``, ``fp32``, ``bf16``, ``fp16``.
+    engine : what runs a head result's backbone (featx/backbones/engines.py): ``auto``,
+        ``torch``, ``onnxruntime``, ``openvino``; a fine-tuned network runs in torch.
     """
     path = Path(result_path)
     result = read_result(path)
@@ -262,7 +272,8 @@ def load_predictor(result_path: str | Path, *, expect: str | None = None,
                          f"{other}.")
     dev = resolve_device(device)
     if kind == "head":
-        return _head_predictor(path, result, weights=weights, device=dev, precision=precision)
+        return _head_predictor(path, result, weights=weights, device=dev, precision=precision,
+                               engine=engine)
     if kind == "finetune":
         return _finetune_predictor(path, result, device=dev, precision=precision)
     raise FeatxError(f"{path}: result kind {kind!r} cannot be applied to images.")

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featx.backbones.registry import BackboneSpec, get_backbone, is_timm
+from featx.backbones.engines import engine_version, fp32_engine_beats_bf16, resolve_engine
+from featx.backbones.registry import BackboneSpec, bf16_keeps_features, get_backbone, is_timm
 from featx.backbones.state_dicts import load_state_dict
 from featx.backbones.timm_models import timm_transform
 from featx.backbones.timm_weights import build_timm_model
@@ -104,28 +105,47 @@ class FeatureModel(nn.Module):
 
 @dataclass(frozen=True)
 class RunSetup:
-    """What :func:`resolve_run` resolved: where and in what precision to run, which weights, and
-    the transform that goes with them (``transform.crop`` pixels square)."""
+    """What :func:`resolve_run` resolved: where, in what precision and by which engine to run
+    (featx/backbones/engines.py), which weights, and the transform that goes with them
+    (``transform.crop`` pixels square)."""
 
     device: torch.device
     precision: str
     weights: ResolvedWeights
     transform: TransformSpec
+    engine: str = "torch"
+
+    @property
+    def engine_version(self) -> str:
+        return engine_version(self.engine)
 
 
 def resolve_run(model: str, weights: str = "imagenet", *, device: str = "auto",
           precision: str = "auto", image_size: int | None = None, seed: int = 0,
-          env: DistEnv | None = None) -> RunSetup:
-    """Device -> precision -> weights -> transform for ``model``, in that order (so the first
-    bad option is the one reported). Under torchrun (``env`` joined) a CUDA device is this
-    process's ``cuda:LOCAL_RANK``. ``seed`` draws random init (``weights="none"``).
+          env: DistEnv | None = None, engine: str = "torch", frozen: bool = True) -> RunSetup:
+    """Device -> precision -> engine -> weights -> transform for ``model``, in that order (so
+    the first bad option is the one reported). Under torchrun (``env`` joined) a CUDA device
+    is this process's ``cuda:LOCAL_RANK``. ``seed`` draws random init (``weights="none"``).
+
+    ``precision="auto"`` takes bf16 only for a model whose recorded bf16 error is within
+    the bound (:func:`~featx.backbones.registry.bf16_keeps_features`), and fp32 when an
+    fp32-only engine (onnxruntime, openvino) is asked for by name or, with ``engine="auto"``,
+    would be faster (:func:`~featx.backbones.engines.fp32_engine_beats_bf16`). Those rules
+    are about frozen features: fine-tuning (``frozen=False``) trains in mixed precision
+    wherever bf16 is native, whatever the model.
     """
     dev = resolve_device(device)
     if env is not None:
         dev = local_device(dev, env)
-    prec = resolve_precision(precision, dev)
+    # bf16 where it keeps the features, and where torch's bf16 is the fastest choice: not
+    # with an fp32-only engine asked for by name, nor (both auto) on a CPU without AMX
+    # where an installed engine's fp32 ran faster (BENCHMARKS.md, "Engines")
+    bf16_ok = not frozen or bf16_keeps_features(get_backbone(model)) and (
+        engine == "torch" or engine == "auto" and not fp32_engine_beats_bf16(dev))
+    prec = resolve_precision(precision, dev, bf16_ok=bf16_ok)
+    eng = resolve_engine(engine, dev, prec)
     resolved = resolve_weights(model, weights, seed=seed)
-    return RunSetup(dev, prec, resolved, backbone_transform(model, resolved, image_size))
+    return RunSetup(dev, prec, resolved, backbone_transform(model, resolved, image_size), eng)
 
 
 def pool_notes(map_hw: tuple[int, int], crop: int, pools, model: str) -> list[str]:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from featx.backbones.build import FeatureModel, RunSetup, build_backbone
+from featx.backbones.engines import engine_runner
 from featx.backbones.registry import get_backbone
 from featx.data.images import TransformSpec
 from featx.features import PENULTIMATE, feature_name
@@ -41,8 +42,9 @@ class FrozenModel:
     """A backbone in its eval form on ``device`` (see :func:`frozen_model`), and the one
     forward the cache's features come from (:meth:`features`).
 
-    ``network`` is the :class:`FeatureModel`; ``run`` is it or its compiled form, which is
-    fed batches padded to ``pad_to`` images (one shape, no recompiling).
+    ``network`` is the :class:`FeatureModel`; ``run`` is it, its compiled form (fed
+    batches padded to ``pad_to`` images: one shape, no recompiling) or its exported graph in
+    ``engine`` (:func:`~featx.backbones.engines.engine_runner`).
     """
 
     network: FeatureModel
@@ -51,6 +53,7 @@ class FrozenModel:
     precision: str
     run: Callable
     pad_to: int | None = None
+    engine: str = "torch"
 
     def features(self, images: torch.Tensor, pools,
                  map_size: dict | None = None) -> dict[str, np.ndarray]:
@@ -58,7 +61,9 @@ class FrozenModel:
         ``(B, 3, H, W)`` uint8 images, resized and cropped (``transform.eval_transform_uint8``)."""
         return forward_batch(self.run, images, self.transform, pools, self.device,
                              self.precision, pad_to=self.pad_to,
-                             channels_last=self.network.spec.channels_last, map_size=map_size)
+                             # an exported graph takes NCHW: no reordering to undo
+                             channels_last=self.network.spec.channels_last
+                             and self.engine == "torch", map_size=map_size)
 
 
 def frozen_model(model: str, ready: RunSetup, *, compile_batch: int | None = None,
@@ -68,11 +73,22 @@ def frozen_model(model: str, ready: RunSetup, *, compile_batch: int | None = Non
     for batches of that many images (a fallback to eager mode is said in ``notes``).
 
     Extraction (one process or torchrun's shards) and ``featx predict`` all build it here,
-    so new images get the very features the cache holds.
+    so new images get the very features the cache holds. With ``ready.engine`` other than
+    torch the forward runs in that engine (its graph exported once, then reused), and
+    ``compile_batch`` does not apply (said in ``notes``).
     """
+    notes = notes if notes is not None else []
     net = build_backbone(model, ready.weights, image_size=ready.transform.crop)
     fm = prepare_for_inference(FeatureModel(get_backbone(model), net.to(ready.device)).eval())
-    run = compile_model(fm, notes if notes is not None else []) if compile_batch else fm
+    if ready.engine != "torch":
+        if compile_batch:
+            notes.append(f"note: --compile is torch's; {ready.engine} runs its own optimised "
+                         f"graph.")
+        run = engine_runner(ready.engine, fm, model, ready.weights.sha256,
+                            ready.transform.crop, notes)
+        return FrozenModel(fm, ready.transform, ready.device, ready.precision, run,
+                           engine=ready.engine)
+    run = compile_model(fm, notes) if compile_batch else fm
     return FrozenModel(fm, ready.transform, ready.device, ready.precision, run, compile_batch)
 
 

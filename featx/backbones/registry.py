@@ -25,8 +25,16 @@ from torch import nn
 
 from featx.errors import FeatxError
 
-__all__ = ["BackboneSpec", "UnknownModelError", "WeightsError", "get_backbone", "is_timm",
-           "list_backbones", "register_backbone", "register_source"]
+__all__ = ["BF16_MAX_ERROR", "BackboneSpec", "UnknownModelError", "WeightsError",
+           "bf16_keeps_features", "get_backbone", "is_timm", "list_backbones",
+           "register_backbone", "register_source"]
+
+
+# How far (relative, ‖bf16 - fp32‖ / ‖fp32‖ of the features) bf16 may move a model's
+# features for ``--precision auto`` to choose it: ~3x what ResNets measure (3-5e-3, which
+# changed no logistic head's accuracy by more than 1 pt, BENCHMARKS.md) and ~20x below
+# ImageNet MobileNetV2's 0.2.
+BF16_MAX_ERROR = 1e-2
 
 
 class UnknownModelError(FeatxError):
@@ -77,6 +85,11 @@ class BackboneSpec:
     build_kwargs: dict = field(default_factory=dict)
     # Keys present in torchvision's checkpoint that the built model does not use.
     ignore_keys: tuple[str, ...] = ()
+    # bf16 vs fp32 relative error of its features, measured by benchmarks/bf16_error.py
+    # (None: not measured), and with which weights ("imagenet" or "random": random init
+    # can move less than trained weights, see BENCHMARKS.md)
+    bf16_error: float | None = None
+    bf16_measured_with: str = ""
 
     @property
     def default_weights(self):
@@ -102,6 +115,13 @@ class BackboneSpec:
         """Replace the final ``Linear`` by ``Identity`` (fine-tuning puts a new head on)."""
         parent, _, leaf = self.classifier.rpartition(".")
         setattr(model.get_submodule(parent), leaf, nn.Identity())
+
+
+def bf16_keeps_features(spec) -> bool:
+    """Whether ``spec``'s recorded bf16 error is within :data:`BF16_MAX_ERROR` (an entry
+    without a measurement does not qualify): what ``--precision auto`` asks before bf16."""
+    error = getattr(spec, "bf16_error", None)
+    return error is not None and error <= BF16_MAX_ERROR
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

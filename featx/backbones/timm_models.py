@@ -78,6 +78,9 @@ class TimmSpec:
     channels_last: bool = False
     builder = None
     weights_enum = None
+    # not measured (benchmarks/bf16_error.py covers torchvision's models): auto runs fp32
+    bf16_error = None
+    bf16_measured_with = ""
 
     @property
     def default_image_size(self) -> int:

@@ -2,6 +2,8 @@
 penultimate vector, and one :class:`~featx.backbones.registry.BackboneSpec` per model."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torchvision import models
@@ -9,6 +11,28 @@ from torchvision import models
 from featx.backbones.registry import BackboneSpec, register_backbone
 
 __all__: list[str] = []  # importing the module registers its models
+
+# bf16 vs fp32 relative error of each model's features (penultimate and pool1, the larger),
+# by `python -m benchmarks.bf16_error` on 16 pneumoniamnist images at 224 px, torch 2.14.1,
+# an AVX512-BF16 CPU (BENCHMARKS.md, "bf16 and the features"). ImageNet weights where they
+# are offline (mobilenet_v2: 2.2e-1; the same model with random init: 1.7e-2), random init
+# for the others, whose trained weights may move more: the bound is 1e-2
+# (featx.backbones.registry.BF16_MAX_ERROR), and `--precision auto` stays fp32 above it.
+_BF16_ERROR = {
+    "densenet121": (4.9e-3, "random"), "efficientnet_b0": (1.1e-2, "random"),
+    "googlenet": (5.6e-3, "random"), "mobilenet_v2": (2.2e-1, "imagenet"),
+    "mobilenet_v3_large": (7.1e-3, "random"), "resnet101": (3.9e-3, "random"),
+    "resnet18": (3.3e-3, "random"), "resnet34": (4.0e-3, "random"),
+    "resnet50": (4.5e-3, "random"), "shufflenet_v2_x1_0": (7.1e-3, "random"),
+    "shufflenet_v2_x2_0": (3.6e-3, "random"), "vgg16": (7.9e-3, "random"),
+    "vgg16_bn": (7.9e-3, "random"),
+}
+
+
+def _register(spec: BackboneSpec) -> None:
+    error, weights = _BF16_ERROR.get(spec.name, (None, ""))
+    register_backbone(dataclasses.replace(spec, bf16_error=error, bf16_measured_with=weights))
+
 
 
 # --- how each family reaches its features -------------------------------------------------
@@ -91,14 +115,14 @@ for _name, _builder, _enum, _dim in [
     ("resnet50", models.resnet50, models.ResNet50_Weights, 2048),
     ("resnet101", models.resnet101, models.ResNet101_Weights, 2048),
 ]:
-    register_backbone(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc",
+    _register(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc",
                            _resnet_features, _resnet_head, _RESNET_STAGES))
 
-register_backbone(BackboneSpec("vgg16", models.vgg16, models.VGG16_Weights, 4096, 512, "classifier.6",
+_register(BackboneSpec("vgg16", models.vgg16, models.VGG16_Weights, 4096, 512, "classifier.6",
                        _sequential_features, _vgg_head, _indexed("features", 31)))
-register_backbone(BackboneSpec("vgg16_bn", models.vgg16_bn, models.VGG16_BN_Weights, 4096, 512,
+_register(BackboneSpec("vgg16_bn", models.vgg16_bn, models.VGG16_BN_Weights, 4096, 512,
                        "classifier.6", _sequential_features, _vgg_head, _indexed("features", 44)))
-register_backbone(BackboneSpec("googlenet", models.googlenet, models.GoogLeNet_Weights, 1024, 1024, "fc",
+_register(BackboneSpec("googlenet", models.googlenet, models.GoogLeNet_Weights, 1024, 1024, "fc",
                        _googlenet_features, _googlenet_head, _GOOGLENET_TRUNK,
                        build_kwargs={"aux_logits": False, "transform_input": True,
                                      "init_weights": True},
@@ -108,20 +132,20 @@ for _name, _builder, _enum in [
     ("shufflenet_v2_x2_0", models.shufflenet_v2_x2_0, models.ShuffleNet_V2_X2_0_Weights),
 ]:
     _dim = 1024 if _name.endswith("1_0") else 2048
-    register_backbone(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc", _shufflenet_features,
+    _register(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc", _shufflenet_features,
                            _shufflenet_head, _SHUFFLENET_TRUNK))
-register_backbone(BackboneSpec("mobilenet_v2", models.mobilenet_v2, models.MobileNet_V2_Weights, 1280,
+_register(BackboneSpec("mobilenet_v2", models.mobilenet_v2, models.MobileNet_V2_Weights, 1280,
                        1280, "classifier.1", _sequential_features, _mobilenet_v2_head,
                        _indexed("features", 19)))
-register_backbone(BackboneSpec("mobilenet_v3_large", models.mobilenet_v3_large,
+_register(BackboneSpec("mobilenet_v3_large", models.mobilenet_v3_large,
                        models.MobileNet_V3_Large_Weights, 1280, 960, "classifier.3",
                        _sequential_features, _avgpool_classifier_head, _indexed("features", 17)))
-register_backbone(BackboneSpec("densenet121", models.densenet121, models.DenseNet121_Weights, 1024, 1024,
+_register(BackboneSpec("densenet121", models.densenet121, models.DenseNet121_Weights, 1024, 1024,
                        "classifier", _densenet_features, _densenet_head,
                        ("features.conv0", "features.norm0", "features.relu0", "features.pool0",
                         "features.denseblock1", "features.transition1", "features.denseblock2",
                         "features.transition2", "features.denseblock3", "features.transition3",
                         "features.denseblock4", "features.norm5")))
-register_backbone(BackboneSpec("efficientnet_b0", models.efficientnet_b0, models.EfficientNet_B0_Weights,
+_register(BackboneSpec("efficientnet_b0", models.efficientnet_b0, models.EfficientNet_B0_Weights,
                        1280, 1280, "classifier.1", _sequential_features, _avgpool_classifier_head,
                        _indexed("features", 9)))

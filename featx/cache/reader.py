@@ -229,9 +229,9 @@ class Cache:
                  f"{a['featx_schema']}   featx {a.get('featx_version')}"]
         for key in ("model", "weights_source", "weights_sha256", "transform", "image_size",
                     "timm_version", "timm_data_config", "feature_layout", "precision",
-                    "store_dtype", "device", "dataset_name", "dataset_root", "dataset_layout",
-                    "dataset_fingerprint", "split_seed", "split_fractions",
-                    "created"):
+                    "engine", "engine_version", "store_dtype", "device", "dataset_name",
+                    "dataset_root", "dataset_layout", "dataset_fingerprint", "split_seed",
+                    "split_fractions", "created"):
             if key in a:
                 lines.append(f"  {key}: {a[key]}")
         timings = a.get("timings") or {}

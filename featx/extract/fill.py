@@ -32,6 +32,7 @@ class ExtractResult:
     skipped: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # lines for the user, e.g. a compile fallback
     precision: str = ""  # what --precision auto resolved to
+    engine: str = ""  # what --engine auto resolved to
 
 
 def fill_cache(writer: CacheWriter, root, splits: dict, frozen: FrozenModel, pools, *,

@@ -247,7 +247,7 @@ def extract_sharded(data, cfg, ready: RunSetup, *, path: Path, prov: dict):
                          len(skipped_rows) if env.rank == 0 else n_bad,
                          seconds, (n_all + n_bad) / seconds if seconds > 0 else 0.0,
                          ready.weights.source, skipped_rows if env.rank == 0 else [], notes,
-                         ready.precision)
+                         ready.precision, ready.engine)
 
 
 def _fill_shards(data, cfg, ready: RunSetup, path: Path, prov: dict, env: DistEnv,

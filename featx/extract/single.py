@@ -60,8 +60,9 @@ def parse_pools(text: str) -> tuple[int, ...]:
     return tuple(pools)
 
 
-def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: TransformSpec,
-                precision: str, device: torch.device) -> dict:
+def _provenance(cfg: ExtractConfig, data: DatasetSpec, ready: RunSetup) -> dict:
+    weights, transform, precision, device = (ready.weights, ready.transform, ready.precision,
+                                             ready.device)
     spec = get_backbone(cfg.model)
     features = [PENULTIMATE] + [feature_name(n) for n in cfg.pools]
     return {
@@ -76,6 +77,10 @@ def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: Trans
         "transform": transform.to_dict(),
         "image_size": transform.crop,
         "precision": precision,
+        # what ran the forward; not in PROVENANCE_KEYS: engines agree with torch fp32 within
+        # 1e-5, so a cache from one serves a run asking for another (docs/engines.md)
+        "engine": ready.engine,
+        "engine_version": ready.engine_version,
         "store_dtype": cfg.store,
         "pools": list(cfg.pools),
         "features": features,
@@ -114,8 +119,8 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
 def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractResult:
     _check_settings(cfg)
     ready = resolve_run(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
-                        image_size=cfg.image_size, seed=cfg.seed)
-    prov = _provenance(cfg, data, ready.weights, ready.transform, ready.precision, ready.device)
+                        image_size=cfg.image_size, seed=cfg.seed, engine=cfg.engine)
+    prov = _provenance(cfg, data, ready)
     path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, ready.weights.tag,
                                               ready.transform.crop, data.seed)
     if is_main_process():  # under torchrun rank 0 holds it for the whole job
@@ -123,7 +128,7 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     if _up_to_date(path, prov, cfg.overwrite):
         # the same inputs; extra pool sizes in the file do no harm to whoever asks for fewer
         return ExtractResult(path, "up-to-date", weights_source=ready.weights.source,
-                             precision=ready.precision)
+                             precision=ready.precision, engine=ready.engine)
     # under torchrun, or with shards of an earlier sharded run on disk: featx/extract/sharded.py
     sharded = extract_sharded(data, cfg, ready, path=path, prov=prov)
     if sharded is not None:
@@ -196,4 +201,4 @@ def _single_pass(data: DatasetSpec, cfg: ExtractConfig, ready: RunSetup, path: P
     skipped_rows = Cache(path).skipped()
     return ExtractResult(path, "resumed" if writer.resumed else "written", n_written,
                          len(skipped_rows), seconds, rate, ready.weights.source, skipped_rows,
-                         notes, ready.precision)
+                         notes, ready.precision, ready.engine)

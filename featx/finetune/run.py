@@ -241,7 +241,8 @@ def _prepare(run: _Run) -> None:
     check_config(cfg)
     _check_data(data, cfg)
     ready = resolve_run(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
-                        image_size=cfg.image_size, seed=cfg.seed, env=run.env)
+                        image_size=cfg.image_size, seed=cfg.seed, env=run.env,
+                        frozen=False)  # training: mixed precision as before (docs/engines.md)
     run.device, run.precision, run.weights, run.transform = (ready.device, ready.precision,
                                                              ready.weights, ready.transform)
     run.workers, note = cap_workers(finetune_workers() if cfg.workers is None else cfg.workers)
