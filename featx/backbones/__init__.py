@@ -4,7 +4,8 @@ inference form.
 Read in this order: :mod:`~featx.backbones.registry` (one entry per model, the lookups),
 :mod:`~featx.backbones.torchvision_models` and :mod:`~featx.backbones.timm_models` (the
 sources that fill it; timm's weights files in :mod:`~featx.backbones.timm_weights`), :mod:`~featx.backbones.weights` (which weights a model gets),
-:mod:`~featx.backbones.build` (resolve, build, load, wrap) and
+:mod:`~featx.backbones.build` (resolve, build, load, wrap),
+:mod:`~featx.backbones.layers` (intermediate layers, all from one forward) and
 :mod:`~featx.backbones.frozen` (the fast eval form extraction and predict run).
 """
 from featx.backbones import torchvision_models  # noqa: F401  (registers its models)
@@ -12,6 +13,8 @@ from featx.backbones.build import (FeatureModel, RunSetup, backbone_provenance,
                                    backbone_transform, build_backbone, pool_notes, resolve_run)
 from featx.backbones.frozen import (FrozenModel, compile_model, feature_dims, forward_batch,
                                     frozen_model, prepare_for_inference)
+from featx.backbones.layers import (LayerFeatures, LayerPlan, layer_notes, layer_plan,
+                                    list_layers, parse_layers)
 from featx.backbones.registry import (BackboneSpec, UnknownModelError, WeightsError,
                                       get_backbone, is_timm, list_backbones, register_backbone,
                                       register_source)
@@ -23,7 +26,9 @@ from featx.backbones.weights import (ResolvedWeights, describe_weights_availabil
                                      hub_checkpoint_path, import_weights, resolve_weights,
                                      weights_transform_source)
 
-__all__ = ["BackboneSpec", "FeatureModel", "FrozenModel", "ResolvedWeights", "RunSetup",
+__all__ = ["BackboneSpec", "FeatureModel", "FrozenModel", "LayerFeatures", "LayerPlan",
+           "ResolvedWeights", "RunSetup", "layer_notes", "layer_plan", "list_layers",
+           "parse_layers",
            "TimmSpec", "UnknownModelError", "WeightsError", "backbone_provenance",
            "backbone_transform", "build_backbone", "build_timm_model", "check_state_dict",
            "compile_model", "describe_weights_availability", "feature_dims", "forward_batch",

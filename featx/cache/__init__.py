@@ -3,6 +3,7 @@ and serves it (:mod:`~featx.cache.reader`) and the writer that fills, resumes an
 (:mod:`~featx.cache.writer`). Plain h5py reads every file; nothing here imports torch."""
 from featx.cache.layout import (
                                 PROVENANCE_KEYS,
+                                READABLE_SCHEMAS,
                                 SCHEMA_VERSION,
                                 CacheError,
                                 StaleCacheError,
@@ -17,7 +18,7 @@ from featx.cache.layout import (
 from featx.cache.reader import Cache
 from featx.cache.writer import CacheLockedError, CacheWriter, free_bytes, lock_cache, lock_path
 
-__all__ = ["PROVENANCE_KEYS", "SCHEMA_VERSION", "Cache", "CacheError", "CacheLockedError",
+__all__ = ["PROVENANCE_KEYS", "READABLE_SCHEMAS", "SCHEMA_VERSION", "Cache", "CacheError", "CacheLockedError",
            "CacheWriter", "StaleCacheError", "cache_filename", "decode_attr", "diff_provenance",
            "encode_attr", "free_bytes", "lock_cache", "lock_path", "partial_path",
            "provenance_covers", "read_attrs"]

@@ -212,7 +212,7 @@ def extract_sharded(data, cfg, ready: RunSetup, *, path: Path, prov: dict):
     n_shards = run_on_main(lambda: _plan(path, prov, env.world_size))
     if n_shards is None:
         return None
-    dims = feature_dims(cfg.model, cfg.pools)
+    dims = feature_dims(cfg.model, cfg.pools, cfg.layers, ready.transform.crop)
     mine = [k for k in range(env.rank, n_shards, env.world_size)
             if not shard_path(path, k, n_shards).exists()]
     notes: list[str] = []
@@ -268,7 +268,8 @@ def _fill_shards(data, cfg, ready: RunSetup, path: Path, prov: dict, env: DistEn
     try:
         for k in mine:
             if frozen is None:  # built only when this rank has work
-                frozen = frozen_model(cfg.model, ready, notes=notes,
+                frozen = frozen_model(cfg.model, ready, notes=notes, layers=cfg.layers,
+                                      pools=cfg.pools,
                                       compile_batch=cfg.batch_size if cfg.compile else None)
             t_shard = time.perf_counter()
             splits = _shard_splits(data.splits, k, n_shards)
@@ -278,7 +279,7 @@ def _fill_shards(data, cfg, ready: RunSetup, path: Path, prov: dict, env: DistEn
             resumed |= writer.resumed
             bar.update(sum(writer.next_index(s) for s in splits))
             try:
-                n_ok, bad = fill_cache(writer, data.root, splits, frozen, cfg.pools,
+                n_ok, bad = fill_cache(writer, data.root, splits, frozen,
                                        batch_size=cfg.batch_size, workers=workers, bar=bar,
                                        after_commit=lambda: _after_commit(env.rank))
             except BaseException:
