@@ -71,10 +71,13 @@ class FrozenModel:
                 self._others[key] = LayerFeatures(self.network, other)
             run = self._others[key]
             plan = run.plan
-        return forward_batch(run, images, self.transform, key, self.device, self.precision,
-                             pad_to=self.pad_to if run is self.run else None,
-                             channels_last=self.network.spec.channels_last, map_size=map_size,
-                             plan=plan)
+        feats = forward_batch(run, images, self.transform, key, self.device, self.precision,
+                              pad_to=self.pad_to if run is self.run else None,
+                              channels_last=self.network.spec.channels_last, plan=plan)
+        if map_size is not None:
+            module = self.module if run is self.run else run
+            map_size["hw"] = plan.map_hw.get("") or module.last_map_hw
+        return feats
 
 
 def frozen_model(model: str, ready: RunSetup, *, layers=(), pools=(1,),
@@ -123,8 +126,8 @@ def forward_batch(run, images: torch.Tensor, transform: TransformSpec, pools, de
     x = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
     with torch.inference_mode(), autocast(device, precision):
         out = run(transform.normalize_batch(x))
-    if map_size is not None:
-        map_size["hw"] = plan.map_hw[""]
+    if map_size is not None and isinstance(run, LayerFeatures):
+        map_size["hw"] = plan.map_hw.get("") or run.last_map_hw
     feats = {k: v[:n].cpu().numpy() for k, v in out.items()}
     feats.update({alias: feats[stored] for alias, stored in plan.aliases.items()})
     return feats

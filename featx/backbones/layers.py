@@ -71,7 +71,8 @@ class LayerPlan:
     dims : dict
         ``{stored name: width}``.
     map_hw : dict
-        ``{layer: (h, w)}`` of every map read, ``""`` the last map.
+        ``{layer: (h, w)}`` of every map read, ``""`` the last map (only when layers are
+        read: without them no probe runs, and :attr:`LayerFeatures.last_map_hw` says it).
     """
 
     model: str
@@ -113,6 +114,7 @@ class LayerFeatures(nn.Module):
         spec = network.spec
         self._timm = is_timm(plan.model)
         self._maps: dict = {}
+        self.last_map_hw: tuple | None = plan.map_hw.get("")  # (h, w) of the last map
         read = tuple(dict.fromkeys(plan.layers + plan.last4_layers(spec)))
         if self._timm:
             order = {name: i for i, name in enumerate(spec.layer_stages)}
@@ -126,6 +128,7 @@ class LayerFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         maps, prefix, pen = self._forward_once(x)
+        self.last_map_hw = tuple(int(v) for v in maps[""].shape[-2:])
         spec = self.network.spec
         floats: dict = {}
 
@@ -300,7 +303,10 @@ def layer_plan(model: str, layers: tuple[str, ...] = (), pools: tuple[int, ...] 
     pools = tuple(sorted(set(int(p) for p in pools)))
     read, last4 = _resolve(spec, tuple(layers), size) if layers else ((), False)
     layer_pools = pools or (1,)
-    shapes, _, map_shape = _probe(model, size)
+    if read or last4:
+        shapes, _, map_shape = _probe(model, size)
+    else:  # no layers: the registry knows every width, and a re-run stays instant
+        shapes, map_shape = {}, (1, spec.spatial_channels)
     tokens = is_timm(model) and spec.layout == "tokens"
     requested: list[tuple[str, str, str]] = [(PENULTIMATE, "", PENULTIMATE)]
     requested += [(feature_name(n), "", feature_name(n)) for n in pools]
@@ -331,7 +337,8 @@ def layer_plan(model: str, layers: tuple[str, ...] = (), pools: tuple[int, ...] 
             dims[stored] = 5 * shapes[spec.layer_stages[-1]][1]
         else:
             dims[stored] = channels * pool_of(src_kind) ** 2
-    map_hw = {"": tuple(map_shape[-2:])}
+    # the last map's (h, w) is known here only when probed; else from the first forward
+    map_hw = {"": tuple(map_shape[-2:])} if len(map_shape) == 4 else {}
     map_hw.update({layer: tuple(shapes[layer][-2:]) for layer in read})
     return LayerPlan(model, read, pools, layer_pools, last4, tuple(names), sources, aliases,
                      dims, map_hw)
