@@ -296,6 +296,8 @@ def weights_import(file, model):
 # the command stores penultimate only unless asked; the library's default is (1,)
 @_option(ExtractConfig, "pools", "--pool", default="", metavar="N,N,...")
 @_option(ExtractConfig, "layers", default="", metavar="NAMES|stages|last4")
+@_option(ExtractConfig, "keep_map", is_flag=True)
+@_option(ExtractConfig, "map_store")
 @model_options
 @_option(ExtractConfig, "batch_size")
 @_option(ExtractConfig, "store")
@@ -356,6 +358,18 @@ def info(cache_file):
     """Show a cache's provenance, splits, datasets and skipped files."""
     from featx.cache import Cache
     click.echo(Cache(cache_file).describe())
+
+
+@main.command("pool", cls=_EnvCommand)
+@click.argument("cache_file", type=click.Path(path_type=Path))
+@click.option("--pool", "pool", required=True, metavar="N,N,...",
+              help="Pool sizes to add to every map the cache kept (extract --keep-map).")
+def pool_command(cache_file, pool):
+    """Add pool sizes to CACHE_FILE from the spatial maps it kept, without the backbone."""
+    from featx.extract import parse_pools, repool
+    added = repool(cache_file, parse_pools(pool))
+    click.echo(f"{cache_file}: added {', '.join(added)}" if added else
+               f"{cache_file}: every pool size is there already, nothing to do.")
 
 
 # --- commands added by later modules register below this line ---------------------------------

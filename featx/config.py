@@ -173,6 +173,11 @@ class ExtractConfig:
                                    "`featx models --layers MODEL` lists them, 'stages' for "
                                    "every stage, 'last4' for a ViT's DINOv2 linear-eval "
                                    "features; comma-separated.")
+    keep_map: bool = _opt(False, "Also store the spatial maps of the last map and of every "
+                          "--layers layer, so `featx pool CACHE --pool N` adds pool sizes "
+                          "later without the backbone.")
+    map_store: str = _opt("float16", "dtype of the kept maps (--keep-map).",
+                          choices=STORE_DTYPES)
     image_size: int | None = _shared("image_size")
     batch_size: int = _shared("batch_size")
     workers: int | None = _shared("workers")

@@ -8,16 +8,19 @@ cache that stores them, and the heads, plots and exports that read them back:
 * ``LAYER.pool{n}``: the same of the output of the module ``LAYER`` (``layer3.pool2``);
 * ``LAYER.cls``: a ViT block's class token (``blocks.7.cls``);
 * ``last4``: DINOv2's linear-evaluation input, the last 4 blocks' class tokens and the last
-  block's mean patch token, concatenated.
+  block's mean patch token, concatenated;
+* ``LAYER.map`` / ``map``: a kept spatial map, ``(C, h, w)`` flattened (``--keep-map``), not
+  a feature heads fit but what ``featx pool`` pools new sizes from.
 """
 from __future__ import annotations
 
-__all__ = ["CLS", "LAST4", "PENULTIMATE", "feature_name", "layer_feature", "layer_of",
+__all__ = ["CLS", "LAST4", "MAP", "PENULTIMATE", "feature_name", "layer_feature", "layer_of",
            "pool_of"]
 
 PENULTIMATE = "penultimate"
 CLS = "cls"
 LAST4 = "last4"
+MAP = "map"  # a kept spatial map (extract --keep-map): LAYER.map, or map for the last one
 
 
 def feature_name(pool: int) -> str:

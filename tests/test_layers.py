@@ -232,3 +232,38 @@ def test_cli_lists_layers_and_refuses_a_bad_one_before_reading_data(cli, tmp_pat
     assert out.exit_code != 0
     assert "--layers 'nope': is no module of it (resnet18)" in out.output
     assert "Traceback" not in out.output
+
+
+# --- kept maps, pooled later ------------------------------------------------------------------
+
+def test_pool_sizes_added_from_kept_maps_equal_extracting_them(tiny_data, tmp_path, cli):
+    from featx.extract import repool
+    kept = _extract(tiny_data, tmp_path / "kept", "resnet18", ("layer2",), 64, pools=(1,),
+                    keep_map=True, map_store="float32").path
+    with h5py.File(kept, "r") as f:
+        assert f["train/layer2.map"].shape == (6, 128 * 8 * 8)
+    out = cli("pool", kept, "--pool", "3,5")
+    assert out.exit_code == 0, out.output
+    assert "added layer2.pool3, layer2.pool5, pool3, pool5" in out.output
+    direct = Cache(_extract(tiny_data, tmp_path / "direct", "resnet18", ("layer2",), 64,
+                            pools=(1, 3, 5)).path)
+    pooled = Cache(kept)
+    assert set(direct.features) <= set(pooled.features)
+    for split in ("train", "test"):
+        for name in direct.features:
+            # the same fp32 AdaptiveAvgPool2d of the same fp32 map, only in other batches
+            np.testing.assert_allclose(pooled.load(split, name), direct.load(split, name),
+                                       rtol=1e-6, atol=1e-7, err_msg=name)
+    assert repool(kept, (3,)) == []  # nothing new: the file is left as it is
+    # the default fp16 map: equal to fp16 rounding of the map (2^-11 relative)
+    half = _extract(tiny_data, tmp_path / "half", "resnet18", ("layer2",), 64, pools=(1,),
+                    keep_map=True).path
+    with h5py.File(half, "r") as f:
+        assert f["train/map"].dtype == np.float16 and f["train/penultimate"].dtype == np.float32
+    repool(half, (3,))
+    assert _relerr(Cache(half).load("test", "layer2.pool3"),
+                   direct.load("test", "layer2.pool3")) < 2e-3
+    # a cache without maps: one line
+    out = cli("pool", direct.path, "--pool", "3")
+    assert out.exit_code == 1 and "kept no spatial map; extract it with --keep-map" in out.output
+    assert len(out.output.strip().splitlines()) == 1

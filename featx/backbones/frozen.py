@@ -27,10 +27,12 @@ __all__ = ["FrozenModel", "compile_model", "feature_dims", "forward_batch", "fro
            "prepare_for_inference"]
 
 
-def feature_dims(model: str, pools, layers=(), image_size: int | None = None) -> dict[str, int]:
+def feature_dims(model: str, pools, layers=(), image_size: int | None = None,
+                 keep_map: bool = False) -> dict[str, int]:
     """Width of every stored feature of ``model``: ``penultimate``, ``pool{n}`` per n and each
-    layer's features (:func:`~featx.backbones.layers.layer_plan`), identical ones once."""
-    return dict(layer_plan(model, tuple(layers), tuple(pools), image_size).dims)
+    layer's features (:func:`~featx.backbones.layers.layer_plan`), identical ones once; with
+    ``keep_map`` the flattened maps too."""
+    return dict(layer_plan(model, tuple(layers), tuple(pools), image_size, keep_map).dims)
 
 
 @dataclass
@@ -80,7 +82,7 @@ class FrozenModel:
         return feats
 
 
-def frozen_model(model: str, ready: RunSetup, *, layers=(), pools=(1,),
+def frozen_model(model: str, ready: RunSetup, *, layers=(), pools=(1,), keep_map=False,
                  compile_batch: int | None = None,
                  notes: list[str] | None = None) -> FrozenModel:
     """Build ``model`` with ``ready.weights`` for the frozen pass: on ``ready.device``, eval
@@ -92,7 +94,7 @@ def frozen_model(model: str, ready: RunSetup, *, layers=(), pools=(1,),
     Extraction (one process or torchrun's shards) and ``featx predict`` all build it here,
     so new images get the very features the cache holds.
     """
-    plan = layer_plan(model, tuple(layers), tuple(pools), ready.transform.crop)
+    plan = layer_plan(model, tuple(layers), tuple(pools), ready.transform.crop, keep_map)
     net = build_backbone(model, ready.weights, image_size=ready.transform.crop)
     fm = prepare_for_inference(FeatureModel(get_backbone(model), net.to(ready.device)).eval(),
                                keep=plan.layers)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +30,7 @@ from torch import nn
 from featx.backbones.build import FeatureModel
 from featx.backbones.registry import BackboneSpec, get_backbone, is_timm
 from featx.errors import FeatxError, ParameterError
-from featx.features import (CLS, LAST4, PENULTIMATE, feature_name, layer_feature, layer_of,
+from featx.features import (CLS, LAST4, MAP, PENULTIMATE, feature_name, layer_feature, layer_of,
                             pool_of)
 
 __all__ = ["LAST4", "STAGES", "LayerFeatures", "LayerPlan", "layer_notes", "layer_plan",
@@ -85,6 +86,18 @@ class LayerPlan:
     aliases: dict
     dims: dict
     map_hw: dict
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The stored names heads fit: all but the kept maps."""
+        return tuple(n for n in self.names if self.sources[n][1] != MAP)
+
+    @property
+    def maps(self) -> dict[str, tuple[int, int, int]]:
+        """``{name: (C, h, w)}`` of the kept maps (``--keep-map``)."""
+        return {n: (self.dims[n] // (h * w), h, w) for n in self.names
+                if self.sources[n][1] == MAP
+                for h, w in [self.map_hw[self.sources[n][0]]]}
 
     def last4_layers(self, spec: BackboneSpec) -> tuple[str, ...]:
         return tuple(spec.layer_stages[-4:]) if self.last4 else ()
@@ -144,6 +157,8 @@ class LayerFeatures(nn.Module):
                 out[name] = pen.float()
             elif kind == CLS:
                 out[name] = prefix[layer][:, 0].float()
+            elif kind == MAP:  # the map itself, channel-major (C, h, w) flattened
+                out[name] = fl(layer).flatten(1)
             elif kind == LAST4:
                 last = self.plan.last4_layers(spec)
                 out[name] = torch.cat([prefix[b][:, 0].float() for b in last]
@@ -292,9 +307,11 @@ def _canonical(spec: BackboneSpec, layer: str, kind: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def layer_plan(model: str, layers: tuple[str, ...] = (), pools: tuple[int, ...] = (1,),
-               image_size: int | None = None) -> LayerPlan:
+               image_size: int | None = None, keep_map: bool = False) -> LayerPlan:
     """The :class:`LayerPlan` for ``model`` with ``layers`` (module names, ``stages``,
-    ``last4``) and ``pools``, at ``image_size`` [default: the model's] pixels.
+    ``last4``) and ``pools``, at ``image_size`` [default: the model's] pixels. ``keep_map``
+    adds the spatial maps themselves, flattened: ``LAYER.map`` for every layer but the
+    last map's own (``map``), for ``featx pool`` to pool them later.
 
     Raises :class:`~featx.errors.ParameterError` naming a layer it cannot read.
     """
@@ -303,7 +320,7 @@ def layer_plan(model: str, layers: tuple[str, ...] = (), pools: tuple[int, ...] 
     pools = tuple(sorted(set(int(p) for p in pools)))
     read, last4 = _resolve(spec, tuple(layers), size) if layers else ((), False)
     layer_pools = pools or (1,)
-    if read or last4:
+    if read or last4 or keep_map:
         shapes, _, map_shape = _probe(model, size)
     else:  # no layers: the registry knows every width, and a re-run stays instant
         shapes, map_shape = {}, (1, spec.spatial_channels)
@@ -317,14 +334,17 @@ def layer_plan(model: str, layers: tuple[str, ...] = (), pools: tuple[int, ...] 
                       for n in layer_pools]
     if last4:
         requested.append((LAST4, "", LAST4))
+    if keep_map:
+        requested += [(layer_feature(layer, MAP), layer, MAP) for layer in read
+                      if layer != spec.map_layer] + [(MAP, "", MAP)]
     names, sources, aliases, dims = [], {}, {}, {}
     for name, layer, kind in requested:
-        stored = name if kind in (PENULTIMATE, LAST4) else _canonical(spec, layer, kind)
+        stored = name if kind in (PENULTIMATE, LAST4, MAP) else _canonical(spec, layer, kind)
         if stored != name:
             aliases[name] = stored
         if stored in sources:
             continue
-        src_layer, src_kind = ("", stored) if stored in (PENULTIMATE, LAST4) \
+        src_layer, src_kind = ("", stored) if stored in (PENULTIMATE, LAST4, MAP) \
             else layer_of(stored)
         names.append(stored)
         sources[stored] = (src_layer, src_kind)
@@ -335,6 +355,8 @@ def layer_plan(model: str, layers: tuple[str, ...] = (), pools: tuple[int, ...] 
             dims[stored] = channels
         elif src_kind == LAST4:
             dims[stored] = 5 * shapes[spec.layer_stages[-1]][1]
+        elif src_kind == MAP:
+            dims[stored] = int(np.prod((map_shape if not src_layer else shapes[src_layer])[1:]))
         else:
             dims[stored] = channels * pool_of(src_kind) ** 2
     # the last map's (h, w) is known here only when probed; else from the first forward

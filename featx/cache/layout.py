@@ -10,6 +10,7 @@ Layout (schema :data:`SCHEMA_VERSION`, readable with plain h5py; docs/layers.md)
     /{split}/LAYER.pool{n}  (n, C*n*n)   the same of the module LAYER's output (layer3.pool2)
     /{split}/LAYER.cls      (n, C)       a ViT block's class token
     /{split}/last4          (n, 5*C)     DINOv2 linear eval: last 4 class tokens + mean patch
+    /{split}/LAYER.map, map (n, C*h*w)   kept maps (--keep-map; attrs maps, map_store)
     /{split}/labels         (n,)         int64, index into attrs["classes"]
     /{split}/paths          (n,)         str, relative to attrs["dataset_root"]
     /split/{split}/paths, /split/{split}/labels   the full file list of each split, as given
@@ -46,10 +47,10 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 # The recorded inputs that must match for a cache to be reused (timings etc. may differ).
 PROVENANCE_KEYS = ("model", "weights_sha256", "transform", "precision", "store_dtype",
-                   "pools", "layers", "dataset_fingerprint", "classes", "split_seed",
+                   "pools", "layers", "keep_map", "dataset_fingerprint", "classes", "split_seed",
                    "split_fractions")
 # keys a schema-1 file lacks, and what their absence means
-_ABSENT_MEANS = {"layers": []}
+_ABSENT_MEANS = {"layers": [], "keep_map": False}
 # What every reader relies on; a file lacking one is refused up front, naming the key.
 REQUIRED_ATTRS = ("model", "classes", "features", "dataset_name", "dataset_root",
                    "dataset_fingerprint")
@@ -127,8 +128,12 @@ def provenance_covers(recorded: dict, requested: dict) -> bool:
     """Whether a cache made with ``recorded`` already holds everything ``requested`` asks for:
     the same inputs, every requested pool size among its pools and every requested layer
     among its layers (it may hold more)."""
-    rest = {k: v for k, v in requested.items() if k not in ("pools", "layers")}
+    rest = {k: v for k, v in requested.items() if k not in ("pools", "layers", "keep_map")}
+    # a cache that kept its maps also serves a request that does not ask for them
+    keep = requested.get("keep_map") or False
     same = not diff_provenance(recorded, {**rest, "pools": recorded.get("pools"),
-                                          "layers": recorded.get("layers", [])})
+                                          "layers": recorded.get("layers", []),
+                                          "keep_map": recorded.get("keep_map", False)
+                                          if not keep else True})
     return (same and set(requested.get("pools") or []) <= set(recorded.get("pools") or [])
             and set(requested.get("layers") or []) <= set(recorded.get("layers") or []))

@@ -169,7 +169,7 @@ class Cache:
                 counts = np.bincount(f[f"{s}/labels"][:], minlength=len(classes))
                 per = ", ".join(f"{c}={n}" for c, n in zip(classes, counts))
                 lines.append(f"  {s}: {int(counts.sum())} images ({per})")
-                for name in self.features:
+                for name in self.features + list(a.get("maps") or {}):
                     ds = f[f"{s}/{name}"]
                     size = ds.id.get_storage_size() / 2**20
                     lines.append(f"    {name}: shape {ds.shape}, {ds.dtype}, {size:.2f} MB")

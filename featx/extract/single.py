@@ -47,7 +47,7 @@ from featx.extract.fill import ExtractResult, fill_cache
 from featx.extract.sharded import extract_sharded
 from featx.runtime import cap_workers, extract_workers
 
-__all__ = ["extract", "parse_pools"]
+__all__ = ["extract", "map_dtypes", "parse_pools"]
 
 
 def parse_pools(text: str) -> tuple[int, ...]:
@@ -65,7 +65,8 @@ def parse_pools(text: str) -> tuple[int, ...]:
 def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: TransformSpec,
                 precision: str, device: torch.device) -> dict:
     spec = get_backbone(cfg.model)
-    plan = layer_plan(cfg.model, tuple(cfg.layers), tuple(cfg.pools), transform.crop)
+    plan = layer_plan(cfg.model, tuple(cfg.layers), tuple(cfg.pools), transform.crop,
+                      cfg.keep_map)
     return {
         "featx_version": featx.__version__,
         "model": cfg.model,
@@ -82,7 +83,11 @@ def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: Trans
         "pools": list(cfg.pools),
         # the layers read, resolved (stages -> layer1..layer4), last4 as such
         "layers": list(plan.layers) + (["last4"] if plan.last4 else []),
-        "features": list(plan.names),
+        "features": list(plan.features),
+        "keep_map": cfg.keep_map,
+        # kept maps, (C, h, w) each, stored flattened in map_store
+        "maps": {name: list(chw) for name, chw in plan.maps.items()},
+        "map_store": cfg.map_store if cfg.keep_map else None,
         # requested names stored under another one (pool1 -> penultimate, ...): stored once
         "feature_aliases": dict(plan.aliases),
         "layer_maps": {layer or "last": list(hw) for layer, hw in plan.map_hw.items()},
@@ -103,6 +108,11 @@ def _provenance(cfg: ExtractConfig, data: DatasetSpec, weights, transform: Trans
         # timm models: timm's version and resolved data config (the transform's source)
         **backbone_provenance(cfg.model, transform.crop),
     }
+
+
+def map_dtypes(plan, cfg: ExtractConfig) -> dict:
+    """``{kept map: --map-store dtype}``: maps default to fp16 (they are large)."""
+    return {name: cfg.map_store for name in plan.maps}
 
 
 def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
@@ -165,9 +175,11 @@ def _single_pass(data: DatasetSpec, cfg: ExtractConfig, ready: RunSetup, path: P
     """The whole pass in this process: every split's remaining rows into ``path``."""
     notes: list[str] = []  # a compile fallback is said at the first batch
     frozen = frozen_model(cfg.model, ready, layers=cfg.layers, pools=cfg.pools,
+                          keep_map=cfg.keep_map,
                           compile_batch=cfg.batch_size if cfg.compile else None,
                           notes=notes)
-    writer = CacheWriter(path, prov, data.splits, dict(frozen.plan.dims), cfg.store)
+    writer = CacheWriter(path, prov, data.splits, dict(frozen.plan.dims), cfg.store,
+                         map_dtypes(frozen.plan, cfg))
     notes += writer.notes
     workers = extract_workers(ready.device) if cfg.workers is None else cfg.workers
     workers, note = cap_workers(workers)
