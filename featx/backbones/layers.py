@@ -267,7 +267,8 @@ def _resolve(spec: BackboneSpec, layers: tuple[str, ...], size: int) -> tuple[tu
         raise FeatxError(f"{spec.name}: timm gives no feature_info layers with "
                          f"forward_intermediates for it, so --layers is not available; "
                          f"extract its penultimate and pools only.")
-    if last4 and (spec.layout != "tokens" if is_timm(spec.name) else True):
+    if last4 and (spec.layout != "tokens" or spec.num_prefix_tokens == 0
+                  if is_timm(spec.name) else True):
         raise ParameterError("layers", LAST4, f"is for ViT-style models (class token and "
                              f"patch tokens); {spec.name} has none. Give stages or module "
                              f"names instead.")
@@ -324,7 +325,8 @@ def layer_plan(model: str, layers: tuple[str, ...] = (), pools: tuple[int, ...] 
         shapes, _, map_shape = _probe(model, size)
     else:  # no layers: the registry knows every width, and a re-run stays instant
         shapes, map_shape = {}, (1, spec.spatial_channels)
-    tokens = is_timm(model) and spec.layout == "tokens"
+    # a class token to store: ViT-style models with prefix tokens (not e.g. SigLIP's)
+    tokens = is_timm(model) and spec.layout == "tokens" and spec.num_prefix_tokens > 0
     requested: list[tuple[str, str, str]] = [(PENULTIMATE, "", PENULTIMATE)]
     requested += [(feature_name(n), "", feature_name(n)) for n in pools]
     for layer in read:

@@ -83,6 +83,7 @@ class TimmSpec:
     layer_stages: tuple[str, ...] = ()
     map_layer: str | None = None
     penultimate_alias: str | None = None
+    num_prefix_tokens: int = 0  # class/register tokens before the patches (ViT-style)
     builder = None
     weights_enum = None
 
@@ -191,7 +192,8 @@ def timm_spec(name: str) -> TimmSpec:
                     data_config=data_config, pretrained_cfg=pretrained_cfg,
                     stages=tuple(stage_params), stage_params=stage_params,
                     channels_last=layout == "NCHW", layer_stages=layer_stages,
-                    map_layer=map_layer, penultimate_alias=alias)
+                    map_layer=map_layer, penultimate_alias=alias,
+                    num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0))
 
 
 def _layer_stages(model: nn.Module, layout: str) -> tuple[tuple[str, ...], str | None, str | None]:
