@@ -24,8 +24,8 @@ __all__ = ["PARAMETERS", "DiskFullError", "FeatxError", "Note", "ParameterError"
 PARAMETERS = frozenset({
     "allow_missing", "backbone_lr_mult", "backend", "batch_size", "class_weight", "cv",
     "data_path", "device", "early_stop", "epochs", "features", "finetune", "focal_gamma",
-    "freeze", "heads", "image_size", "jobs", "layers", "loss", "lr", "memory_limit_mb", "optimizer",
-    "pca", "pool", "pools", "precision", "resume", "scheduler", "seed", "select",
+    "freeze", "heads", "image_size", "jobs", "layers", "loss", "lr", "map_store",
+    "memory_limit_mb", "optimizer", "pca", "pool", "pools", "precision", "resume", "scheduler", "seed", "select",
     "split_fractions", "store", "weight_decay", "weights", "workers",
 })
 
