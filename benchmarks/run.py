@@ -25,6 +25,8 @@ Benchmarks (``--only`` names):
 * ``compile``  featx with ``compile=True`` (torch.compile, frozen weights) vs without,
   compile time included.
 * ``pools``    pool 1,2,4,8 from one pass vs pool 1 alone, and vs four separate passes.
+* ``layers``   ``--layers stages --pool 1,2,4`` (4 ResNet stages x 3 pools, one pass) vs the
+  last layer alone (``--pool 1``).
 * ``loop``     featx extract + a logistic head on the cache vs training a Linear on a frozen
   resnet18 through the images for E epochs ("fixed feature extractor").
 * ``memory``   peak RSS of an extraction of N and 10*N images (each in a subprocess).
@@ -75,8 +77,8 @@ from featx.data import DatasetSpec
 from featx.extract import extract
 from featx.runtime import cpu_has_native_bf16, extract_workers, resolve_precision
 
-BENCHMARKS = ("extract", "ceiling", "engines", "bf16", "compile", "pools", "loop", "memory",
-              "heads", "stats", "noop")
+BENCHMARKS = ("extract", "ceiling", "engines", "bf16", "compile", "pools", "layers", "loop",
+              "memory", "heads", "stats", "noop")
 
 
 # --- settings and rows ----------------------------------------------------------------------
@@ -208,7 +210,8 @@ def reference_extract(spec: DatasetSpec, name: str, size: int, batch_size: int, 
 
 def featx_extract(spec: DatasetSpec, name: str, size: int, batch_size: int, out: Path, *,
                   workers: int | None = None, pools=(), device: str = "cpu",
-                  precision: str = "auto", compile: bool = False, engine: str = "torch"):
+                  precision: str = "auto", compile: bool = False, engine: str = "torch",
+                  layers=()):
     """featx.extract.extract, timed as a whole (model build included), into a fresh folder.
 
     ``engine`` defaults to torch, so the other rows measure what they always measured;
@@ -218,7 +221,7 @@ def featx_extract(spec: DatasetSpec, name: str, size: int, batch_size: int, out:
     cfg = ExtractConfig(model=name, weights="none", pools=tuple(pools), image_size=size,
                         batch_size=batch_size, workers=workers, device=device,
                         precision=precision, out_dir=out, progress=False, compile=compile,
-                        engine=engine)
+                        engine=engine, layers=tuple(layers))
     t0 = time.perf_counter()
     res = extract(spec, cfg)
     return time.perf_counter() - t0, res
@@ -527,6 +530,24 @@ def bench_pools(ctx: Context) -> list[Row]:
             f"{four:.1f}", _fmt_ratio(four / t_all), "informational (~4x)", "",
             "separate: " + ", ".join(f"pool{p} {t:.1f} s" for p, t in t_one.items())),
     ]
+
+
+def bench_layers(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    spec = subset(ctx.data, s.images)
+    n = _count(spec)
+    name, bs = s.models[0], s.batch_sizes[0]
+    # side by side, alternating, best of the repeats: a shared machine only adds time
+    t_all, t_last = [], []
+    for r in range(s.reps):
+        t_last.append(featx_extract(spec, name, s.image_size, bs, ctx.work / f"last{r}",
+                                    pools=(1,))[0])
+        t_all.append(featx_extract(spec, name, s.image_size, bs, ctx.work / f"stages{r}",
+                                   pools=(1, 2, 4), layers=("stages",))[0])
+    ratio = _best(t_all) / _best(t_last)
+    return [Row(f"4 stages x pool 1,2,4 in one pass vs the last layer alone ({name}, {n} "
+                f"images; seconds)", f"{_best(t_all):.1f}", f"{_best(t_last):.1f}",
+                _fmt_ratio(ratio), "<= 1.2x", _met(ratio <= 1.2))]
 
 
 def _frozen_loop(spec: DatasetSpec, name: str, size: int, epochs: int, batch_size: int,
@@ -882,7 +903,7 @@ RUNNERS = {"extract": bench_extract, "ceiling": bench_ceiling, "engines": bench_
            "bf16": bench_bf16,
            "compile": bench_compile, "pools": bench_pools, "loop": bench_loop,
            "memory": bench_memory, "heads": bench_heads, "ranks": bench_ranks,
-           "stats": bench_stats, "noop": bench_noop}
+           "layers": bench_layers, "stats": bench_stats, "noop": bench_noop}
 
 
 # --- output -----------------------------------------------------------------------------------

@@ -214,13 +214,19 @@ def load_data_arg(data_path: Path | None, split_fractions: str, split_seed: int)
               help="Also list every timm model (use as --model timm:NAME).")
 @click.option("--filter", "pattern", default=None, metavar="GLOB",
               help="Only names matching GLOB, timm's included, e.g. 'vit_*' or '*dinov2*'.")
-def models(show_all, pattern):
+@click.option("--layers", "layers_of", default=None, metavar="MODEL",
+              help="List MODEL's layers for `extract --layers` instead: module names, their "
+              "map (C x h x w at the model's input size), * = one of its stages.")
+def models(show_all, pattern, layers_of):
     """List the backbones: feature sizes, input size, and whether ImageNet weights are here.
 
     torchvision models are listed by default; any timm model works as timm:NAME
     (--all or --filter list them, with whether timm's pretrained file is cached here).
     """
     import fnmatch
+    if layers_of is not None:
+        _list_layers(layers_of)
+        return
 
     from featx.backbones import (
         describe_weights_availability,
@@ -259,6 +265,21 @@ def models(show_all, pattern):
         raise click.ClickException(f"no model matches --filter {pattern!r}; try e.g. 'vit_*'.")
 
 
+def _list_layers(model: str) -> None:
+    from featx.backbones import get_backbone, list_layers
+    spec = get_backbone(model)
+    size = spec.default_image_size
+    rows = list_layers(model)
+    click.echo(f"{model} at {size} px: {len(rows)} layers (* = stage, `--layers stages`)")
+    for name, (c, h, w), stage in rows:
+        click.echo(f"{'*' if stage else ' '} {name:<40} {c:>5} x {h} x {w}")
+    tokens = getattr(spec, "layout", "") == "tokens"
+    extra = ", last4 (DINOv2 linear eval: last 4 class tokens + mean patch token)" \
+        if tokens and len(spec.layer_stages) >= 4 else ""
+    click.echo(f"stored per layer: LAYER.pool{{n}} for each --pool"
+               + (", LAYER.cls (class token)" if tokens else "") + f"; also: stages{extra}.")
+
+
 @main.group(cls=_Group)
 def weights():
     """Manage pretrained weights for offline use."""
@@ -283,6 +304,9 @@ def weights_import(file, model):
 @data_options
 # the command stores penultimate only unless asked; the library's default is (1,)
 @_option(ExtractConfig, "pools", "--pool", default="", metavar="N,N,...")
+@_option(ExtractConfig, "layers", default="", metavar="NAMES|stages|last4")
+@_option(ExtractConfig, "keep_map", is_flag=True)
+@_option(ExtractConfig, "map_store")
 @model_options
 @_option(ExtractConfig, "batch_size")
 @_option(ExtractConfig, "store")
@@ -291,7 +315,7 @@ def weights_import(file, model):
 @_option(ExtractConfig, "compile", "--compile/--no-compile", "compile_")
 @_option(ExtractConfig, "engine")
 @_option(ExtractConfig, "progress", "--progress/--no-progress")
-def extract(models_, data_path, split_fractions, split_seed, pool, **settings):
+def extract(models_, data_path, split_fractions, split_seed, pool, layers, **settings):
     """Run frozen backbones over the images once; write features to HDF5.
 
     Also runs as `torchrun --nproc-per-node N -m featx extract ...`: the processes share
@@ -305,14 +329,19 @@ def extract(models_, data_path, split_fractions, split_seed, pool, **settings):
     names = [m for arg in models_ for m in arg.split(",") if m]
     for name in names:
         get_backbone(name)  # fail on a bad name before reading any data
+    from featx.backbones import layer_plan, parse_layers
     pools = parse_pools(pool)
+    layer_names = parse_layers(layers)
+    for name in names:  # a bad layer name fails before reading any data, too
+        if layer_names:
+            layer_plan(name, layer_names, pools, settings.get("image_size"))
     data = load_data_arg(data_path, split_fractions, split_seed)
     main_process = is_main_process()  # under torchrun only rank 0 speaks for the whole job
     if main_process:
         click.echo(f"data: {data.root} ({data.layout}), classes {', '.join(data.classes)}; "
                    + ", ".join(f"{s} {len(v)}" for s, v in data.splits.items()), err=True)
     for name in names:
-        cfg = _config_from_options(ExtractConfig, model=name, pools=pools)
+        cfg = _config_from_options(ExtractConfig, model=name, pools=pools, layers=layer_names)
         res = run_extract(data, cfg)
         for note in res.notes:
             _say(note)
@@ -365,6 +394,18 @@ def resplit(cache_file, split_seeds, out_dir, overwrite):
         click.echo(f"split seed {seed}: {counts}"
                    + (" (up to date)" if res.status == "up-to-date" else ""), err=True)
         click.echo(str(res.path))
+
+
+@main.command("pool", cls=_EnvCommand)
+@click.argument("cache_file", type=click.Path(path_type=Path))
+@click.option("--pool", "pool", required=True, metavar="N,N,...",
+              help="Pool sizes to add to every map the cache kept (extract --keep-map).")
+def pool_command(cache_file, pool):
+    """Add pool sizes to CACHE_FILE from the spatial maps it kept, without the backbone."""
+    from featx.extract import parse_pools, repool
+    added = repool(cache_file, parse_pools(pool))
+    click.echo(f"{cache_file}: added {', '.join(added)}" if added else
+               f"{cache_file}: every pool size is there already, nothing to do.")
 
 
 # --- commands added by later modules register below this line ---------------------------------

@@ -185,10 +185,12 @@ def _fit_heads(caches: list[tuple[Path, int]], heads: list[str], cfg: CompareCon
     done, skipped, todo_by_cache = [], [], []
     for path, seed in caches:
         cache = Cache(path)
-        # what this comparison asked for, even when the cache holds more pool sizes
+        # what this comparison asked for, even when the cache holds more pool sizes; a
+        # feature stored once under another name (pool1 = penultimate) is fitted once
         features = [PENULTIMATE] + [feature_name(n) for n in cfg.pools]
         for feature in features:
             cache.check_feature(feature)
+        features = list(dict.fromkeys(cache.aliases.get(f, f) for f in features))
         current = _heads_up_to_date(cache, features, heads, out, cfg, seed)
         todo = [f for f in features if f not in current]
         name = path.name + (f" seed {seed}" if seed != cfg.seed else "")

@@ -185,6 +185,16 @@ class ExtractConfig:
     weights: str = _shared("weights")
     pools: tuple[int, ...] = _opt((1,), "AdaptiveAvgPool2d sizes to store besides "
                                   "penultimate, e.g. 1,2,4,8.")
+    layers: tuple[str, ...] = _opt((), "Intermediate layers to store too, each pooled like "
+                                   "the last map (pool1 when no --pool): module names as "
+                                   "`featx models --layers MODEL` lists them, 'stages' for "
+                                   "every stage, 'last4' for a ViT's DINOv2 linear-eval "
+                                   "features; comma-separated.")
+    keep_map: bool = _opt(False, "Also store the spatial maps of the last map and of every "
+                          "--layers layer, so `featx pool CACHE --pool N` adds pool sizes "
+                          "later without the backbone.")
+    map_store: str = _opt("float16", "dtype of the kept maps (--keep-map).",
+                          choices=STORE_DTYPES)
     image_size: int | None = _shared("image_size")
     batch_size: int = _shared("batch_size")
     workers: int | None = _shared("workers")

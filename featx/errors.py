@@ -24,7 +24,7 @@ __all__ = ["PARAMETERS", "DiskFullError", "FeatxError", "Note", "ParameterError"
 PARAMETERS = frozenset({
     "allow_missing", "backbone_lr_mult", "backend", "bootstrap", "batch_size", "class_weight", "cv",
     "data_path", "device", "draws", "early_stop", "engine", "epochs", "features", "finetune", "focal_gamma",
-    "freeze", "heads", "image_size", "jobs", "loss", "lr", "memory_limit_mb", "optimizer",
+    "freeze", "heads", "image_size", "jobs", "layers", "loss", "lr", "map_store", "memory_limit_mb", "optimizer",
     "pca", "pool", "pools", "precision", "repeats", "resume", "scheduler", "seed", "select",
     "shots", "split_fractions", "split_seed", "store", "train_fraction", "weight_decay",
     "weights", "workers",

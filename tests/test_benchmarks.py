@@ -53,14 +53,15 @@ def test_quick_pools_run_prints_rows_whose_ratios_match_their_numbers(tmp_path, 
     from tests.builders import write_digits
     data = write_digits(tmp_path / "digits", per_class=8, size=28, layout="split")
     out = tmp_path / "bench.md"
-    assert bench.main(["--quick", "--only", "pools", "--images", "12", "--data", str(data),
-                       "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--only", "pools,layers", "--images", "12", "--data",
+                       str(data), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = bench.parse_table(printed.split("## all rows", 1)[1])
     assert [r["measured"].split(" (")[0] for r in rows] == [
         "pool 1,2,4,8 in one pass vs pool 1 alone",
-        "same four pools from four separate passes"]
-    assert sum(check_row(r) for r in rows) == 2
+        "same four pools from four separate passes",
+        "4 stages x pool 1,2,4 in one pass vs the last layer alone"]
+    assert sum(check_row(r) for r in rows) == 3
     # the file holds the same table, and says on which machine
     text = out.read_text()
     assert bench.parse_table(text) == rows and "machine:" in text

@@ -14,7 +14,7 @@ from torchvision import models
 from torchvision.transforms._presets import ImageClassification
 
 from featx.backbones import build_backbone
-from featx.cache import Cache, CacheError, CacheWriter, StaleCacheError, partial_path
+from featx.cache import SCHEMA_VERSION, Cache, CacheError, CacheWriter, StaleCacheError, partial_path
 from featx.config import ExtractConfig
 from featx.data import load_dataset
 from featx.data.images import load_rgb
@@ -250,7 +250,7 @@ def test_float16_store_and_memory_layout(digits_dir, tmp_path):
         assert ds.dtype == np.float16 and ds.shape == (len(data.splits["train"]), 512 * 64)
         # whole rows per chunk, ~1 MiB each: 16 rows of 32768 float16
         assert ds.chunks == (16, 512 * 64)
-        assert f.attrs["complete"] and f.attrs["featx_schema"] == 1
+        assert f.attrs["complete"] and f.attrs["featx_schema"] == SCHEMA_VERSION
         np.testing.assert_array_equal(ds[:], ref.astype(np.float16))
 
 

@@ -9,7 +9,7 @@ holds.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -19,22 +19,23 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from featx.backbones.build import FeatureModel, RunSetup, build_backbone
-from featx.backbones.engines import engine_runner
+from featx.backbones.engines import EngineError, engine_runner
+from featx.backbones.layers import LayerFeatures, LayerPlan, layer_plan
 from featx.backbones.registry import get_backbone
 from featx.data.images import TransformSpec
-from featx.features import PENULTIMATE, feature_name
+from featx.features import PENULTIMATE, pool_of
 from featx.runtime import autocast
 
-__all__ = ["FrozenModel", "compile_model", "feature_dims", "forward_batch", "frozen_model",
-           "prepare_for_inference"]
+__all__ = ["FrozenModel", "compile_model", "engine_serves", "feature_dims", "forward_batch",
+           "frozen_model", "prepare_for_inference"]
 
 
-def feature_dims(model: str, pools) -> dict[str, int]:
-    """Width of every cached feature of ``model``: ``penultimate`` and ``pool{n}`` per n."""
-    spec = get_backbone(model)
-    dims = {PENULTIMATE: spec.penultimate_dim}
-    dims.update({feature_name(n): spec.spatial_channels * n * n for n in pools})
-    return dims
+def feature_dims(model: str, pools, layers=(), image_size: int | None = None,
+                 keep_map: bool = False) -> dict[str, int]:
+    """Width of every stored feature of ``model``: ``penultimate``, ``pool{n}`` per n and each
+    layer's features (:func:`~featx.backbones.layers.layer_plan`), identical ones once; with
+    ``keep_map`` the flattened maps too."""
+    return dict(layer_plan(model, tuple(layers), tuple(pools), image_size, keep_map).dims)
 
 
 @dataclass
@@ -42,9 +43,12 @@ class FrozenModel:
     """A backbone in its eval form on ``device`` (see :func:`frozen_model`), and the one
     forward the cache's features come from (:meth:`features`).
 
-    ``network`` is the :class:`FeatureModel`; ``run`` is it, its compiled form (fed
-    batches padded to ``pad_to`` images: one shape, no recompiling) or its exported graph in
-    ``engine`` (:func:`~featx.backbones.engines.engine_runner`).
+    ``network`` is the :class:`FeatureModel`; ``module`` the
+    :class:`~featx.backbones.layers.LayerFeatures` on it that returns every feature of
+    ``plan``; ``run`` is that module or its compiled form, which is fed batches padded to
+    ``pad_to`` images (one shape, no recompiling), or, with ``engine`` other than torch,
+    the exported graph (:func:`~featx.backbones.engines.engine_runner`) wrapped to return the
+    same features.
     """
 
     network: FeatureModel
@@ -53,24 +57,47 @@ class FrozenModel:
     precision: str
     run: Callable
     pad_to: int | None = None
+    plan: LayerPlan | None = None
+    module: LayerFeatures | None = None
     engine: str = "torch"
+    _others: dict = field(default_factory=dict, repr=False)
 
-    def features(self, images: torch.Tensor, pools,
+    def features(self, images: torch.Tensor, pools=None,
                  map_size: dict | None = None) -> dict[str, np.ndarray]:
-        """``penultimate`` ``(B, D)`` and ``pool{n}`` ``(B, C*n*n)`` per n of ``pools`` for
-        ``(B, 3, H, W)`` uint8 images, resized and cropped (``transform.eval_transform_uint8``)."""
-        return forward_batch(self.run, images, self.transform, pools, self.device,
-                             self.precision, pad_to=self.pad_to,
-                             # an exported graph takes NCHW: no reordering to undo
-                             channels_last=self.network.spec.channels_last
-                             and self.engine == "torch", map_size=map_size)
+        """Every stored feature of ``plan`` (``penultimate`` ``(B, D)``, ``pool{n}``
+        ``(B, C*n*n)``, layers...) for ``(B, 3, H, W)`` uint8 images, resized and cropped
+        (``transform.eval_transform_uint8``), and the plan's aliases of them (``pool1`` for
+        ``penultimate`` where they are equal). ``pools`` other than the plan's (predict asks
+        for one feature) run an eager module for them on the same network;
+        ``map_size["hw"]`` receives the last spatial map's ``(h, w)``."""
+        run, plan = self.run, self.plan
+        key = tuple(sorted(set(pools))) if pools is not None else plan.pools
+        if key != plan.pools:
+            if key not in self._others:
+                other = layer_plan(plan.model, plan.layers + (("last4",) if plan.last4 else ()),
+                                   key, self.transform.crop)
+                self._others[key] = LayerFeatures(self.network, other)
+            run = self._others[key]
+            plan = run.plan
+        feats = forward_batch(run, images, self.transform, key, self.device, self.precision,
+                              pad_to=self.pad_to if run is self.run else None,
+                              # an exported graph takes NCHW: no reordering to undo
+                              channels_last=self.network.spec.channels_last
+                              and self.engine == "torch", plan=plan)
+        if map_size is not None:
+            module = self.module if run is self.run else run
+            map_size["hw"] = plan.map_hw.get("") or module.last_map_hw
+        return feats
 
 
-def frozen_model(model: str, ready: RunSetup, *, compile_batch: int | None = None,
+def frozen_model(model: str, ready: RunSetup, *, layers=(), pools=(1,), keep_map=False,
+                 compile_batch: int | None = None,
                  notes: list[str] | None = None) -> FrozenModel:
     """Build ``model`` with ``ready.weights`` for the frozen pass: on ``ready.device``, eval
-    mode, :func:`prepare_for_inference`; with ``compile_batch`` also :func:`compile_model`
-    for batches of that many images (a fallback to eager mode is said in ``notes``).
+    mode, :func:`prepare_for_inference`, wrapped in the
+    :class:`~featx.backbones.layers.LayerFeatures` of ``layers`` and ``pools``; with
+    ``compile_batch`` also :func:`compile_model` for batches of that many images (a fallback
+    to eager mode is said in ``notes``).
 
     Extraction (one process or torchrun's shards) and ``featx predict`` all build it here,
     so new images get the very features the cache holds. With ``ready.engine`` other than
@@ -78,25 +105,66 @@ def frozen_model(model: str, ready: RunSetup, *, compile_batch: int | None = Non
     ``compile_batch`` does not apply (said in ``notes``).
     """
     notes = notes if notes is not None else []
+    plan = layer_plan(model, tuple(layers), tuple(pools), ready.transform.crop, keep_map)
     net = build_backbone(model, ready.weights, image_size=ready.transform.crop)
-    fm = prepare_for_inference(FeatureModel(get_backbone(model), net.to(ready.device)).eval())
+    fm = prepare_for_inference(FeatureModel(get_backbone(model), net.to(ready.device)).eval(),
+                               keep=plan.layers)
     if ready.engine != "torch":
+        if not engine_serves(plan):
+            # the exported graph gives the last map and the penultimate only
+            raise EngineError(f"--engine {ready.engine} extracts the penultimate and the last "
+                              f"map's pools only: use --engine torch for --layers / --keep-map.")
         if compile_batch:
             notes.append(f"note: --compile is torch's; {ready.engine} runs its own optimised "
                          f"graph.")
-        run = engine_runner(ready.engine, fm, model, ready.weights.sha256,
-                            ready.transform.crop, notes)
-        return FrozenModel(fm, ready.transform, ready.device, ready.precision, run,
-                           engine=ready.engine)
-    run = compile_model(fm, notes) if compile_batch else fm
-    return FrozenModel(fm, ready.transform, ready.device, ready.precision, run, compile_batch)
+        run = _EngineFeatures(engine_runner(ready.engine, fm, model, ready.weights.sha256,
+                                            ready.transform.crop, notes), plan)
+        return FrozenModel(fm, ready.transform, ready.device, ready.precision, run, None,
+                           plan, run, engine=ready.engine)
+    module = LayerFeatures(fm, plan)  # after folding: its hooks sit on the final modules
+    run = compile_model(module, notes) if compile_batch else module
+    return FrozenModel(fm, ready.transform, ready.device, ready.precision, run, compile_batch,
+                       plan, module)
 
 
-def forward_batch(fm, images: torch.Tensor, transform: TransformSpec, pools, device, precision,
-             pad_to: int | None = None, channels_last: bool = True,
-             map_size: dict | None = None) -> dict[str, np.ndarray]:
-    """Features of one batch of ``(B, 3, H, W)`` uint8 images (resized and cropped);
-    ``map_size["hw"]`` receives the last spatial map's ``(h, w)``."""
+def engine_serves(plan: LayerPlan) -> bool:
+    """Whether an exported graph (last map, penultimate) gives every feature of ``plan``."""
+    return not plan.layers and not plan.last4 and all(
+        kind == PENULTIMATE or kind.startswith("pool") for _, kind in plan.sources.values())
+
+
+class _EngineFeatures:
+    """An engine's ``(last map, penultimate)`` as the features of a last-map-only plan, the
+    pools computed here in fp32 as :class:`~featx.backbones.layers.LayerFeatures` does."""
+
+    def __init__(self, run, plan: LayerPlan):
+        self.run, self.plan, self.last_map_hw = run, plan, None
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fmap, pen = self.run(x)
+        fmap = fmap.float()
+        self.last_map_hw = tuple(int(v) for v in fmap.shape[-2:])
+        return {name: pen.float() if kind == PENULTIMATE
+                else F.adaptive_avg_pool2d(fmap, pool_of(kind)).flatten(1)
+                for name, (_, kind) in self.plan.sources.items()}
+
+
+def forward_batch(run, images: torch.Tensor, transform: TransformSpec, pools, device,
+                  precision, pad_to: int | None = None, channels_last: bool = True,
+                  map_size: dict | None = None, plan: LayerPlan | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Features of one batch of ``(B, 3, H, W)`` uint8 images (resized and cropped), with
+    the plan's aliases (``pool1`` where it is ``penultimate``) beside the stored ones.
+
+    ``run`` is a :class:`~featx.backbones.layers.LayerFeatures` (its own plan; ``pools`` is
+    then not read), its compiled form (give ``plan``), or a bare :class:`FeatureModel`, for
+    which the penultimate and the ``pools`` of its last map are computed.
+    ``map_size["hw"]`` receives the last spatial map's ``(h, w)``.
+    """
+    if isinstance(run, FeatureModel):
+        run = LayerFeatures(run, layer_plan(run.spec.name, (), tuple(pools),
+                                            int(images.shape[-1])))
+    plan = plan if plan is not None else run.plan
     n = len(images)
     if pad_to is not None and n < pad_to:
         # a compiled model is specialised to one batch shape; another would recompile (~10 s)
@@ -104,19 +172,15 @@ def forward_batch(fm, images: torch.Tensor, transform: TransformSpec, pools, dev
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
     with torch.inference_mode(), autocast(device, precision):
-        x = transform.normalize_batch(x)
-        fmap, pen = fm(x)
-        # pools in fp32: averaging many bf16 values loses precision for no speed gain
-        fmap = fmap[:n].float()
-        if map_size is not None:
-            map_size["hw"] = tuple(fmap.shape[-2:])
-        out = {"penultimate": pen[:n].float()}
-        for p in pools:
-            out[feature_name(p)] = F.adaptive_avg_pool2d(fmap, p).flatten(1)
-    return {k: v.cpu().numpy() for k, v in out.items()}
+        out = run(transform.normalize_batch(x))
+    if map_size is not None and isinstance(run, LayerFeatures):
+        map_size["hw"] = plan.map_hw.get("") or run.last_map_hw
+    feats = {k: v[:n].cpu().numpy() for k, v in out.items()}
+    feats.update({alias: feats[stored] for alias, stored in plan.aliases.items()})
+    return feats
 
 
-def compile_model(fm: FeatureModel, notes: list[str]):
+def compile_model(fm: nn.Module, notes: list[str]):
     """``torch.compile`` with frozen weights: inductor then prepacks the oneDNN conv weights
     and fuses bias/ReLU/residual adds into the convolutions, which eager mode cannot.
 
@@ -148,7 +212,7 @@ def compile_model(fm: FeatureModel, notes: list[str]):
     return run
 
 
-def prepare_for_inference(fm: FeatureModel) -> FeatureModel:
+def prepare_for_inference(fm: FeatureModel, *, keep=()) -> FeatureModel:
     """Frozen, BatchNorm folded into the convolutions, channels-last: the fast eval form.
 
     Both are exact up to float rounding (features move by ~1e-7 to 4e-6 relative, inside
@@ -159,8 +223,11 @@ def prepare_for_inference(fm: FeatureModel) -> FeatureModel:
     finds plain ``Conv2d -> BatchNorm2d`` pairs (timm's fused ``BatchNormAct2d`` and
     LayerNorms stay), and channels-last is for CNNs only (``spec.channels_last``): a ViT's
     tokens have no channel dimension to reorder.
+
+    ``keep``: module names of the backbone (``--layers``) whose own output is read; a conv
+    among them keeps its BatchNorm (folded, the conv would output the BatchNorm's result).
     """
-    _fold_batchnorm(fm)
+    _fold_batchnorm(fm, keep=tuple(f"model.{name}" for name in keep))
     if fm.spec.channels_last:
         fm = fm.to(memory_format=torch.channels_last)
     for p in fm.parameters():
@@ -168,14 +235,14 @@ def prepare_for_inference(fm: FeatureModel) -> FeatureModel:
     return fm
 
 
-def _fold_batchnorm(fm: FeatureModel) -> int:
+def _fold_batchnorm(fm: FeatureModel, keep=()) -> int:
     """Fold every eval-mode ``BatchNorm2d`` that only reads a ``Conv2d`` into that conv.
 
     The module tree is edited in place (conv -> conv with folded bias, bn -> Identity), so
     every other module, and any hook on it, stays. Returns how many pairs were folded; a
     model that torch.fx cannot trace is left as it is.
     """
-    pairs = _conv_bn_pairs(fm)
+    pairs = [(c, b) for c, b in _conv_bn_pairs(fm) if c not in keep]
     for conv_name, bn_name in pairs:
         conv, bn = fm.get_submodule(conv_name), fm.get_submodule(bn_name)
         for name, module in ((conv_name, fuse_conv_bn_eval(conv, bn)), (bn_name, nn.Identity())):

@@ -8,7 +8,11 @@ Each entry (:class:`BackboneSpec`) knows, for one model:
 * ``head``: from that map to the penultimate vector, i.e. exactly the input of the model's
   final classification ``Linear`` (in eval mode);
 * where that final ``Linear`` lives, so fine-tuning can replace it;
-* the ordered stages of its trunk, so fine-tuning can freeze "up to and including" one.
+* the ordered stages of its trunk, so fine-tuning can freeze "up to and including" one;
+* ``layer_stages``: the stage outputs ``extract --layers stages`` reads (ResNet ``layer1``-
+  ``layer4``, VGG's pooled blocks, ...), ``map_layer``: which of them *is* the last map, and
+  ``penultimate_alias``: which feature of the last map equals ``penultimate`` (``pool1`` when
+  the head is a global average pool), so that identical features are stored once.
 
 Sources fill the registry: :mod:`featx.backbones.torchvision_models` registers one entry per
 torchvision model; :mod:`featx.backbones.timm_models` registers the ``timm:`` prefix, whose
@@ -71,6 +75,16 @@ class BackboneSpec:
         Trunk stages in forward order (dotted module paths), for partial freezing.
     build_kwargs : dict
         Constructor arguments that make the architecture match the ImageNet weights.
+    layer_stages : tuple of str
+        Module names whose outputs ``--layers stages`` stores, in forward order
+        (:mod:`featx.backbones.layers`).
+    map_layer : str or None
+        The module of ``layer_stages`` whose output is the last spatial map itself (its
+        ``pool{n}`` are then the last map's); ``None`` when the map is computed after it
+        (DenseNet applies ``norm5`` and a ReLU after its last dense block).
+    penultimate_alias : str or None
+        The last map's feature that equals ``penultimate`` exactly (``"pool1"`` for a head
+        that is a global average pool, eval-mode Dropout at most), or ``None``.
     """
 
     name: str
@@ -90,6 +104,9 @@ class BackboneSpec:
     # can move less than trained weights, see BENCHMARKS.md)
     bf16_error: float | None = None
     bf16_measured_with: str = ""
+    layer_stages: tuple[str, ...] = ()
+    map_layer: str | None = None
+    penultimate_alias: str | None = None
 
     @property
     def default_weights(self):

@@ -11,6 +11,10 @@ this module holds what only timm models need, in timm's own terms:
   the patch tokens, with the ``num_prefix_tokens`` class/register/distillation tokens
   dropped, laid back on their ``(H/p, W/p)`` grid. ``pool{n}`` is AdaptiveAvgPool2d(n) of that
   map, so for a ViT ``pool1`` is the mean of the patch tokens, which is *not* ``penultimate``;
+* layers for ``extract --layers`` are timm's ``feature_info`` modules (ConvNeXt's
+  ``stages.N``, a ViT's ``blocks.N``), read by ``forward_intermediates`` with ``norm=True``
+  (so a ViT block's tokens get the final norm, as DINOv2's linear evaluation reads them,
+  and the last one is the last map itself);
 * stages for ``--freeze`` are timm's own coarse parameter groups (``model.group_matcher``,
   the groups timm uses for layer-wise learning-rate decay), in forward order;
 * the eval transform is timm's resolved data config (``resolve_data_config``), recorded in
@@ -76,6 +80,10 @@ class TimmSpec:
     stages: tuple[str, ...]
     stage_params: dict = field(default_factory=dict)
     channels_last: bool = False
+    layer_stages: tuple[str, ...] = ()
+    map_layer: str | None = None
+    penultimate_alias: str | None = None
+    num_prefix_tokens: int = 0  # class/register tokens before the patches (ViT-style)
     builder = None
     weights_enum = None
     # not measured (benchmarks/bf16_error.py covers torchvision's models): auto runs fp32
@@ -179,13 +187,40 @@ def timm_spec(name: str) -> TimmSpec:
     if isinstance(classifier, (tuple, list)):
         classifier = classifier[0]
     layout, channels, pen_dim = _probe_outputs(model, data_config, meta)
+    layer_stages, map_layer, alias = _layer_stages(model, layout)
     model.reset_classifier(0)
     stage_params = _stage_groups(model)
     return TimmSpec(name=PREFIX + timm_name, timm_name=timm_name, penultimate_dim=pen_dim,
                     spatial_channels=channels, classifier=classifier, layout=layout,
                     data_config=data_config, pretrained_cfg=pretrained_cfg,
                     stages=tuple(stage_params), stage_params=stage_params,
-                    channels_last=layout == "NCHW")
+                    channels_last=layout == "NCHW", layer_stages=layer_stages,
+                    map_layer=map_layer, penultimate_alias=alias,
+                    num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0))
+
+
+def _layer_stages(model: nn.Module, layout: str) -> tuple[tuple[str, ...], str | None, str | None]:
+    """``(layer_stages, map_layer, penultimate_alias)`` from timm's ``feature_info``.
+
+    Only models with ``forward_intermediates`` have layers. The last one is the last map
+    where timm's ``norm=True`` makes it so: a ViT-style model (its final norm on every
+    block) and ConvNeXt (``norm_pre`` on the last stage); a ViT whose head reads the class
+    token through no further norm has that token as its penultimate.
+    """
+    info = getattr(model, "feature_info", None) or []
+    if not hasattr(model, "forward_intermediates") or not isinstance(info, list):
+        return (), None, None
+    names = tuple(str(d["module"]) for d in info if isinstance(d, dict) and "module" in d)
+    if not names:
+        return (), None, None
+    if layout == "tokens":
+        token_head = (getattr(model, "global_pool", None) == "token"
+                      and isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity)
+                      and int(getattr(model, "num_prefix_tokens", 0) or 0) > 0)
+        return names, names[-1], "cls" if token_head else None
+    if type(model).__name__ == "ConvNeXt":
+        return names, names[-1], None
+    return names, None, None
 
 
 def _probe_outputs(model: nn.Module, data_config: dict, meta: bool) -> tuple[str, int, int]:

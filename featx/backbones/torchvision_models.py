@@ -109,6 +109,10 @@ def _indexed(prefix: str, n: int) -> tuple[str, ...]:
     return tuple(f"{prefix}.{i}" for i in range(n))
 
 
+def _indexed_at(prefix: str, at) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{i}" for i in at)
+
+
 for _name, _builder, _enum, _dim in [
     ("resnet18", models.resnet18, models.ResNet18_Weights, 512),
     ("resnet34", models.resnet34, models.ResNet34_Weights, 512),
@@ -116,36 +120,57 @@ for _name, _builder, _enum, _dim in [
     ("resnet101", models.resnet101, models.ResNet101_Weights, 2048),
 ]:
     _register(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc",
-                           _resnet_features, _resnet_head, _RESNET_STAGES))
+                           _resnet_features, _resnet_head, _RESNET_STAGES,
+                           layer_stages=("layer1", "layer2", "layer3", "layer4"),
+                           map_layer="layer4", penultimate_alias="pool1"))
 
 _register(BackboneSpec("vgg16", models.vgg16, models.VGG16_Weights, 4096, 512, "classifier.6",
-                       _sequential_features, _vgg_head, _indexed("features", 31)))
+                       _sequential_features, _vgg_head, _indexed("features", 31),
+                       # the five max-pooled blocks; features.30 is the last map
+                       layer_stages=_indexed_at("features", (4, 9, 16, 23, 30)),
+                       map_layer="features.30"))
 _register(BackboneSpec("vgg16_bn", models.vgg16_bn, models.VGG16_BN_Weights, 4096, 512,
-                       "classifier.6", _sequential_features, _vgg_head, _indexed("features", 44)))
+                       "classifier.6", _sequential_features, _vgg_head, _indexed("features", 44),
+                       layer_stages=_indexed_at("features", (6, 13, 23, 33, 43)),
+                       map_layer="features.43"))
 _register(BackboneSpec("googlenet", models.googlenet, models.GoogLeNet_Weights, 1024, 1024, "fc",
                        _googlenet_features, _googlenet_head, _GOOGLENET_TRUNK,
                        build_kwargs={"aux_logits": False, "transform_input": True,
                                      "init_weights": True},
-                       ignore_keys=("aux1.", "aux2.")))
+                       ignore_keys=("aux1.", "aux2."),
+                       layer_stages=("maxpool2", "inception3b", "inception4e", "inception5b"),
+                       map_layer="inception5b", penultimate_alias="pool1"))
 for _name, _builder, _enum in [
     ("shufflenet_v2_x1_0", models.shufflenet_v2_x1_0, models.ShuffleNet_V2_X1_0_Weights),
     ("shufflenet_v2_x2_0", models.shufflenet_v2_x2_0, models.ShuffleNet_V2_X2_0_Weights),
 ]:
     _dim = 1024 if _name.endswith("1_0") else 2048
     _register(BackboneSpec(_name, _builder, _enum, _dim, _dim, "fc", _shufflenet_features,
-                           _shufflenet_head, _SHUFFLENET_TRUNK))
+                           _shufflenet_head, _SHUFFLENET_TRUNK,
+                           layer_stages=("stage2", "stage3", "stage4", "conv5"),
+                           map_layer="conv5", penultimate_alias="pool1"))
 _register(BackboneSpec("mobilenet_v2", models.mobilenet_v2, models.MobileNet_V2_Weights, 1280,
                        1280, "classifier.1", _sequential_features, _mobilenet_v2_head,
-                       _indexed("features", 19)))
+                       _indexed("features", 19),
+                       # the last block at each resolution: 112, 56, 28, 14, 7 px at 224
+                       layer_stages=_indexed_at("features", (1, 3, 6, 13, 18)),
+                       map_layer="features.18", penultimate_alias="pool1"))
 _register(BackboneSpec("mobilenet_v3_large", models.mobilenet_v3_large,
                        models.MobileNet_V3_Large_Weights, 1280, 960, "classifier.3",
-                       _sequential_features, _avgpool_classifier_head, _indexed("features", 17)))
+                       _sequential_features, _avgpool_classifier_head, _indexed("features", 17),
+                       layer_stages=_indexed_at("features", (1, 3, 6, 12, 16)),
+                       map_layer="features.16"))
 _register(BackboneSpec("densenet121", models.densenet121, models.DenseNet121_Weights, 1024, 1024,
                        "classifier", _densenet_features, _densenet_head,
                        ("features.conv0", "features.norm0", "features.relu0", "features.pool0",
                         "features.denseblock1", "features.transition1", "features.denseblock2",
                         "features.transition2", "features.denseblock3", "features.transition3",
-                        "features.denseblock4", "features.norm5")))
+                        "features.denseblock4", "features.norm5"),
+                       # the map is relu(norm5(denseblock4)): no stage output is the map itself
+                       layer_stages=tuple(f"features.denseblock{i}" for i in range(1, 5)),
+                       penultimate_alias="pool1"))
 _register(BackboneSpec("efficientnet_b0", models.efficientnet_b0, models.EfficientNet_B0_Weights,
                        1280, 1280, "classifier.1", _sequential_features, _avgpool_classifier_head,
-                       _indexed("features", 9)))
+                       _indexed("features", 9),
+                       layer_stages=_indexed_at("features", (1, 2, 3, 5, 8)),
+                       map_layer="features.8", penultimate_alias="pool1"))

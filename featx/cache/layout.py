@@ -1,16 +1,28 @@
 """The HDF5 feature cache's layout: its version, names, attributes and provenance rules.
 
-Layout (schema :data:`SCHEMA_VERSION`, readable with plain h5py)::
+Layout (schema :data:`SCHEMA_VERSION`, readable with plain h5py; docs/layers.md)::
 
-    /                       attrs: provenance (see docs/formats.md), featx_schema, complete
+    /                       attrs: provenance (see docs/formats.md), featx_schema, complete,
+                            features (the stored names, in order), feature_aliases,
+                            layers (as requested), layer_maps ({layer: [h, w]})
     /{split}/penultimate    (n, D)       float32|float16   split in train, val, test
     /{split}/pool{n}        (n, C*n*n)   channel-major flatten of AdaptiveAvgPool2d(n)
+    /{split}/LAYER.pool{n}  (n, C*n*n)   the same of the module LAYER's output (layer3.pool2)
+    /{split}/LAYER.cls      (n, C)       a ViT block's class token
+    /{split}/last4          (n, 5*C)     DINOv2 linear eval: last 4 class tokens + mean patch
+    /{split}/LAYER.map, map (n, C*h*w)   kept maps (--keep-map; attrs maps, map_store)
     /{split}/labels         (n,)         int64, index into attrs["classes"]
     /{split}/paths          (n,)         str, relative to attrs["dataset_root"]
     /split/{split}/paths, /split/{split}/labels   the full file list of each split, as given
     /skipped/{split,path,reason}   files that could not be decoded
 
-Rows of ``/{split}/*`` are the readable files in split order. A file is written under
+Rows of ``/{split}/*`` are the readable files in split order. A feature equal to another
+(``pool1`` = ``penultimate`` for a global-average-pool head, the last stage's ``pool{n}`` =
+the last map's) is stored once: ``feature_aliases`` maps each other name to the stored one,
+and the reader serves it under both.
+
+Schema 2 (this one) added layers and aliases; a schema-1 file is a schema-2 file without
+them, so it is read as it is (:data:`READABLE_SCHEMAS`). Writers write schema 2 only. A file is written under
 ``NAME.h5.partial`` and renamed to ``NAME.h5`` only once complete, so a file with the final
 name is always complete; a ``.partial`` file is resumed by the next run with the same inputs.
 The file is written by :class:`featx.cache.writer.CacheWriter` (resume, free-space checks,
@@ -26,14 +38,19 @@ import numpy as np
 
 from featx.errors import FeatxError
 
-__all__ = ["PROVENANCE_KEYS", "REQUIRED_ATTRS", "SCHEMA_VERSION", "CacheError", "StaleCacheError",
+__all__ = ["PROVENANCE_KEYS", "READABLE_SCHEMAS", "REQUIRED_ATTRS", "SCHEMA_VERSION", "CacheError", "StaleCacheError",
            "cache_filename", "decode_attr", "diff_provenance", "encode_attr", "partial_path",
            "provenance_covers", "read_attrs"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schemas this featx reads: 1 had no layers and no aliases, and is otherwise the same.
+READABLE_SCHEMAS = (1, 2)
 # The recorded inputs that must match for a cache to be reused (timings etc. may differ).
 PROVENANCE_KEYS = ("model", "weights_sha256", "transform", "precision", "store_dtype",
-                   "pools", "dataset_fingerprint", "classes", "split_seed", "split_fractions")
+                   "pools", "layers", "keep_map", "dataset_fingerprint", "classes", "split_seed",
+                   "split_fractions")
+# keys a schema-1 file lacks, and what their absence means
+_ABSENT_MEANS = {"layers": [], "keep_map": False}
 # What every reader relies on; a file lacking one is refused up front, naming the key.
 REQUIRED_ATTRS = ("model", "classes", "features", "dataset_name", "dataset_root",
                    "dataset_fingerprint")
@@ -99,7 +116,7 @@ def diff_provenance(recorded: dict, requested: dict) -> list[str]:
     """Human-readable differences between two provenance dicts, over :data:`PROVENANCE_KEYS`."""
     out = []
     for key in PROVENANCE_KEYS:
-        a, b = recorded.get(key), requested.get(key)
+        a, b = (d.get(key, _ABSENT_MEANS.get(key)) for d in (recorded, requested))
         if decode_attr(encode_attr(a)) != decode_attr(encode_attr(b)):
             if key in ("dataset_fingerprint", "weights_sha256"):
                 a, b = str(a)[:12], str(b)[:12]
@@ -109,7 +126,14 @@ def diff_provenance(recorded: dict, requested: dict) -> list[str]:
 
 def provenance_covers(recorded: dict, requested: dict) -> bool:
     """Whether a cache made with ``recorded`` already holds everything ``requested`` asks for:
-    the same inputs, and every requested pool size among its pools (it may hold more)."""
-    rest = {k: v for k, v in requested.items() if k != "pools"}
-    same = not diff_provenance(recorded, {**rest, "pools": recorded.get("pools")})
-    return same and set(requested.get("pools") or []) <= set(recorded.get("pools") or [])
+    the same inputs, every requested pool size among its pools and every requested layer
+    among its layers (it may hold more)."""
+    rest = {k: v for k, v in requested.items() if k not in ("pools", "layers", "keep_map")}
+    # a cache that kept its maps also serves a request that does not ask for them
+    keep = requested.get("keep_map") or False
+    same = not diff_provenance(recorded, {**rest, "pools": recorded.get("pools"),
+                                          "layers": recorded.get("layers", []),
+                                          "keep_map": recorded.get("keep_map", False)
+                                          if not keep else True})
+    return (same and set(requested.get("pools") or []) <= set(recorded.get("pools") or [])
+            and set(requested.get("layers") or []) <= set(recorded.get("layers") or []))

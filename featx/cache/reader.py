@@ -7,7 +7,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from featx.cache.layout import REQUIRED_ATTRS, SCHEMA_VERSION, CacheError, read_attrs
+from featx.cache.layout import (READABLE_SCHEMAS, REQUIRED_ATTRS, SCHEMA_VERSION, CacheError,
+                                read_attrs)
 from featx.cache.views import VIEW_ATTR, view_parent
 from featx.data import dataset_fingerprints
 
@@ -89,9 +90,10 @@ class Cache:
         if "featx_schema" not in attrs:
             raise CacheError(f"{p} is an HDF5 file but not a featx cache (no 'featx_schema' "
                              f"root attribute).")
-        if attrs["featx_schema"] != SCHEMA_VERSION:
+        if attrs["featx_schema"] not in READABLE_SCHEMAS:
             raise CacheError(f"{p}: cache schema {attrs['featx_schema']}, this featx reads "
-                             f"schema {SCHEMA_VERSION}; extract again with --overwrite.")
+                             f"schema {' and '.join(map(str, READABLE_SCHEMAS))} (writes "
+                             f"{SCHEMA_VERSION}); extract again with --overwrite.")
         if not attrs.get("complete"):
             raise CacheError(f"{p} is marked incomplete; run `featx extract` again to finish it.")
         for key in REQUIRED_ATTRS:
@@ -119,8 +121,20 @@ class Cache:
 
     @property
     def features(self) -> list[str]:
-        """Feature names, ``penultimate`` first, then pools by size."""
+        """The stored feature names, each once: ``penultimate`` first, then the last map's
+        pools by size, then each layer's features in forward order."""
         return list(self.attrs["features"])
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """``{name: stored name}`` of features stored under another name (``pool1`` ->
+        ``penultimate`` where they are equal); empty for a schema-1 cache."""
+        return dict(self.attrs.get("feature_aliases") or {})
+
+    def stored_name(self, feature: str) -> str:
+        """The dataset ``feature`` is stored under (itself, or the one it is an alias of)."""
+        self.check_feature(feature)
+        return self.aliases.get(feature, feature)
 
     @property
     def splits(self) -> list[str]:
@@ -128,12 +142,12 @@ class Cache:
             return [s for s in ("train", "val", "test") if s in f]
 
     def check_feature(self, feature: str) -> None:
-        if feature not in self.features:
+        if feature not in self.features and feature not in self.aliases:
             raise CacheError(f"{self.path.name} has no feature {feature!r}; it has "
                              f"{', '.join(self.features)}.")
 
     def shape(self, split: str, feature: str) -> tuple[int, int]:
-        self.check_feature(feature)
+        feature = self.stored_name(feature)
         if self.is_view:
             return (len(self.labels(split)), self.parent.shape("train", feature)[1])
         with h5py.File(self.path, "r") as f:
@@ -160,7 +174,7 @@ class Cache:
 
     def load(self, split: str, feature: str, dtype=np.float32) -> np.ndarray:
         """``(n, D)`` array of one split's feature, in memory."""
-        self.check_feature(feature)
+        feature = self.stored_name(feature)
         if self.is_view:
             return self._gather(split, feature, np.arange(len(self.labels(split))), dtype)
         with h5py.File(self.path, "r") as f:
@@ -181,7 +195,7 @@ class Cache:
     def iter_rows(self, split: str, feature: str, rows: int, dtype=np.float32
                   ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, block)`` blocks of at most ``rows`` rows, without loading all."""
-        self.check_feature(feature)
+        feature = self.stored_name(feature)
         if self.is_view:
             n = len(self.labels(split))
             for start in range(0, n, rows):
@@ -227,7 +241,8 @@ class Cache:
         a = self.attrs
         lines = [f"{self.path}", f"  complete: {bool(a.get('complete'))}   schema: "
                  f"{a['featx_schema']}   featx {a.get('featx_version')}"]
-        for key in ("model", "weights_source", "weights_sha256", "transform", "image_size",
+        for key in ("model", "layers", "layer_maps", "weights_source", "weights_sha256",
+                    "transform", "image_size",
                     "timm_version", "timm_data_config", "feature_layout", "precision",
                     "engine", "engine_version", "store_dtype", "device", "dataset_name",
                     "dataset_root", "dataset_layout", "dataset_fingerprint", "split_seed",
@@ -247,9 +262,15 @@ class Cache:
                 counts = np.bincount(self.labels(s), minlength=len(classes))
                 per = ", ".join(f"{c}={n}" for c, n in zip(classes, counts))
                 lines.append(f"  {s}: {int(counts.sum())} images ({per})")
-                for name in self.features:
-                    dtype = f[f"train/{name}"].dtype
-                    lines.append(f"    {name}: shape {self.shape(s, name)}, {dtype}")
+                for name in self.features + ([] if self.is_view else list(a.get("maps") or {})):
+                    if self.is_view:  # the rows are the parent's
+                        lines.append(f"    {name}: shape {self.shape(s, name)}")
+                        continue
+                    ds = f[f"{s}/{name}"]
+                    size = ds.id.get_storage_size() / 2**20
+                    lines.append(f"    {name}: shape {ds.shape}, {ds.dtype}, {size:.2f} MB")
+        for name, stored in self.aliases.items():
+            lines.append(f"  {name}: = {stored} (identical, stored once)")
         skipped = self.skipped()
         lines.append(f"  skipped files: {len(skipped)}")
         for split, path, reason in skipped[:20]:

@@ -120,15 +120,19 @@ class CacheWriter:
         ``{feature_name: width}``, e.g. ``{"penultimate": 512, "pool2": 2048}``.
     store_dtype : str, default "float32"
         ``"float32"`` or ``"float16"``.
+    dtypes : dict, optional
+        ``{feature_name: dtype}`` for features stored otherwise (kept maps: fp16 by default).
     """
 
     def __init__(self, path: Path, provenance: dict, splits: dict, dims: dict,
-                 store_dtype: str = "float32"):
+                 store_dtype: str = "float32", dtypes: dict | None = None):
         self.path = Path(path)
         self.tmp = partial_path(self.path)
         self.splits = splits
         self.dims = dims
         self.store_dtype = np.dtype(store_dtype)
+        self.dtypes = {name: np.dtype(dtypes.get(name, store_dtype) if dtypes else store_dtype)
+                       for name in dims}
         self.resumed = False
         self.notes: list[str] = []
         self.f = None
@@ -230,9 +234,10 @@ class CacheWriter:
             g.attrs["n_rows"] = 0
             g.attrs["n_items"] = len(items)
             for name, width in self.dims.items():
-                rows = max(1, min(1024, _CHUNK_BYTES // (width * self.store_dtype.itemsize)))
+                dtype = self.dtypes[name]
+                rows = max(1, min(1024, _CHUNK_BYTES // (width * dtype.itemsize)))
                 g.create_dataset(name, shape=(0, width), maxshape=(None, width),
-                                 dtype=self.store_dtype, chunks=(rows, width))
+                                 dtype=dtype, chunks=(rows, width))
             g.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64,
                              chunks=(4096,))
             g.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
@@ -270,7 +275,7 @@ class CacheWriter:
         the batch (and the file's closing flush): the ``.partial`` then holds every batch
         before it, and the next run resumes from there.
         """
-        need = sum(int(a.size) for a in features.values()) * self.store_dtype.itemsize \
+        need = sum(int(a.size) * self.dtypes[k].itemsize for k, a in features.items()) \
             + 512 * (len(labels) + len(skipped)) + _SPACE_MARGIN
         free = free_bytes(self.tmp.parent)
         if free < need:
@@ -290,7 +295,7 @@ class CacheWriter:
             for name, arr in features.items():
                 ds = g[name]
                 ds.resize(n1, axis=0)
-                ds[n0:n1] = arr.astype(self.store_dtype, copy=False)
+                ds[n0:n1] = arr.astype(ds.dtype, copy=False)
             g["labels"].resize(n1, axis=0)
             g["labels"][n0:n1] = labels
             g["paths"].resize(n1, axis=0)

@@ -5,8 +5,9 @@ one of several processes writing shards that rank 0 joins (:mod:`~featx.extract.
 both fill their files through the one loop of :mod:`~featx.extract.fill`.
 """
 from featx.extract.fill import ExtractResult, fill_cache
+from featx.extract.repool import repool
 from featx.extract.sharded import extract_sharded, shard_bounds, shard_dir, shard_path
 from featx.extract.single import extract, parse_pools
 
-__all__ = ["ExtractResult", "extract", "extract_sharded", "fill_cache", "parse_pools",
+__all__ = ["ExtractResult", "extract", "extract_sharded", "fill_cache", "parse_pools", "repool",
            "shard_bounds", "shard_dir", "shard_path"]

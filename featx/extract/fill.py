@@ -35,10 +35,11 @@ class ExtractResult:
     engine: str = ""  # what --engine auto resolved to
 
 
-def fill_cache(writer: CacheWriter, root, splits: dict, frozen: FrozenModel, pools, *,
+def fill_cache(writer: CacheWriter, root, splits: dict, frozen: FrozenModel, *,
                batch_size: int, workers: int, bar, map_size: dict | None = None,
                after_commit=None) -> tuple[int, list]:
-    """Extract the rows of ``splits`` that ``writer`` has not committed, batch by batch.
+    """Extract the rows of ``splits`` that ``writer`` has not committed, batch by batch:
+    every feature of ``frozen.plan`` from one forward per batch.
 
     Returns ``(written, skipped)``, ``skipped`` the ``(split, path, reason)`` of unreadable
     files. ``after_commit()`` runs after each committed batch.
@@ -57,10 +58,12 @@ def fill_cache(writer: CacheWriter, root, splits: dict, frozen: FrozenModel, poo
             pin_memory=frozen.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None)
         for images, labels, idx, errors in loader:
-            feats = frozen.features(images, pools, map_size=map_size)
+            feats = frozen.features(images, map_size=map_size)
             ok = np.array([e == "" for e in errors])
             bad = [(items[i][0], e) for i, e in zip(idx.tolist(), errors) if e]
-            writer.append(split, int(idx[-1]) + 1, {k: v[ok] for k, v in feats.items()},
+            # only the stored features: aliases (pool1 = penultimate, ...) are the same arrays
+            writer.append(split, int(idx[-1]) + 1,
+                          {k: v[ok] for k, v in feats.items() if k in writer.dims},
                           labels.numpy()[ok], [items[i][0] for i in idx[ok].tolist()], bad)
             if after_commit is not None:
                 after_commit()

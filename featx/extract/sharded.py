@@ -45,6 +45,7 @@ from featx.cache import (
 )
 from featx.distributed import DistEnv, all_gather_object, dist_env, init_process_group, run_on_main
 from featx.extract.fill import ExtractResult, fill_cache
+from featx.features import MAP, layer_of
 from featx.runtime import extract_workers
 
 __all__ = ["extract_sharded", "shard_bounds", "shard_dir", "shard_path"]
@@ -137,6 +138,11 @@ def _same_inputs(path: Path, prov: dict) -> bool | None:
     return attrs.get("featx_schema") == SCHEMA_VERSION and not diff_provenance(attrs, prov)
 
 
+def _map_dtypes(dims: dict, cfg) -> dict:
+    """``{kept map: --map-store dtype}``, as the single-process pass stores them."""
+    return {name: cfg.map_store for name in dims if layer_of(name)[1] == MAP}
+
+
 # -- the pass over one shard ----------------------------------------------------------------
 
 _committed = {"batches": 0}
@@ -155,7 +161,7 @@ def _after_commit(rank: int) -> None:
 # -- joining --------------------------------------------------------------------------------
 
 def _join(path: Path, prov: dict, splits: dict, n_shards: int, dims: dict, store: str,
-          extra: dict) -> float:
+          extra: dict, dtypes: dict | None = None) -> float:
     """Copy the complete shards, in order, into one cache file at ``path`` (atomic rename),
     then remove them; returns the seconds it took.
 
@@ -164,7 +170,7 @@ def _join(path: Path, prov: dict, splits: dict, n_shards: int, dims: dict, store
     """
     t0 = time.perf_counter()
     partial_path(path).unlink(missing_ok=True)  # a join killed half-way starts over
-    writer = CacheWriter(path, prov, splits, dims, store)
+    writer = CacheWriter(path, prov, splits, dims, store, dtypes)
     block = max(1, _JOIN_BYTES // (4 * sum(dims.values())))
     try:
         for split, items in splits.items():
@@ -212,7 +218,8 @@ def extract_sharded(data, cfg, ready: RunSetup, *, path: Path, prov: dict):
     n_shards = run_on_main(lambda: _plan(path, prov, env.world_size))
     if n_shards is None:
         return None
-    dims = feature_dims(cfg.model, cfg.pools)
+    dims = feature_dims(cfg.model, cfg.pools, cfg.layers, ready.transform.crop, cfg.keep_map)
+    dtypes = _map_dtypes(dims, cfg)
     mine = [k for k in range(env.rank, n_shards, env.world_size)
             if not shard_path(path, k, n_shards).exists()]
     notes: list[str] = []
@@ -234,7 +241,8 @@ def extract_sharded(data, cfg, ready: RunSetup, *, path: Path, prov: dict):
                "world_size": env.world_size, "shards": n_shards}
     # rank 0 joins; the final file exists (or the join's error is raised) on every rank
     join_s = run_on_main(lambda: _join(path, {**prov, "shard_count": n_shards}, data.splits,
-                                       n_shards, dims, cfg.store, {"timings": timings}))
+                                       n_shards, dims, cfg.store, {"timings": timings},
+                                       dtypes))
     if env.rank == 0:
         notes.append(f"{env.world_size} process(es) extracted {n_shards} shard(s); rank 0 "
                      f"joined them in {join_s:.1f} s.")
@@ -268,17 +276,18 @@ def _fill_shards(data, cfg, ready: RunSetup, path: Path, prov: dict, env: DistEn
     try:
         for k in mine:
             if frozen is None:  # built only when this rank has work
-                frozen = frozen_model(cfg.model, ready, notes=notes,
+                frozen = frozen_model(cfg.model, ready, notes=notes, layers=cfg.layers,
+                                      pools=cfg.pools, keep_map=cfg.keep_map,
                                       compile_batch=cfg.batch_size if cfg.compile else None)
             t_shard = time.perf_counter()
             splits = _shard_splits(data.splits, k, n_shards)
             writer = CacheWriter(shard_path(path, k, n_shards),
                                  {**prov, "shard_index": k, "shard_count": n_shards},
-                                 splits, dims, cfg.store)
+                                 splits, dims, cfg.store, _map_dtypes(dims, cfg))
             resumed |= writer.resumed
             bar.update(sum(writer.next_index(s) for s in splits))
             try:
-                n_ok, bad = fill_cache(writer, data.root, splits, frozen, cfg.pools,
+                n_ok, bad = fill_cache(writer, data.root, splits, frozen,
                                        batch_size=cfg.batch_size, workers=workers, bar=bar,
                                        after_commit=lambda: _after_commit(env.rank))
             except BaseException:

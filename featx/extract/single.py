@@ -1,7 +1,9 @@
-"""The single frozen pass: images -> backbone -> penultimate + every pool{n} -> HDF5.
+"""The single frozen pass: images -> backbone -> penultimate + every pool{n} + every
+requested layer's features -> HDF5.
 
-Each batch goes through the model once; ``penultimate`` is the model's own pre-logits and
-``pool{n}`` is ``AdaptiveAvgPool2d(n)`` of the last spatial map, all from that one forward.
+Each batch goes through the model once; ``penultimate`` is the model's own pre-logits,
+``pool{n}`` is ``AdaptiveAvgPool2d(n)`` of the last spatial map and ``LAYER.pool{n}`` that of
+a layer's output (``--layers``, :mod:`featx.backbones.layers`), all from that one forward.
 Rows are streamed to the cache as the pass goes, so memory does not grow with the dataset,
 and a killed run resumes from the last committed batch. The model itself, in its fast eval
 form, is :mod:`featx.backbones.frozen`'s; the fill loop is :mod:`featx.extract.fill`'s.
@@ -20,9 +22,10 @@ import featx
 from featx.backbones import (
     RunSetup,
     backbone_provenance,
-    feature_dims,
     frozen_model,
     get_backbone,
+    layer_notes,
+    layer_plan,
     pool_notes,
     resolve_run,
 )
@@ -42,10 +45,9 @@ from featx.distributed import is_main_process
 from featx.errors import ParameterError
 from featx.extract.fill import ExtractResult, fill_cache
 from featx.extract.sharded import extract_sharded
-from featx.features import PENULTIMATE, feature_name
 from featx.runtime import cap_workers, extract_workers
 
-__all__ = ["extract", "parse_pools"]
+__all__ = ["extract", "map_dtypes", "parse_pools"]
 
 
 def parse_pools(text: str) -> tuple[int, ...]:
@@ -64,7 +66,8 @@ def _provenance(cfg: ExtractConfig, data: DatasetSpec, ready: RunSetup) -> dict:
     weights, transform, precision, device = (ready.weights, ready.transform, ready.precision,
                                              ready.device)
     spec = get_backbone(cfg.model)
-    features = [PENULTIMATE] + [feature_name(n) for n in cfg.pools]
+    plan = layer_plan(cfg.model, tuple(cfg.layers), tuple(cfg.pools), transform.crop,
+                      cfg.keep_map)
     return {
         "featx_version": featx.__version__,
         "model": cfg.model,
@@ -83,7 +86,16 @@ def _provenance(cfg: ExtractConfig, data: DatasetSpec, ready: RunSetup) -> dict:
         "engine_version": ready.engine_version,
         "store_dtype": cfg.store,
         "pools": list(cfg.pools),
-        "features": features,
+        # the layers read, resolved (stages -> layer1..layer4), last4 as such
+        "layers": list(plan.layers) + (["last4"] if plan.last4 else []),
+        "features": list(plan.features),
+        "keep_map": cfg.keep_map,
+        # kept maps, (C, h, w) each, stored flattened in map_store
+        "maps": {name: list(chw) for name, chw in plan.maps.items()},
+        "map_store": cfg.map_store if cfg.keep_map else None,
+        # requested names stored under another one (pool1 -> penultimate, ...): stored once
+        "feature_aliases": dict(plan.aliases),
+        "layer_maps": {layer or "last": list(hw) for layer, hw in plan.map_hw.items()},
         "penultimate_dim": spec.penultimate_dim,
         "spatial_channels": spec.spatial_channels,
         "dataset_name": data.name,
@@ -103,6 +115,11 @@ def _provenance(cfg: ExtractConfig, data: DatasetSpec, ready: RunSetup) -> dict:
     }
 
 
+def map_dtypes(plan, cfg: ExtractConfig) -> dict:
+    """``{kept map: --map-store dtype}``: maps default to fp16 (they are large)."""
+    return {name: cfg.map_store for name in plan.maps}
+
+
 def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
     """Run ``cfg.model`` frozen over every split of ``data`` and write one cache file.
 
@@ -118,8 +135,11 @@ def extract(data: DatasetSpec, cfg: ExtractConfig) -> ExtractResult:
 
 def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) -> ExtractResult:
     _check_settings(cfg)
+    # an exported graph gives the last map and the penultimate only: intermediate layers and
+    # kept maps run in torch (asked for by name, another engine is refused by frozen_model)
+    engine = "torch" if cfg.engine == "auto" and (cfg.layers or cfg.keep_map) else cfg.engine
     ready = resolve_run(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
-                        image_size=cfg.image_size, seed=cfg.seed, engine=cfg.engine)
+                        image_size=cfg.image_size, seed=cfg.seed, engine=engine)
     prov = _provenance(cfg, data, ready)
     path = Path(cfg.out_dir) / cache_filename(data.name, cfg.model, ready.weights.tag,
                                               ready.transform.crop, data.seed)
@@ -162,9 +182,12 @@ def _single_pass(data: DatasetSpec, cfg: ExtractConfig, ready: RunSetup, path: P
                  prov: dict) -> ExtractResult:
     """The whole pass in this process: every split's remaining rows into ``path``."""
     notes: list[str] = []  # a compile fallback is said at the first batch
-    frozen = frozen_model(cfg.model, ready, compile_batch=cfg.batch_size if cfg.compile else None,
+    frozen = frozen_model(cfg.model, ready, layers=cfg.layers, pools=cfg.pools,
+                          keep_map=cfg.keep_map,
+                          compile_batch=cfg.batch_size if cfg.compile else None,
                           notes=notes)
-    writer = CacheWriter(path, prov, data.splits, feature_dims(cfg.model, cfg.pools), cfg.store)
+    writer = CacheWriter(path, prov, data.splits, dict(frozen.plan.dims), cfg.store,
+                         map_dtypes(frozen.plan, cfg))
     notes += writer.notes
     workers = extract_workers(ready.device) if cfg.workers is None else cfg.workers
     workers, note = cap_workers(workers)
@@ -176,7 +199,7 @@ def _single_pass(data: DatasetSpec, cfg: ExtractConfig, ready: RunSetup, path: P
     bar = tqdm(total=total, initial=done, unit="img", desc=f"extract {cfg.model}",
                disable=not cfg.progress, dynamic_ncols=True)
     try:
-        n_written, skipped = fill_cache(writer, data.root, data.splits, frozen, cfg.pools,
+        n_written, skipped = fill_cache(writer, data.root, data.splits, frozen,
                                         batch_size=cfg.batch_size, workers=workers, bar=bar,
                                         map_size=map_size)
     except BaseException:
@@ -187,6 +210,7 @@ def _single_pass(data: DatasetSpec, cfg: ExtractConfig, ready: RunSetup, path: P
     seconds = time.perf_counter() - t0
     if map_size:
         notes += pool_notes(map_size["hw"], ready.transform.crop, cfg.pools, cfg.model)
+    notes += layer_notes(frozen.plan, ready.transform.crop)
     if int(writer.f["train"].attrs["n_rows"]) == 0:
         # a cache without a readable train image is of no use to any head: no file at all
         writer.close()

@@ -91,7 +91,9 @@ def open_cache(path: str | Path) -> Cache:
 
 
 def resolve_features(cache: Cache, features: Sequence[str]) -> list[str]:
-    """Feature names to fit: ``["all"]`` -> penultimate + every pool{n}; others checked."""
+    """Feature names to fit: ``["all"]`` -> every stored feature (penultimate, every pool{n},
+    every layer's); others checked, and a name stored under another one (``pool1`` where it
+    is ``penultimate``) fitted once, under the stored name."""
     names = [f.strip() for f in features if f and f.strip()]
     if not names:
         raise ParameterError("features", features, f"name at least one of "
@@ -100,7 +102,7 @@ def resolve_features(cache: Cache, features: Sequence[str]) -> list[str]:
         return cache.features
     for name in names:
         cache.check_feature(name)
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(cache.aliases.get(name, name) for name in names))
 
 
 def _check_labels(cache: Cache, select_on: str, cv: int) -> list[str]:

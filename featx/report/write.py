@@ -271,6 +271,10 @@ def _plots_for_group(members: list[dict], out: Path, suffix: str,
                                        title=f"{name}: test balanced accuracy vs pool size"))
     else:
         notes.append(f"{name}: no pool{{n}} results, pool-size plot skipped")
+    from featx.report.layers import plot_layer_scores  # heads on intermediate layers
+    layers_png = plot_layer_scores(members, out / f"layers{suffix}.png",
+                                   title=f"{name}: test balanced accuracy vs layer")
+    written += [layers_png] if layers_png is not None else []
 
     order = list(_FAMILIES)  # the same colour for each family in every plot
     points = [{"x": r["wall_s"], "y": r["test_balanced_accuracy"],
@@ -337,6 +341,8 @@ def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]
         lines += [f"## {_group_title(members)}", "", _md_table(members), ""]
         lines += [f"![{p.stem}]({rel(p)})" for p in plots.get(members[0]["group"], [])]
         lines.append("")
+        from featx.report.layers import layer_markdown
+        lines += layer_markdown(members)
     others = [g for g in groups if not g[0]["comparable"]]
     if others:
         lines += ["## Not comparable", "",
