@@ -20,7 +20,7 @@ from featx.errors import ParameterError
 __all__ = ["BACKENDS", "CLASS_WEIGHTS", "CompareConfig", "DEFAULT_HEADS", "DEFAULT_MAX_WORKERS",
            "ExtractConfig",
            "FINETUNE_MODES", "FinetuneConfig", "HeadsConfig", "LOSSES", "MAX_SEED", "OPTIMIZERS",
-           "PRECISIONS", "SCHEDULERS", "SELECT_MODES", "STORE_DTYPES", "check_setting",
+           "PRECISIONS", "SCHEDULERS", "SELECT_MODES", "SOLVERS", "STORE_DTYPES", "check_setting",
            "check_settings", "rule_of"]
 
 # the most DataLoader workers a default picks (an explicit --workers may ask for more, up to
@@ -37,6 +37,7 @@ LOSSES = ("ce", "weighted", "focal")
 SELECT_MODES = ("val", "cv")
 CLASS_WEIGHTS = ("none", "balanced")     # "none" is None in the configs
 BACKENDS = ("loky", "dask", "ray")      # joblib backends the fits can run on
+SOLVERS = ("auto", "torch", "sklearn")  # who fits the linear family (featx.heads.batched)
 DEFAULT_HEADS = ("linear", "logistic", "svm", "mlp")
 # --finetune choice -> the --freeze settings it runs
 FINETUNE_MODES = {"none": (), "full": ("none",), "backbone": ("backbone",),
@@ -265,6 +266,13 @@ class HeadsConfig:
                                          "available memory].", min=0, min_open=True)
     pca: int = _opt(0, "Features that do not fit in memory: reduce to N PCA components "
                     "(IncrementalPCA on train) instead of streaming an SGD head.", min=0)
+    solver: str = _opt("auto", "Who fits linear, logistic and svm: torch fits each head's "
+                       "whole grid in one pass (CUDA when present, else the CPU threads); "
+                       "sklearn one grid point at a time (the reference); auto: torch from "
+                       "5,000,000 fit cells (rows x features) on.", choices=SOLVERS)
+    wide_pca: int = _opt(256, "Wide features (over 8,192 columns and over 4x the train rows): "
+                         "reduce to N PCA components fitted on train only, capped by the "
+                         "train rows (0: fit the full width).", min=0)
     backend: str = _shared("backend")
     scheduler: str | None = _shared("scheduler")
     refit: bool = _opt(False, "Fit again even where OUT already holds a result made from the "

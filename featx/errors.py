@@ -26,7 +26,7 @@ PARAMETERS = frozenset({
     "data_path", "device", "early_stop", "epochs", "features", "finetune", "focal_gamma",
     "freeze", "heads", "image_size", "jobs", "loss", "lr", "memory_limit_mb", "optimizer",
     "pca", "pool", "pools", "precision", "resume", "scheduler", "seed", "select",
-    "split_fractions", "store", "weight_decay", "weights", "workers",
+    "solver", "split_fractions", "store", "weight_decay", "weights", "wide_pca", "workers",
 })
 
 # {name} of a parameter inside a message; other braces (in paths, in "pool{n}") stay as written

@@ -243,7 +243,8 @@ def _plan_tasks(prepared, config: HeadsConfig, limit: int, source: str,
         for feature in features:
             dims = cache.shape("train", feature)[1]
             plan = plan_memory(n_rows, dims, heads, limit_bytes=limit, limit_source=source,
-                               pca=config.pca)
+                               pca=config.pca, wide_pca=config.wide_pca,
+                               train_rows=len(cache.labels("train")))
             if plan.mode != "memory":
                 holdout = (f", alpha chosen on a stratified 1/{config.cv} holdout of train"
                            if select_on == "cv" else "")

@@ -122,7 +122,7 @@ def _fit_in_memory(task: HeadTask, has_val: bool, X_train: np.ndarray | None,
     model, selection, tm = select_and_fit(
         task.head, X_train, cache.labels("train"), X_val, y_val, select=task.select_on,
         cv=cfg.cv, standardize=cfg.standardize, class_weight=cfg.class_weight, seed=cfg.seed,
-        n_jobs=task.inner_jobs)
+        n_jobs=task.inner_jobs, solver=cfg.solver)
     del X_train
     # the saved model takes raw features: in pca mode, the reducer's steps come first
     saved = Pipeline(task.reducer.steps + model.steps) if plan.mode == "pca" else model
@@ -182,6 +182,7 @@ def _settings(task: HeadTask, head: str, selection: dict) -> dict:
         "grid": STREAM_GRID if plan.mode == "stream" else spec.grid,
         "memory": plan.to_dict(),
         "estimator": spec.description,
+        "solver": selection.get("solver", "sklearn"),
     }
     if selection["on"] in ("cv", "holdout"):
         settings["cv"] = cfg.cv

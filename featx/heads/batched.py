@@ -1,0 +1,334 @@
+"""The linear heads (linear, logistic, svm) fitted over their whole grid at once, with torch.
+
+sklearn fits a grid point at a time, in float64, re-reading the training matrix for every
+point (GridSearchCV), then fits the chosen point again. Here, as in THUNDER's and DINOv2's
+linear evaluations, every grid point is one slice of a single ``(G, d, K)`` weight tensor:
+
+* ``linear`` (RidgeClassifier): closed form. One eigendecomposition of the centred
+  (weighted) Gram matrix, ``X^T X`` when d <= n or ``X X^T`` when d > n, then
+  ``(X^T X + alpha I)^-1 X^T Y`` for every alpha is a diagonal rescaling.
+* ``logistic`` (LogisticRegression, multinomial; one sigmoid for 2 classes) and ``svm``
+  (LinearSVC: squared hinge, one-vs-rest, liblinear's penalised intercept): full-batch
+  L-BFGS on the sum of the G objectives. The objectives are independent, so the sum's
+  minimum is every grid point's own minimum; one ``X @ W`` of width G*K per step serves
+  them all.
+
+Each objective is sklearn's own, divided by ``C * sum(sample weights)`` (the same minimiser),
+so the chosen point means what it means in sklearn. Selection on val (or CV) is the
+balanced accuracy of each point, the first of the best winning, exactly as
+:func:`~featx.heads.selection.select_and_fit` does. The fitted head is saved as the sklearn
+estimator it replaces, with ``coef_``/``intercept_``/``classes_`` set (see
+:func:`_as_estimator`), behind a fitted ``StandardScaler``: predict, export and the skops
+files see an ordinary pipeline.
+
+Runs on CUDA when present (float32), else the CPU threads torch is given.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import LabelBinarizer, StandardScaler
+from sklearn.utils.class_weight import compute_class_weight
+
+from featx.errors import FeatxError
+from featx.heads.registry import get_head
+
+__all__ = ["BATCHED_HEADS", "TORCH_MIN_CELLS", "fit_grid", "resolve_solver",
+           "select_and_fit_batched"]
+
+BATCHED_HEADS = ("linear", "logistic", "svm")
+# solver "auto" takes torch from this many fit cells (rows x features) on: below it, sklearn
+# fits a head in about a second or less, and it is the reference (BENCHMARKS.md, heads_scale)
+TORCH_MIN_CELLS = 5_000_000
+LBFGS_MAX_ITER = 500          # sklearn's LogisticRegression here: max_iter=1000
+LBFGS_TOL = 1e-5              # on the largest gradient entry of the (mean-scaled) objective
+
+
+def resolve_solver(solver: str, head: str, n_fit: int, n_features: int) -> str:
+    """``"torch"`` or ``"sklearn"``: what fits ``head`` on ``n_fit`` x ``n_features`` rows.
+
+    ``"auto"`` is torch for the linear family from :data:`TORCH_MIN_CELLS` cells on; heads
+    outside :data:`BATCHED_HEADS` always use sklearn (``"torch"`` asks for it where it
+    exists).
+    """
+    if head not in BATCHED_HEADS:
+        return "sklearn"
+    if solver == "auto":
+        return "torch" if n_fit * n_features >= TORCH_MIN_CELLS else "sklearn"
+    return solver
+
+
+def _device():
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sample_weights(y: np.ndarray, n_classes: int, class_weight: str | None) -> np.ndarray:
+    """Per-row weights (n,) of sklearn's ``class_weight`` (``y`` already 0..K-1)."""
+    if class_weight is None:
+        return np.ones(len(y))
+    w = compute_class_weight(class_weight, classes=np.arange(n_classes), y=y)
+    return w[y]
+
+
+def _targets(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """+-1 one-vs-rest targets (n, K), or (n, 1) with classes_[1] positive for 2 classes,
+    as RidgeClassifier and LinearSVC code them."""
+    Y = -np.ones((len(y), n_classes))
+    Y[np.arange(len(y)), y] = 1.0
+    return Y[:, 1:] if n_classes == 2 else Y
+
+
+def _ridge_grid(X, Y, sw, alphas):
+    """Ridge with intercept for every alpha from one eigendecomposition.
+
+    X (n, d), Y (n, K'), sw (n,) tensors; returns W (G, d, K') and b (G, K'), the minimisers
+    of ``sum_i sw_i ||Y_i - X_i W - b||^2 + alpha ||W||^2`` (sklearn's Ridge objective).
+    """
+    import torch
+    s = sw / sw.sum()
+    xm, ym = s @ X, s @ Y
+    r = sw.sqrt()[:, None]
+    Z, T = (X - xm) * r, (Y - ym) * r
+    n, d = Z.shape
+    # the decomposition in float64: eigenvalues span the features' whole spectrum, and a
+    # float32 eigh loses the small ones that a weak alpha relies on
+    if d <= n:
+        lam, V = torch.linalg.eigh((Z.T @ Z).double())
+        B = V.T @ (Z.T @ T).double()                                 # (d, K')
+        W = torch.stack([V @ (B / (lam.clamp(min=0) + a)[:, None]) for a in alphas])
+    else:  # kernel form: W = Z^T (Z Z^T + alpha I)^-1 T
+        lam, U = torch.linalg.eigh((Z @ Z.T).double())
+        B = U.T @ T.double()                                          # (n, K')
+        Zd = Z.double()
+        W = torch.stack([Zd.T @ (U @ (B / (lam.clamp(min=0) + a)[:, None])) for a in alphas])
+    W = W.to(X.dtype)
+    b = ym[None, :] - torch.einsum("d,gdk->gk", xm, W)
+    return W, b
+
+
+def _lbfgs_grid(X, Y, sw, Cs, loss: str, n_out: int):
+    """L-BFGS on the G stacked objectives; W (G, d, K'), b (G, K') and the iterations.
+
+    ``loss``: ``"multinomial"`` (Y: class index (n,)), ``"binary"`` (Y: +-1 (n, 1)) or
+    ``"squared_hinge"`` (Y: +-1 (n, K'), sw (n, K') per one-vs-rest subproblem). Each
+    objective is sklearn's divided by ``C * sum(sw)``: weighted mean loss +
+    ``||W||^2 / (2 C sum(sw))``, the intercept penalised only for the svm (liblinear).
+    """
+    import torch
+    n, d = X.shape
+    G = len(Cs)
+    dev, dt = X.device, X.dtype
+    W = torch.zeros(G, d, n_out, device=dev, dtype=dt, requires_grad=True)
+    b = torch.zeros(G, n_out, device=dev, dtype=dt, requires_grad=True)
+    total = sw.sum(0)                                     # () or (K',)
+    reg = 1.0 / (2.0 * torch.as_tensor(Cs, device=dev, dtype=dt))  # (G,)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=LBFGS_MAX_ITER, tolerance_grad=LBFGS_TOL,
+                            tolerance_change=1e-12, history_size=20,
+                            line_search_fn="strong_wolfe")
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        calls[0] += 1
+        Z = (X @ W.permute(1, 0, 2).reshape(d, G * n_out)).view(n, G, n_out) + b
+        if loss == "multinomial":
+            per = torch.nn.functional.cross_entropy(
+                Z.permute(0, 2, 1), Y[:, None].expand(n, G), reduction="none")   # (n, G)
+            data = (sw[:, None] * per).sum(0) / total                             # (G,)
+            pen = (W ** 2).sum((1, 2)) / total
+        elif loss == "binary":
+            per = torch.nn.functional.softplus(-Y[:, None, :] * Z)[..., 0]       # (n, G)
+            data = (sw[:, None] * per).sum(0) / total
+            pen = (W ** 2).sum((1, 2)) / total
+        else:  # squared hinge, one-vs-rest: K' independent subproblems per grid point
+            per = torch.relu(1 - Y[:, None, :] * Z) ** 2                          # (n, G, K')
+            data = ((sw[:, None, :] * per).sum(0) / total).sum(1)                 # (G,)
+            # liblinear penalises the intercept (a constant feature of scaling 1)
+            pen = (((W ** 2).sum(1) + b ** 2) / total).sum(1)
+        f = (data + reg * pen).sum()
+        f.backward()
+        return f
+
+    opt.step(closure)
+    return W.detach(), b.detach(), calls[0]
+
+
+def fit_grid(head: str, X: np.ndarray, y: np.ndarray, values: list[float], n_classes: int, *,
+             class_weight: str | None = None, device=None):
+    """Fit ``head`` at every grid value on standardised rows; the weights of all of them.
+
+    Parameters
+    ----------
+    head : {"linear", "logistic", "svm"}
+    X : ndarray of shape (n_samples, n_features)
+    y : ndarray of shape (n_samples,)
+        Class indices 0..n_classes-1.
+    values : list of float
+        ``alpha`` (linear) or ``C`` (logistic, svm), one per grid point.
+    n_classes : int
+    class_weight : None or "balanced"
+    device : torch.device, optional
+        Default: CUDA when present, else the CPU.
+
+    Returns
+    -------
+    W : ndarray of shape (G, n_features, K')
+    b : ndarray of shape (G, K')
+        K' is ``n_classes``, or 1 for two classes (the score of class 1).
+    n_iter : int
+        Objective evaluations (0 for the closed form).
+    """
+    import torch
+    dev = device or _device()
+    Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=dev)
+    sw_np = _sample_weights(y, n_classes, class_weight)
+    if head == "linear":
+        W, b = _ridge_grid(Xt, torch.as_tensor(_targets(y, n_classes), device=dev,
+                                               dtype=torch.float32),
+                           torch.as_tensor(sw_np, device=dev, dtype=torch.float32), values)
+        n_iter = 0
+    elif head == "logistic":
+        sw = torch.as_tensor(sw_np, device=dev, dtype=torch.float32)
+        if n_classes == 2:
+            Yt = torch.as_tensor(_targets(y, 2), device=dev, dtype=torch.float32)
+            W, b, n_iter = _lbfgs_grid(Xt, Yt, sw, values, "binary", 1)
+        else:
+            Yt = torch.as_tensor(y, device=dev, dtype=torch.long)
+            W, b, n_iter = _lbfgs_grid(Xt, Yt, sw, values, "multinomial", n_classes)
+    elif head == "svm":
+        Y = _targets(y, n_classes)
+        sw2 = _svm_weights(y, n_classes, class_weight, Y.shape[1])
+        W, b, n_iter = _lbfgs_grid(Xt, torch.as_tensor(Y, device=dev, dtype=torch.float32),
+                                   torch.as_tensor(sw2, device=dev, dtype=torch.float32),
+                                   values, "squared_hinge", Y.shape[1])
+    else:
+        raise FeatxError(f"head {head!r} has no batched trainer; the batched heads are "
+                         f"{', '.join(BATCHED_HEADS)}.")
+    return W.cpu().numpy(), b.cpu().numpy(), n_iter
+
+
+def _svm_weights(y: np.ndarray, n_classes: int, class_weight: str | None,
+                 n_out: int) -> np.ndarray:
+    """(n, K') weights of each one-vs-rest subproblem, as liblinear gives them: with class
+    weights, a subproblem's positives get their class's weight, its negatives weight 1;
+    with 2 classes (one problem) every row gets its class's weight."""
+    if class_weight is None:
+        return np.ones((len(y), n_out))
+    w = compute_class_weight(class_weight, classes=np.arange(n_classes), y=y)
+    if n_classes == 2:
+        return w[y][:, None]
+    out = np.ones((len(y), n_classes))
+    out[np.arange(len(y)), y] = w[y]
+    return out
+
+
+def _predict_index(X: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Predicted class indices (G, n) of every grid point."""
+    S = np.einsum("nd,gdk->gnk", X, W, optimize=True) + b[:, None, :]
+    if S.shape[2] == 1:
+        return (S[..., 0] > 0).astype(int)
+    return S.argmax(2)
+
+
+def _as_estimator(head: str, W: np.ndarray, b: np.ndarray, classes: np.ndarray, value: float,
+                  n_iter: int, *, seed: int, class_weight: str | None) -> BaseEstimator:
+    """The sklearn estimator the head would have been, fitted: its registry build with the
+    chosen parameter, and ``coef_`` (K', d), ``intercept_`` (K',), ``classes_`` set."""
+    spec = get_head(head)
+    est = spec.build(seed, class_weight)
+    key = next(iter(spec.grid))
+    est.set_params(**{key: value})
+    est.coef_ = np.ascontiguousarray(W.T, dtype=np.float64)
+    est.intercept_ = np.asarray(b, dtype=np.float64)
+    est.n_features_in_ = W.shape[0]
+    if head == "linear":
+        # RidgeClassifier reads its classes and its decision rule from this binarizer
+        est._label_binarizer = LabelBinarizer(pos_label=1, neg_label=-1).fit(classes)
+    else:
+        est.classes_ = np.asarray(classes)
+    if head == "logistic":
+        est.n_iter_ = np.array([n_iter], dtype=np.int32)
+    elif head == "svm":
+        est.n_iter_ = int(n_iter)
+    return est
+
+
+def select_and_fit_batched(head: str, X_train: np.ndarray, y_train: np.ndarray,
+                           X_val: np.ndarray | None = None, y_val: np.ndarray | None = None, *,
+                           select: str = "val", cv: int = 5, standardize: bool = True,
+                           class_weight: str | None = None, seed: int = 0, device=None
+                           ) -> tuple[Pipeline, dict, dict]:
+    """:func:`~featx.heads.selection.select_and_fit` for the linear family, with torch.
+
+    The same arguments (``n_jobs`` aside: torch uses its own threads) and the same returns:
+    a fitted ``Pipeline([("scaler", StandardScaler() | "passthrough"), ("head", est)])``
+    whose ``est`` is the registry's sklearn estimator with the weights set, the selection
+    (``on``, ``metric``, ``chosen``, ``score``, ``grid``, ``refit``, plus ``solver`` and
+    ``device``) and the timings (``select_s``, ``fit_s``). With ``select="val"`` the grid
+    is fitted on train, so the chosen point's weights are the refit on train: the same
+    rows, the same objective; ``fit_s`` is the time to build the estimator from them.
+    """
+    from featx.heads.selection import SELECTION_METRIC
+    spec = get_head(head)
+    key, values = next(iter(spec.grid.items()))
+    values = [float(v) for v in values]
+    cw = class_weight if spec.supports_class_weight else None
+    classes, yi = np.unique(y_train, return_inverse=True)
+    K = len(classes)
+    dev = device or _device()
+
+    def fit_scaled(X, yy, points=values):
+        # the scaler is fitted on the fit rows only, as inside sklearn's pipeline
+        scaler = StandardScaler().fit(X) if standardize else "passthrough"
+        Xs = scaler.transform(X) if standardize else X
+        return (scaler, *fit_grid(head, Xs, yy, points, K, class_weight=cw, device=dev))
+
+    t0 = time.perf_counter()
+    if select == "val":
+        if X_val is None or y_val is None or len(y_val) == 0:
+            raise FeatxError("select='val' needs val rows (X_val, y_val); use select='cv'.")
+        scaler, W, b, n_iter = fit_scaled(X_train, yi)
+        Xv = scaler.transform(X_val) if standardize else X_val
+        pred = classes[_predict_index(np.asarray(Xv, np.float32), W, b)]
+        scores = np.array([balanced_accuracy_score(y_val, p) for p in pred])
+        stds = None
+    else:
+        folds = StratifiedKFold(cv, shuffle=True, random_state=seed).split(X_train, y_train)
+        per_fold = []
+        for fit_idx, val_idx in folds:
+            # the fold's classes are train's (stratified): indices stay 0..K-1
+            sc, Wf, bf, _ = fit_scaled(X_train[fit_idx], yi[fit_idx])
+            Xv = sc.transform(X_train[val_idx]) if standardize else X_train[val_idx]
+            pred = classes[_predict_index(np.asarray(Xv, np.float32), Wf, bf)]
+            per_fold.append([balanced_accuracy_score(y_train[val_idx], p) for p in pred])
+        scores, stds = np.mean(per_fold, 0), np.std(per_fold, 0)
+    select_s = time.perf_counter() - t0
+    best = int(np.argmax(scores))  # the first of the best: grids run from simple to complex
+    t0 = time.perf_counter()
+    if select == "cv":  # refit the chosen point on all of train
+        scaler, W, b, n_iter = fit_scaled(X_train, yi, [values[best]])
+        Wb, bb = W[0], b[0]
+    else:
+        Wb, bb = W[best], b[best]
+    est = _as_estimator(head, Wb, bb, classes, values[best], n_iter, seed=seed,
+                        class_weight=cw)
+    model = Pipeline([("scaler", scaler), ("head", est)])
+    fit_s = time.perf_counter() - t0
+    grid = []
+    for i, v in enumerate(values):
+        point = {"params": {key: v}, "score": float(scores[i])}
+        if stds is not None:
+            point["std"] = float(stds[i])
+        grid.append(point)
+    selection = {"on": select, "metric": SELECTION_METRIC, "chosen": grid[best]["params"],
+                 "score": grid[best]["score"], "grid": grid, "refit": "train",
+                 "solver": "torch", "device": str(dev)}
+    if select == "cv":
+        selection["folds"] = cv
+    return model, selection, {"select_s": select_s, "fit_s": fit_s}
