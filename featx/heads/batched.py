@@ -112,51 +112,86 @@ def _ridge_grid(X, Y, sw, alphas):
     return W, b
 
 
+def _row_basis(X):
+    """An orthonormal basis of the directions the rows of X (n, d) span, and ``X``'s Gram
+    eigenvalues along them: V (d, r), lam (r,), with ``(X V)^T (X V) = diag(lam)``.
+
+    From ``X^T X`` when d <= n (r = d), else from ``X X^T`` (r <= n, near-null directions
+    dropped): an L2-penalised linear model started at zero never leaves the rows' span.
+    """
+    import torch
+    n, d = X.shape
+    if d <= n:
+        lam, V = torch.linalg.eigh((X.T @ X).double())
+        return V.to(X.dtype), lam.clamp(min=0).to(X.dtype)
+    lam, U = torch.linalg.eigh((X @ X.T).double())
+    keep = lam > lam.max() * 1e-10
+    lam, U = lam[keep], U[:, keep]
+    V = (X.double().T @ U) / lam.sqrt()          # (d, r), orthonormal columns
+    return V.to(X.dtype), lam.to(X.dtype)
+
+
 def _lbfgs_grid(X, Y, sw, Cs, loss: str, n_out: int):
-    """L-BFGS on the G stacked objectives; W (G, d, K'), b (G, K') and the iterations.
+    """L-BFGS on the G stacked objectives; W (G, d, K'), b (G, K') and the evaluations.
 
     ``loss``: ``"multinomial"`` (Y: class index (n,)), ``"binary"`` (Y: +-1 (n, 1)) or
     ``"squared_hinge"`` (Y: +-1 (n, K'), sw (n, K') per one-vs-rest subproblem). Each
     objective is sklearn's divided by ``C * sum(sw)``: weighted mean loss +
     ``||W||^2 / (2 C sum(sw))``, the intercept penalised only for the svm (liblinear).
+
+    Preconditioned: the weights live in the eigenbasis of the Gram matrix, each direction
+    scaled by ``1 / sqrt(curvature)`` (the loss's typical curvature times the eigenvalue,
+    plus the grid point's penalty), so every grid point's problem is close to the identity
+    and L-BFGS needs tens of steps instead of hundreds; ``W = V (scale * U)`` maps back.
     """
     import torch
     n, d = X.shape
     G = len(Cs)
     dev, dt = X.device, X.dtype
-    W = torch.zeros(G, d, n_out, device=dev, dtype=dt, requires_grad=True)
-    b = torch.zeros(G, n_out, device=dev, dtype=dt, requires_grad=True)
+    V, lam = _row_basis(X)
+    P = X @ V                                             # (n, r): rotated rows
+    r = P.shape[1]
     total = sw.sum(0)                                     # () or (K',)
+    tot = total if total.ndim == 0 else total.mean()
     reg = 1.0 / (2.0 * torch.as_tensor(Cs, device=dev, dtype=dt))  # (G,)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=LBFGS_MAX_ITER, tolerance_grad=LBFGS_TOL,
-                            tolerance_change=1e-12, history_size=20,
+    # curvature of the mean loss along eigen-direction j ~ c * lam_j / n (c: ~1/4 for the
+    # logistic losses, ~2 x the active fraction for squared hinge), plus 2 reg / sum(sw)
+    c = 0.25 if loss != "squared_hinge" else 1.0
+    scale = 1.0 / torch.sqrt(c * lam[None, :] / n + 2 * reg[:, None] / tot)   # (G, r)
+    U = torch.zeros(G, r, n_out, device=dev, dtype=dt, requires_grad=True)
+    b = torch.zeros(G, n_out, device=dev, dtype=dt, requires_grad=True)
+    opt = torch.optim.LBFGS([U, b], lr=1, max_iter=LBFGS_MAX_ITER, tolerance_grad=LBFGS_TOL,
+                            tolerance_change=1e-9, history_size=20,
                             line_search_fn="strong_wolfe")
     calls = [0]
 
     def closure():
         opt.zero_grad()
         calls[0] += 1
-        Z = (X @ W.permute(1, 0, 2).reshape(d, G * n_out)).view(n, G, n_out) + b
+        Wr = U * scale[:, :, None]                                                # (G, r, K')
+        Z = (P @ Wr.permute(1, 0, 2).reshape(r, G * n_out)).view(n, G, n_out) + b
+        sq = (Wr ** 2).sum(1)                         # (G, K'): ||W||^2 (V is orthonormal)
         if loss == "multinomial":
-            per = torch.nn.functional.cross_entropy(
-                Z.permute(0, 2, 1), Y[:, None].expand(n, G), reduction="none")   # (n, G)
+            per = torch.logsumexp(Z, 2) - Z.gather(2, Y[:, None, None].expand(n, G, 1))[..., 0]
             data = (sw[:, None] * per).sum(0) / total                             # (G,)
-            pen = (W ** 2).sum((1, 2)) / total
+            pen = sq.sum(1) / total
         elif loss == "binary":
             per = torch.nn.functional.softplus(-Y[:, None, :] * Z)[..., 0]       # (n, G)
             data = (sw[:, None] * per).sum(0) / total
-            pen = (W ** 2).sum((1, 2)) / total
+            pen = sq.sum(1) / total
         else:  # squared hinge, one-vs-rest: K' independent subproblems per grid point
             per = torch.relu(1 - Y[:, None, :] * Z) ** 2                          # (n, G, K')
             data = ((sw[:, None, :] * per).sum(0) / total).sum(1)                 # (G,)
             # liblinear penalises the intercept (a constant feature of scaling 1)
-            pen = (((W ** 2).sum(1) + b ** 2) / total).sum(1)
+            pen = ((sq + b ** 2) / total).sum(1)
         f = (data + reg * pen).sum()
         f.backward()
         return f
 
     opt.step(closure)
-    return W.detach(), b.detach(), calls[0]
+    with torch.no_grad():
+        W = torch.einsum("dr,grk->gdk", V, U * scale[:, :, None])
+    return W, b.detach(), calls[0]
 
 
 def fit_grid(head: str, X: np.ndarray, y: np.ndarray, values: list[float], n_classes: int, *,
@@ -250,8 +285,7 @@ def _as_estimator(head: str, W: np.ndarray, b: np.ndarray, classes: np.ndarray, 
     if head == "linear":
         # RidgeClassifier reads its classes and its decision rule from this binarizer
         est._label_binarizer = LabelBinarizer(pos_label=1, neg_label=-1).fit(classes)
-    else:
-        est.classes_ = np.asarray(classes)
+    est.classes_ = np.asarray(classes)
     if head == "logistic":
         est.n_iter_ = np.array([n_iter], dtype=np.int32)
     elif head == "svm":
