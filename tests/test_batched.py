@@ -107,7 +107,7 @@ def test_ridge_closed_form_equals_sklearn_ridge(shape, classes):
         # condition number (~1e3); sklearn works in float64 throughout
         scale = np.abs(ref_coef).max()
         np.testing.assert_allclose(W[g].T, ref_coef, atol=1e-3 * scale, rtol=0)
-        np.testing.assert_allclose(W[g].T, clf.coef_, atol=1e-3 * scale, rtol=0)
+        np.testing.assert_allclose(W[g].T, np.atleast_2d(clf.coef_), atol=1e-3 * scale, rtol=0)
         np.testing.assert_allclose(b[g], np.ravel(ref.intercept_), atol=1e-3 * max(1, scale), rtol=0)
 
 

@@ -285,6 +285,8 @@ def _as_estimator(head: str, W: np.ndarray, b: np.ndarray, classes: np.ndarray, 
     if head == "linear":
         # RidgeClassifier reads its classes and its decision rule from this binarizer
         est._label_binarizer = LabelBinarizer(pos_label=1, neg_label=-1).fit(classes)
+        if W.shape[1] == 1:  # sklearn's own binary RidgeClassifier keeps coef_ of shape (d,)
+            est.coef_ = est.coef_[0]
     est.classes_ = np.asarray(classes)
     if head == "logistic":
         est.n_iter_ = np.array([n_iter], dtype=np.int32)
