@@ -29,6 +29,11 @@ Benchmarks (``--only`` names):
   jobs 1 vs jobs 2.
 * ``ranks``    ``torchrun --nproc-per-node 2 -m featx extract`` vs one process on the same
   images (opt-in: ``--only ranks``; it launches torchrun, so the default run leaves it out).
+* ``heads_scale``  (opt-in, ~15 min on 2 cores) linear/logistic/svm with the batched torch
+  trainer vs sklearn on a realistic 10-class synthetic cache, side by side, then torch on
+  100,000 x 2,048 (benchmarks/heads_scale.py).
+* ``heads_wide``   (opt-in) the four default heads on 131,072-wide features of 200 rows:
+  full width vs the default wide path (PCA fitted on train).
 * ``noop``     a re-run of a finished ``featx extract``, ``fit-heads`` and ``compare`` (each a
   fresh process) vs ``python -c "import torch, torchvision"``: re-running must stay instant.
 
@@ -61,6 +66,7 @@ from PIL import Image
 from torch import nn
 
 from benchmarks.common import PNEUMONIA, child_env, load_images, subset
+from benchmarks.heads_scale import bench_heads_scale, bench_heads_wide
 from benchmarks.common import all_items as _all_items
 from featx.backbones import get_backbone
 from featx.cache import Cache, cache_filename
@@ -92,6 +98,8 @@ class Settings:
     heads_image_size: int = 64    # the heads benchmark only needs real 2,048-d features
     heads_images: int = 0         # 0: every image (pneumoniamnist: 4,708 train rows)
     noop_images: int = 800        # the finished work that the no-op re-runs find
+    scale_frac: int = 5_000       # heads_scale: rows of the cache sklearn and torch share
+    wide_rows: int = 200          # heads_wide: rows of the 131,072-wide cache
     reps: int = 1
 
     @classmethod
@@ -732,7 +740,7 @@ def bench_noop(ctx: Context) -> list[Row]:
 RUNNERS = {"extract": bench_extract, "ceiling": bench_ceiling, "bf16": bench_bf16,
            "compile": bench_compile, "pools": bench_pools, "loop": bench_loop,
            "memory": bench_memory, "heads": bench_heads, "ranks": bench_ranks,
-           "noop": bench_noop}
+           "noop": bench_noop, "heads_scale": bench_heads_scale, "heads_wide": bench_heads_wide}
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -783,7 +791,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--only", default="", metavar="NAME[,NAME]",
-                   help=f"run only these: {', '.join(RUNNERS)} [all but ranks]")
+                   help=f"run only these: {', '.join(RUNNERS)} [all but ranks, heads_scale, "
+                   f"heads_wide]")
     p.add_argument("--images", type=int, default=0,
                    help="images for the extract/ceiling/compile/pools rows [960; quick 24]")
     p.add_argument("--out", type=Path, default=None, help="also write the table to FILE.md")

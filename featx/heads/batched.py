@@ -45,8 +45,13 @@ BATCHED_HEADS = ("linear", "logistic", "svm")
 # solver "auto" takes torch from this many fit cells (rows x features) on: below it, sklearn
 # fits a head in about a second or less, and it is the reference (BENCHMARKS.md, heads_scale)
 TORCH_MIN_CELLS = 5_000_000
-LBFGS_MAX_ITER = 500          # sklearn's LogisticRegression here: max_iter=1000
-LBFGS_TOL = 1e-5              # on the largest gradient entry of the (mean-scaled) objective
+LBFGS_MAX_ITER = 300          # sklearn's LogisticRegression here: max_iter=1000
+# on the largest gradient entry of the mean-scaled, preconditioned objective: sklearn's lbfgs
+# stops at 1e-4 on its own (also mean-scaled) objective
+LBFGS_TOL = 1e-4
+# float32 sums of ~1-sized losses move by ~1e-7 from rounding alone: a step that changes the
+# G summed objectives by less than this is noise, and L-BFGS stops there
+LBFGS_TOL_CHANGE = 1e-6
 
 
 def resolve_solver(solver: str, head: str, n_fit: int, n_features: int) -> str:
@@ -161,7 +166,7 @@ def _lbfgs_grid(X, Y, sw, Cs, loss: str, n_out: int):
     U = torch.zeros(G, r, n_out, device=dev, dtype=dt, requires_grad=True)
     b = torch.zeros(G, n_out, device=dev, dtype=dt, requires_grad=True)
     opt = torch.optim.LBFGS([U, b], lr=1, max_iter=LBFGS_MAX_ITER, tolerance_grad=LBFGS_TOL,
-                            tolerance_change=1e-9, history_size=20,
+                            tolerance_change=LBFGS_TOL_CHANGE, history_size=20,
                             line_search_fn="strong_wolfe")
     calls = [0]
 

@@ -119,9 +119,13 @@ def _fit_in_memory(task: HeadTask, has_val: bool, X_train: np.ndarray | None,
         test_blocks = row_blocks(cache, "test", task.feature, plan.block_rows)
         load_s = time.perf_counter() - t0
     y_val = cache.labels("val") if has_val else None
+    # the wide path's reducer standardises the raw features before its PCA; scaling the
+    # components again would whiten them, giving the noise directions the weight of the
+    # signal (the mlp fell to chance on 48 train rows in benchmarks/heads_scale.py)
+    standardize = cfg.standardize and plan.reason != "wide"
     model, selection, tm = select_and_fit(
         task.head, X_train, cache.labels("train"), X_val, y_val, select=task.select_on,
-        cv=cfg.cv, standardize=cfg.standardize, class_weight=cfg.class_weight, seed=cfg.seed,
+        cv=cfg.cv, standardize=standardize, class_weight=cfg.class_weight, seed=cfg.seed,
         n_jobs=task.inner_jobs, solver=cfg.solver)
     del X_train
     # the saved model takes raw features: in pca mode, the reducer's steps come first
