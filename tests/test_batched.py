@@ -139,11 +139,17 @@ def test_torch_heads_are_saved_as_sklearn_pipelines_that_predict_the_result(tmp_
         assert np.mean(pred == yte) == pytest.approx(res["metrics"]["accuracy"], abs=1e-12)
 
 
-def test_auto_solver_takes_torch_only_for_the_linear_family_on_large_fits():
-    assert resolve_solver("auto", "logistic", TORCH_MIN_CELLS // 100, 100) == "torch"
-    assert resolve_solver("auto", "logistic", TORCH_MIN_CELLS // 100 - 1, 100) == "sklearn"
-    assert resolve_solver("auto", "mlp", 10 ** 9, 100) == "sklearn"
+def test_auto_solver_takes_torch_for_ridge_and_for_lbfgs_heads_only_on_cuda():
+    big, small = TORCH_MIN_CELLS // 100, TORCH_MIN_CELLS // 100 - 1
+    assert resolve_solver("auto", "linear", big, 100, cuda=False) == "torch"
+    assert resolve_solver("auto", "linear", small, 100, cuda=True) == "sklearn"
+    for head in ("logistic", "svm"):
+        assert resolve_solver("auto", head, big, 100, cuda=True) == "torch"
+        assert resolve_solver("auto", head, big, 100, cuda=False) == "sklearn"
+        assert resolve_solver("auto", head, small, 100, cuda=True) == "sklearn"
+    assert resolve_solver("auto", "mlp", 10 ** 9, 100, cuda=True) == "sklearn"
     assert resolve_solver("torch", "knn", 10, 10) == "sklearn"
+    assert resolve_solver("torch", "logistic", 10, 10) == "torch"
     assert resolve_solver("sklearn", "svm", 10 ** 9, 100) == "sklearn"
 
 

@@ -42,8 +42,8 @@ __all__ = ["BATCHED_HEADS", "TORCH_MIN_CELLS", "fit_grid", "resolve_solver",
            "select_and_fit_batched"]
 
 BATCHED_HEADS = ("linear", "logistic", "svm")
-# solver "auto" takes torch from this many fit cells (rows x features) on: below it, sklearn
-# fits a head in about a second or less, and it is the reference (BENCHMARKS.md, heads_scale)
+# solver "auto" considers torch from this many fit cells (rows x features) on: below it,
+# sklearn fits a head in about a second or less, and it is the reference
 TORCH_MIN_CELLS = 5_000_000
 LBFGS_MAX_ITER = 300          # sklearn's LogisticRegression here: max_iter=1000
 # on the largest gradient entry of the mean-scaled, preconditioned objective: sklearn's lbfgs
@@ -54,18 +54,29 @@ LBFGS_TOL = 1e-4
 LBFGS_TOL_CHANGE = 1e-6
 
 
-def resolve_solver(solver: str, head: str, n_fit: int, n_features: int) -> str:
+def resolve_solver(solver: str, head: str, n_fit: int, n_features: int, *,
+                   cuda: bool | None = None) -> str:
     """``"torch"`` or ``"sklearn"``: what fits ``head`` on ``n_fit`` x ``n_features`` rows.
 
-    ``"auto"`` is torch for the linear family from :data:`TORCH_MIN_CELLS` cells on; heads
-    outside :data:`BATCHED_HEADS` always use sklearn (``"torch"`` asks for it where it
-    exists).
+    ``"auto"``, from :data:`TORCH_MIN_CELLS` cells on: torch for ``linear`` (the closed form
+    beats sklearn's one solve per grid point on any device), and for ``logistic``/``svm``
+    only where CUDA is present (``cuda``; default: asks torch). On the CPU the batched
+    L-BFGS runs until the weakest-regularised point converges, and measured slower than
+    sklearn there (BENCHMARKS.md, "Heads at scale"). Heads outside :data:`BATCHED_HEADS`
+    always use sklearn (``"torch"`` asks for it where it exists).
     """
     if head not in BATCHED_HEADS:
         return "sklearn"
-    if solver == "auto":
-        return "torch" if n_fit * n_features >= TORCH_MIN_CELLS else "sklearn"
-    return solver
+    if solver != "auto":
+        return solver
+    if n_fit * n_features < TORCH_MIN_CELLS:
+        return "sklearn"
+    if head == "linear":
+        return "torch"
+    if cuda is None:
+        import torch
+        cuda = torch.cuda.is_available()
+    return "torch" if cuda else "sklearn"
 
 
 def _device():
