@@ -268,9 +268,9 @@ class HeadsConfig:
                     "(IncrementalPCA on train) instead of streaming an SGD head.", min=0)
     solver: str = _opt("auto", "Who fits linear, logistic and svm: torch fits each head's "
                        "whole grid in one pass (CUDA when present, else the CPU threads); "
-                       "sklearn one grid point at a time (the reference); auto: from 5,000,000 "
-                       "fit cells (rows x features) on, torch for linear, and for logistic "
-                       "and svm on CUDA only.", choices=SOLVERS)
+                       "sklearn one grid point at a time (the reference); auto: torch on CUDA "
+                       "from 5,000,000 fit cells (rows x features) on, else sklearn.",
+                       choices=SOLVERS)
     wide_pca: int = _opt(256, "Wide features (over 8,192 columns and over 4x the train rows): "
                          "reduce to N PCA components fitted on train only, capped by the "
                          "train rows (0: fit the full width).", min=0)

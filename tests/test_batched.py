@@ -139,11 +139,9 @@ def test_torch_heads_are_saved_as_sklearn_pipelines_that_predict_the_result(tmp_
         assert np.mean(pred == yte) == pytest.approx(res["metrics"]["accuracy"], abs=1e-12)
 
 
-def test_auto_solver_takes_torch_for_ridge_and_for_lbfgs_heads_only_on_cuda():
+def test_auto_solver_takes_torch_only_on_cuda_for_large_linear_family_fits():
     big, small = TORCH_MIN_CELLS // 100, TORCH_MIN_CELLS // 100 - 1
-    assert resolve_solver("auto", "linear", big, 100, cuda=False) == "torch"
-    assert resolve_solver("auto", "linear", small, 100, cuda=True) == "sklearn"
-    for head in ("logistic", "svm"):
+    for head in LINEAR_FAMILY:
         assert resolve_solver("auto", head, big, 100, cuda=True) == "torch"
         assert resolve_solver("auto", head, big, 100, cuda=False) == "sklearn"
         assert resolve_solver("auto", head, small, 100, cuda=True) == "sklearn"

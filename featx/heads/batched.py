@@ -58,12 +58,12 @@ def resolve_solver(solver: str, head: str, n_fit: int, n_features: int, *,
                    cuda: bool | None = None) -> str:
     """``"torch"`` or ``"sklearn"``: what fits ``head`` on ``n_fit`` x ``n_features`` rows.
 
-    ``"auto"``, from :data:`TORCH_MIN_CELLS` cells on: torch for ``linear`` (the closed form
-    beats sklearn's one solve per grid point on any device), and for ``logistic``/``svm``
-    only where CUDA is present (``cuda``; default: asks torch). On the CPU the batched
-    L-BFGS runs until the weakest-regularised point converges, and measured slower than
-    sklearn there (BENCHMARKS.md, "Heads at scale"). Heads outside :data:`BATCHED_HEADS`
-    always use sklearn (``"torch"`` asks for it where it exists).
+    ``"auto"``: torch where CUDA is present (``cuda``; default: asks torch) and the fit has
+    :data:`TORCH_MIN_CELLS` cells or more, else sklearn. On 2 shared CPU cores the batched
+    trainer measured slower than sklearn (BENCHMARKS.md, "Heads at scale": the L-BFGS grid
+    runs until its weakest-regularised point converges), so the CPU default stays on the
+    reference. Heads outside :data:`BATCHED_HEADS` always use sklearn (``"torch"`` asks for
+    it where it exists).
     """
     if head not in BATCHED_HEADS:
         return "sklearn"
@@ -71,8 +71,6 @@ def resolve_solver(solver: str, head: str, n_fit: int, n_features: int, *,
         return solver
     if n_fit * n_features < TORCH_MIN_CELLS:
         return "sklearn"
-    if head == "linear":
-        return "torch"
     if cuda is None:
         import torch
         cuda = torch.cuda.is_available()
