@@ -157,6 +157,9 @@ def _lbfgs_grid(X, Y, sw, Cs, loss: str, n_out: int):
     scaled by ``1 / sqrt(curvature)`` (the loss's typical curvature times the eigenvalue,
     plus the grid point's penalty), so every grid point's problem is close to the identity
     and L-BFGS needs tens of steps instead of hundreds; ``W = V (scale * U)`` maps back.
+    The rotation is computed once for the grid; the points are solved in grid order, each
+    warm-started from the one before (a regularisation path, as sklearn's
+    ``logistic_regression_path`` does).
     """
     import torch
     n, d = X.shape
@@ -172,40 +175,44 @@ def _lbfgs_grid(X, Y, sw, Cs, loss: str, n_out: int):
     # logistic losses, ~2 x the active fraction for squared hinge), plus 2 reg / sum(sw)
     c = 0.25 if loss != "squared_hinge" else 1.0
     scale = 1.0 / torch.sqrt(c * lam[None, :] / n + 2 * reg[:, None] / tot)   # (G, r)
-    U = torch.zeros(G, r, n_out, device=dev, dtype=dt, requires_grad=True)
-    b = torch.zeros(G, n_out, device=dev, dtype=dt, requires_grad=True)
-    opt = torch.optim.LBFGS([U, b], lr=1, max_iter=LBFGS_MAX_ITER, tolerance_grad=LBFGS_TOL,
-                            tolerance_change=LBFGS_TOL_CHANGE, history_size=20,
-                            line_search_fn="strong_wolfe")
-    calls = [0]
+    Ws, bs, calls = [], [], 0
+    U0 = torch.zeros(r, n_out, device=dev, dtype=dt)
+    b0 = torch.zeros(n_out, device=dev, dtype=dt)
+    # one point at a time along the grid (strongest penalty first), each warm-started from
+    # the point before it: the rotated rows P are shared, and a point's L-BFGS stops at its
+    # own tolerance instead of running until the weakest-regularised point converges
+    for g in range(G):
+        U = (U0 * (scale[g - 1] / scale[g])[:, None] if g else U0).clone().requires_grad_(True)
+        bb = b0.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([U, bb], lr=1, max_iter=LBFGS_MAX_ITER,
+                                tolerance_grad=LBFGS_TOL, tolerance_change=LBFGS_TOL_CHANGE,
+                                history_size=20, line_search_fn="strong_wolfe")
+        n_calls = [0]
 
-    def closure():
-        opt.zero_grad()
-        calls[0] += 1
-        Wr = U * scale[:, :, None]                                                # (G, r, K')
-        Z = (P @ Wr.permute(1, 0, 2).reshape(r, G * n_out)).view(n, G, n_out) + b
-        sq = (Wr ** 2).sum(1)                         # (G, K'): ||W||^2 (V is orthonormal)
-        if loss == "multinomial":
-            per = torch.logsumexp(Z, 2) - Z.gather(2, Y[:, None, None].expand(n, G, 1))[..., 0]
-            data = (sw[:, None] * per).sum(0) / total                             # (G,)
-            pen = sq.sum(1) / total
-        elif loss == "binary":
-            per = torch.nn.functional.softplus(-Y[:, None, :] * Z)[..., 0]       # (n, G)
-            data = (sw[:, None] * per).sum(0) / total
-            pen = sq.sum(1) / total
-        else:  # squared hinge, one-vs-rest: K' independent subproblems per grid point
-            per = torch.relu(1 - Y[:, None, :] * Z) ** 2                          # (n, G, K')
-            data = ((sw[:, None, :] * per).sum(0) / total).sum(1)                 # (G,)
-            # liblinear penalises the intercept (a constant feature of scaling 1)
-            pen = ((sq + b ** 2) / total).sum(1)
-        f = (data + reg * pen).sum()
-        f.backward()
-        return f
+        def closure():
+            opt.zero_grad()
+            n_calls[0] += 1
+            Wr = U * scale[g][:, None]                                            # (r, K')
+            Z = P @ Wr + bb                                                       # (n, K')
+            sq = (Wr ** 2).sum(0)                     # (K',): ||W||^2 (V is orthonormal)
+            if loss == "multinomial":
+                per = torch.logsumexp(Z, 1) - Z.gather(1, Y[:, None])[:, 0]
+                f = (sw * per).sum() / total + reg[g] * sq.sum() / total
+            elif loss == "binary":
+                per = torch.nn.functional.softplus(-Y * Z)[:, 0]
+                f = (sw * per).sum() / total + reg[g] * sq.sum() / total
+            else:  # squared hinge, one-vs-rest; liblinear penalises the intercept
+                per = torch.relu(1 - Y * Z) ** 2                                  # (n, K')
+                f = ((sw * per).sum(0) / total).sum() + reg[g] * ((sq + bb ** 2) / total).sum()
+            f.backward()
+            return f
 
-    opt.step(closure)
-    with torch.no_grad():
-        W = torch.einsum("dr,grk->gdk", V, U * scale[:, :, None])
-    return W, b.detach(), calls[0]
+        opt.step(closure)
+        calls += n_calls[0]
+        U0, b0 = U.detach(), bb.detach()
+        Ws.append(V @ (U0 * scale[g][:, None]))
+        bs.append(b0)
+    return torch.stack(Ws), torch.stack(bs), calls
 
 
 def fit_grid(head: str, X: np.ndarray, y: np.ndarray, values: list[float], n_classes: int, *,
