@@ -9,9 +9,10 @@ linear evaluations, every grid point is one slice of a single ``(G, d, K)`` weig
   ``(X^T X + alpha I)^-1 X^T Y`` for every alpha is a diagonal rescaling.
 * ``logistic`` (LogisticRegression, multinomial; one sigmoid for 2 classes) and ``svm``
   (LinearSVC: squared hinge, one-vs-rest, liblinear's penalised intercept): full-batch
-  L-BFGS on the sum of the G objectives. The objectives are independent, so the sum's
-  minimum is every grid point's own minimum; one ``X @ W`` of width G*K per step serves
-  them all.
+  L-BFGS, preconditioned by one rotation of the rows into the Gram matrix's eigenbasis
+  shared by the whole grid, the points solved along the grid with warm starts. (Stepping
+  all G points as one stacked objective ran until the weakest-penalised point converged:
+  3-4x slower on the CPU, BENCHMARKS.md.)
 
 Each objective is sklearn's own, divided by ``C * sum(sample weights)`` (the same minimiser),
 so the chosen point means what it means in sklearn. Selection on val (or CV) is the
@@ -146,7 +147,7 @@ def _row_basis(X):
 
 
 def _lbfgs_grid(X, Y, sw, Cs, loss: str, n_out: int):
-    """L-BFGS on the G stacked objectives; W (G, d, K'), b (G, K') and the evaluations.
+    """L-BFGS for every grid point in one basis; W (G, d, K'), b (G, K'), the evaluations.
 
     ``loss``: ``"multinomial"`` (Y: class index (n,)), ``"binary"`` (Y: +-1 (n, 1)) or
     ``"squared_hinge"`` (Y: +-1 (n, K'), sw (n, K') per one-vs-rest subproblem). Each
