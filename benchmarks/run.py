@@ -37,6 +37,11 @@ Benchmarks (``--only`` names):
 * ``stats``    the report's intervals and paired tests (featx.report.paired: outputs read
   from CSV, 1,000 stratified bootstrap resamples, every metric, paired bootstrap, McNemar,
   DeLong, Holm) for 20 results on one 10,000-image binary test set, against its 10 s budget.
+* ``heads_scale``  (opt-in, ~15 min on 2 cores) linear/logistic/svm with the batched torch
+  trainer vs sklearn on a realistic 10-class synthetic cache, side by side, then torch on
+  100,000 x 2,048 (benchmarks/heads_scale.py).
+* ``heads_wide``   (opt-in) the four default heads on 131,072-wide features of 200 rows:
+  full width vs the default wide path (PCA fitted on train).
 * ``noop``     a re-run of a finished ``featx extract``, ``fit-heads`` and ``compare`` (each a
   fresh process) vs ``python -c "import torch, torchvision"``: re-running must stay instant.
 
@@ -69,6 +74,7 @@ from PIL import Image
 from torch import nn
 
 from benchmarks.common import PNEUMONIA, child_env, load_images, subset
+from benchmarks.heads_scale import bench_heads_scale, bench_heads_wide
 from benchmarks.common import all_items as _all_items
 from featx.backbones import get_backbone
 from featx.cache import Cache, cache_filename
@@ -103,6 +109,8 @@ class Settings:
     stats_images: int = 10000     # one test set, 1:3 imbalanced like the chest X-rays
     stats_rows: int = 20          # results in the report group
     engines_images: int = 192     # engines rows: 8 passes of each model over these
+    scale_frac: int = 5_000       # heads_scale: rows of the cache sklearn and torch share
+    wide_rows: int = 200          # heads_wide: rows of the 131,072-wide cache
     reps: int = 1
 
     @classmethod
@@ -903,7 +911,8 @@ RUNNERS = {"extract": bench_extract, "ceiling": bench_ceiling, "engines": bench_
            "bf16": bench_bf16,
            "compile": bench_compile, "pools": bench_pools, "loop": bench_loop,
            "memory": bench_memory, "heads": bench_heads, "ranks": bench_ranks,
-           "layers": bench_layers, "stats": bench_stats, "noop": bench_noop}
+           "layers": bench_layers, "stats": bench_stats, "noop": bench_noop,
+           "heads_scale": bench_heads_scale, "heads_wide": bench_heads_wide}
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -959,7 +968,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--only", default="", metavar="NAME[,NAME]",
-                   help=f"run only these: {', '.join(RUNNERS)} [all but ranks]")
+                   help=f"run only these: {', '.join(RUNNERS)} [all but ranks, heads_scale, "
+                   f"heads_wide]")
     p.add_argument("--images", type=int, default=0,
                    help="images for the extract/ceiling/compile/pools rows [960; quick 24]")
     p.add_argument("--out", type=Path, default=None, help="also write the table to FILE.md")

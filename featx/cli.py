@@ -452,6 +452,8 @@ def report(results_dir, out, bootstrap):
 @_option(HeadsConfig, "class_weight")
 @_option(HeadsConfig, "standardize", "--standardize/--no-standardize")
 @_option(HeadsConfig, "pca", metavar="N")
+@_option(HeadsConfig, "wide_pca", metavar="N")
+@_option(HeadsConfig, "solver")
 @_option(HeadsConfig, "memory_limit_mb")
 # not HeadsConfig's 1: the command uses every core unless told
 @_option(HeadsConfig, "jobs", default=None,

@@ -20,7 +20,7 @@ from featx.errors import ParameterError
 __all__ = ["BACKENDS", "CLASS_WEIGHTS", "CompareConfig", "DEFAULT_HEADS", "DEFAULT_MAX_WORKERS",
            "ENGINES", "ExtractConfig",
            "FINETUNE_MODES", "FinetuneConfig", "HeadsConfig", "LOSSES", "MAX_SEED", "OPTIMIZERS",
-           "PRECISIONS", "RepeatConfig", "ReportConfig", "SCHEDULERS", "SELECT_MODES", "STORE_DTYPES", "SubsetConfig",
+           "PRECISIONS", "RepeatConfig", "ReportConfig", "SCHEDULERS", "SELECT_MODES", "SOLVERS", "STORE_DTYPES", "SubsetConfig",
            "check_setting",
            "check_settings", "rule_of"]
 
@@ -40,6 +40,7 @@ LOSSES = ("ce", "weighted", "focal")
 SELECT_MODES = ("val", "cv")
 CLASS_WEIGHTS = ("none", "balanced")     # "none" is None in the configs
 BACKENDS = ("loky", "dask", "ray")      # joblib backends the fits can run on
+SOLVERS = ("auto", "torch", "sklearn")  # who fits the linear family (featx.heads.batched)
 DEFAULT_HEADS = ("linear", "logistic", "svm", "mlp")
 # --finetune choice -> the --freeze settings it runs
 FINETUNE_MODES = {"none": (), "full": ("none",), "backbone": ("backbone",),
@@ -294,6 +295,14 @@ class HeadsConfig:
                                          "available memory].", min=0, min_open=True)
     pca: int = _opt(0, "Features that do not fit in memory: reduce to N PCA components "
                     "(IncrementalPCA on train) instead of streaming an SGD head.", min=0)
+    solver: str = _opt("auto", "Who fits linear, logistic and svm: torch fits each head's "
+                       "whole grid in one pass (CUDA when present, else the CPU threads); "
+                       "sklearn one grid point at a time (the reference); auto: torch on CUDA "
+                       "from 5,000,000 fit cells (rows x features) on, else sklearn.",
+                       choices=SOLVERS)
+    wide_pca: int = _opt(256, "Wide features (over 8,192 columns and over 4x the train rows): "
+                         "reduce to N PCA components fitted on train only, capped by the "
+                         "train rows (0: fit the full width).", min=0)
     backend: str = _shared("backend")
     scheduler: str | None = _shared("scheduler")
     refit: bool = _opt(False, "Fit again even where OUT already holds a result made from the "

@@ -26,8 +26,8 @@ PARAMETERS = frozenset({
     "data_path", "device", "draws", "early_stop", "engine", "epochs", "features", "finetune", "focal_gamma",
     "freeze", "heads", "image_size", "jobs", "layers", "loss", "lr", "map_store", "memory_limit_mb", "optimizer",
     "pca", "pool", "pools", "precision", "repeats", "resume", "scheduler", "seed", "select",
-    "shots", "split_fractions", "split_seed", "store", "train_fraction", "weight_decay",
-    "weights", "workers",
+    "shots", "solver", "split_fractions", "split_seed", "store", "train_fraction", "weight_decay",
+    "weights", "wide_pca", "workers",
 })
 
 # {name} of a parameter inside a message; other braces (in paths, in "pool{n}") stay as written

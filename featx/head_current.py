@@ -46,6 +46,7 @@ def head_request(config: HeadsConfig, *, head: str, feature: str, select_on: str
         req["mode"], req["pca"] = plan
     req.update({"select": select_on, "cv": config.cv, "standardize": config.standardize,
                 "class_weight": config.class_weight, "seed": config.seed,
+                "solver": config.solver, "wide_pca": config.wide_pca,
                 "heads": list(config.heads) if streamed else [head]})
     if grid is not None:
         req["grid"] = grid

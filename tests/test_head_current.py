@@ -20,6 +20,7 @@ CHANGES = [
     ("request", "mode", "pca"), ("request", "pca", 8), ("request", "select", "cv"),
     ("request", "cv", 3), ("request", "standardize", False),
     ("request", "class_weight", "balanced"), ("request", "seed", 1),
+    ("request", "solver", "torch"), ("request", "wide_pca", 0),
     ("request", "heads", ["linear", "logistic"]), ("request", "grid", {"alpha": [1.0]}),
     ("provenance", "created", "2000-01-01T00:00:00"),
     ("provenance", "weights_sha256", "1" * 64),
@@ -44,7 +45,7 @@ def test_request_is_stored_whole_and_compares_equal(fitted):
     cache, cfg, hcfg, json_path = fitted
     stored = json.loads(json_path.read_text())["settings"]["request"]
     assert list(stored) == ["head", "feature", "mode", "pca", "select", "cv", "standardize",
-                            "class_weight", "seed", "heads", "grid"]
+                            "class_weight", "seed", "solver", "wide_pca", "heads", "grid"]
     assert set(stored) == {key for where, key, _ in CHANGES if where == "request"}
     partial = head_request(hcfg, head="linear", feature="penultimate", select_on="val",
                            streamed=False)

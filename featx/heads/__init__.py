@@ -23,7 +23,8 @@ Workers read their rows from the cache file themselves and return the fitted pip
 only this process writes files, so a killed run leaves no worker writing behind it.
 
 The package: :mod:`~featx.heads.registry` (heads and grids), :mod:`~featx.heads.selection`
-(selection and refit), :mod:`~featx.heads.outofcore` (memory plan, PCA, streamed SGD),
+(selection and refit), :mod:`~featx.heads.batched` (linear, logistic and svm over their whole
+grid in one torch pass: ``solver``), :mod:`~featx.heads.outofcore` (memory plan, PCA, streamed SGD),
 :mod:`~featx.heads.backends` (loky, dask, ray), :mod:`~featx.heads.task` (one run) and
 :mod:`~featx.heads.run` (the whole command); whether a stored result is current is
 :mod:`featx.head_current`'s answer, kept out of this package so that it imports no sklearn.

@@ -27,9 +27,16 @@ from featx.errors import FeatxError, ParameterError
 from featx.heads.registry import STREAM_GRID, get_head
 from featx.heads.selection import SELECTION_METRIC, quiet_fit_warnings
 
-__all__ = ["STREAM_EPOCHS", "MemoryPlan", "memory_limit", "plan_memory"]
+__all__ = ["STREAM_EPOCHS", "WIDE_MIN_DIMS", "WIDE_RATIO", "MemoryPlan", "is_wide",
+           "memory_limit", "plan_memory"]
 
 STREAM_EPOCHS = 5                       # passes over train per streamed SGD fit
+# A feature is "wide" when it has more than WIDE_MIN_DIMS columns and more than WIDE_RATIO
+# times as many columns as train rows (shufflenet pool8: 131,072 columns on 60 rows): a
+# head then fits mostly noise directions, slowly (the MLP took 135 s there), and PCA to at
+# most the train rows keeps the span the train rows live in (docs/heads-at-scale.md).
+WIDE_MIN_DIMS = 8192
+WIDE_RATIO = 4
 MB = 2 ** 20
 
 
@@ -99,20 +106,31 @@ class MemoryPlan:
     limit_source: str
     block_rows: int
     pca: int | None = None
+    reason: str = "memory"      # why pca: "memory" (does not fit) or "wide" (see is_wide)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "rows": self.rows, "dims": self.dims,
                 "need_mb": round(self.need_mb, 2), "limit_mb": round(self.limit_mb, 2),
                 "limit_source": self.limit_source, "block_rows": self.block_rows,
-                "pca_components": self.pca}
+                "pca_components": self.pca, "reason": self.reason}
+
+
+def is_wide(dims: int, train_rows: int) -> bool:
+    """Whether a feature of ``dims`` columns on ``train_rows`` train rows takes the wide path:
+    more than :data:`WIDE_MIN_DIMS` columns and more than :data:`WIDE_RATIO` x the rows."""
+    return dims > WIDE_MIN_DIMS and dims > WIDE_RATIO * train_rows
 
 
 def plan_memory(rows: int, dims: int, heads: Sequence[str], *, limit_bytes: int,
-                limit_source: str = "", pca: int = 0) -> MemoryPlan:
+                limit_source: str = "", pca: int = 0, wide_pca: int = 0,
+                train_rows: int | None = None) -> MemoryPlan:
     """Decide whether ``rows`` x ``dims`` float32 features are fitted in memory.
 
-    If the estimate exceeds ``limit_bytes``: ``pca`` components (IncrementalPCA) when
-    ``0 < pca < dims`` and the reduced rows fit, otherwise ``stream``.
+    A wide feature (:func:`is_wide` of ``dims`` and ``train_rows``) with ``wide_pca > 0``
+    is reduced to ``min(wide_pca, train_rows - 1)`` PCA components fitted on train
+    (``reason="wide"``): train's centred rows span at most ``train_rows - 1`` directions.
+    Otherwise, if the estimate exceeds ``limit_bytes``: ``pca`` components (IncrementalPCA)
+    when ``0 < pca < dims`` and the reduced rows fit, otherwise ``stream``.
     """
     factor = max(get_head(h).memory_factor for h in heads)
     need = rows * dims * 4 * factor
@@ -120,6 +138,10 @@ def plan_memory(rows: int, dims: int, heads: Sequence[str], *, limit_bytes: int,
     block = int(np.clip(limit_bytes / 4 / (max(dims, 1) * 4 * 4), 64, 8192))
     common = dict(rows=rows, dims=dims, need_mb=need / MB, limit_mb=limit_bytes / MB,
                   limit_source=limit_source, block_rows=block)
+    if wide_pca > 0 and train_rows is not None and train_rows > 2 and is_wide(dims, train_rows):
+        k = min(wide_pca, train_rows - 1)
+        return MemoryPlan("pca", **{**common, "block_rows": max(block, k)}, pca=k,
+                          reason="wide")
     if need <= limit_bytes:
         return MemoryPlan("memory", **common)
     if 0 < pca < dims and rows * pca * 4 * factor <= limit_bytes:
@@ -129,6 +151,10 @@ def plan_memory(rows: int, dims: int, heads: Sequence[str], *, limit_bytes: int,
 
 def describe_plan(plan: MemoryPlan, heads: Sequence[str], name: str, holdout: str = ""
                    ) -> str:
+    if plan.reason == "wide":
+        return (f"{name}: {plan.dims:,} features on {plan.rows:,} train+val rows is wide; "
+                f"reduced to {plan.pca} PCA components fitted on train only (--wide-pca "
+                f"0 fits the full width), then fitting {', '.join(heads)}.")
     head = (f"{name}: ~{plan.need_mb:.1f} MB needed to fit {plan.rows} x {plan.dims} features "
             f"in memory, limit {plan.limit_mb:.1f} MB ({plan.limit_source}); ")
     if plan.mode == "pca":

@@ -341,8 +341,11 @@ def _plan_feature(cache: Cache, feature: str, idx, config: HeadsConfig, limit: i
     n_train = len(cache.labels("train")) if idx is None else len(idx)
     n_rows = n_train + (len(cache.labels("val")) if "val" in cache.splits else 0)
     dims = cache.shape("train", feature)[1]
+    # the wide path's PCA runs in the pca mode's reduction, which reads whole splits: a
+    # labelled subset (idx) is fitted at full width in memory
     plan = plan_memory(n_rows, dims, config.heads, limit_bytes=limit, limit_source=source,
-                       pca=config.pca)
+                       pca=config.pca, wide_pca=config.wide_pca if idx is None else 0,
+                       train_rows=n_train)
     if plan.mode != "memory" and idx is not None:
         raise FeatxError(f"{cache.path.name} {feature}: a labelled subset of {n_train} train "
                          f"rows does not fit in memory ({plan.need_mb:.0f} MB needed, limit "

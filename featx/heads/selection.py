@@ -18,6 +18,7 @@ from sklearn.pipeline import Pipeline
 
 from featx.config import HeadsConfig, check_setting
 from featx.errors import FeatxError
+from featx.heads.batched import resolve_solver, select_and_fit_batched
 from featx.heads.registry import HeadSpec, build_head, class_scores, get_head
 
 __all__ = ["SELECTION_METRIC", "select_and_fit"]
@@ -45,8 +46,8 @@ def _strip(params: dict) -> dict:
 def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
                    X_val: np.ndarray | None = None, y_val: np.ndarray | None = None, *,
                    select: str = "val", cv: int = 5, standardize: bool = True,
-                   class_weight: str | None = None, seed: int = 0, n_jobs: int = 1
-                   ) -> tuple[Pipeline, dict, dict]:
+                   class_weight: str | None = None, seed: int = 0, n_jobs: int = 1,
+                   solver: str = "sklearn") -> tuple[Pipeline, dict, dict]:
     """Choose ``head``'s hyperparameters, then refit the chosen pipeline on train.
 
     Parameters
@@ -70,18 +71,29 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
         ``random_state`` of the estimator and of the CV shuffle.
     n_jobs : int, default 1
         Grid points (and folds) fitted in parallel.
+    solver : {"sklearn", "torch", "auto"}, default "sklearn"
+        ``"torch"``: linear, logistic and svm fit their whole grid in one pass
+        (:func:`featx.heads.batched.select_and_fit_batched`); ``"auto"``: torch from
+        :data:`~featx.heads.batched.TORCH_MIN_CELLS` fit cells on. Other heads: sklearn.
 
     Returns
     -------
     model : Pipeline
         Fitted on ``X_train`` only, with the chosen parameters.
     selection : dict
-        ``on``, ``metric``, ``chosen`` (params), ``score``, ``grid`` (``[{params, score}]``).
+        ``on``, ``metric``, ``chosen`` (params), ``score``, ``grid`` (``[{params, score}]``),
+        ``solver`` (and ``device`` for torch).
     timings : dict
         ``select_s`` (the search) and ``fit_s`` (the refit), wall seconds.
     """
     spec = get_head(head)
     check_setting(HeadsConfig, "select", select)
+    check_setting(HeadsConfig, "solver", solver)
+    n_rows = len(y_train) if select == "val" else len(y_train) - -(-len(y_train) // cv)
+    if resolve_solver(solver, head, n_rows, X_train.shape[1]) == "torch":
+        return select_and_fit_batched(head, X_train, y_train, X_val, y_val, select=select,
+                                      cv=cv, standardize=standardize,
+                                      class_weight=class_weight, seed=seed)
     pipe = build_head(head, standardize=standardize, class_weight=class_weight, seed=seed)
     if select == "val":
         if X_val is None or y_val is None or len(y_val) == 0:
@@ -115,7 +127,8 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
         model.fit(X_train, y_train)
     fit_s = time.perf_counter() - t0
     selection = {"on": select, "metric": SELECTION_METRIC, "chosen": grid[best]["params"],
-                 "score": grid[best]["score"], "grid": grid, "refit": "train"}
+                 "score": grid[best]["score"], "grid": grid, "refit": "train",
+                 "solver": "sklearn"}
     if select == "cv":
         selection["folds"] = cv
     return model, selection, {"select_s": select_s, "fit_s": fit_s}

@@ -161,10 +161,14 @@ def _fit_in_memory(task: HeadTask, has_val: bool, X_train: np.ndarray | None,
     y_train = cache.labels("train")
     if task.train_idx is not None:
         y_train = y_train[task.train_idx]
+    # the wide path's reducer standardises the raw features before its PCA; scaling the
+    # components again would whiten them, giving the noise directions the weight of the
+    # signal (the mlp fell to chance on 48 train rows in benchmarks/heads_scale.py)
+    standardize = cfg.standardize and plan.reason != "wide"
     model, selection, tm = select_and_fit(
         task.head, X_train, y_train, X_val, y_val, select=task.select_on,
-        cv=cfg.cv, standardize=cfg.standardize, class_weight=cfg.class_weight, seed=cfg.seed,
-        n_jobs=task.inner_jobs)
+        cv=cfg.cv, standardize=standardize, class_weight=cfg.class_weight, seed=cfg.seed,
+        n_jobs=task.inner_jobs, solver=cfg.solver)
     del X_train
     # the saved model takes raw features: in pca mode, the reducer's steps come first
     saved = Pipeline(task.reducer.steps + model.steps) if plan.mode == "pca" else model
@@ -231,6 +235,7 @@ def _settings(task: HeadTask, head: str, selection: dict) -> dict:
         "grid": STREAM_GRID if plan.mode == "stream" else spec.grid,
         "memory": plan.to_dict(),
         "estimator": spec.description,
+        "solver": selection.get("solver", "sklearn"),
     }
     if selection["on"] in ("cv", "holdout"):
         settings["cv"] = cfg.cv
