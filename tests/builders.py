@@ -6,6 +6,7 @@ crossed a process, thread or backend boundary. Plain functions, imported as
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import h5py
@@ -194,3 +195,31 @@ def assert_close_results(got, expected, *, rtol=CROSS_RTOL, atol=CROSS_ATOL, whe
             got, expected, rel_tol=rtol, abs_tol=atol), (where, got, expected)
     else:
         assert got == expected, (where, got, expected)
+
+
+# --- what bad input must give ------------------------------------------------------------------
+
+def assert_one_line_error(result, *needles):
+    """A click result that failed with exactly one ``Error:`` line (holding each of
+    ``needles``) and no traceback."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+class _Payload:
+    """Unpickling this creates the file ``marker``: what a 60-byte attacker's pickle does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def malicious_pickle(marker) -> bytes:
+    """A pickle whose payload, if it ever ran, would create ``marker``."""
+    return pickle.dumps(_Payload(marker), protocol=2)

@@ -21,7 +21,7 @@ def _offline_torch_home(tmp_path_factory):
     os.environ["TORCH_HOME"] = str(home)
     os.environ["FEATX_OFFLINE"] = "1"
     # featx commands in child processes (torchrun, subprocess) run torch, as the tests in
-    # this process do (_auto_engine_is_torch); tests/test_engines.py names its engines
+    # this process do (_auto_engine_is_torch); tests/backbones/test_engines.py names its engines
     os.environ["FEATX_ENGINE"] = "torch"
     yield home
     for k, v in old.items():
@@ -35,7 +35,7 @@ def _offline_torch_home(tmp_path_factory):
 def _auto_engine_is_torch(monkeypatch):
     """``--engine auto`` runs torch in every test, whatever is installed: on an fp32 CPU it
     would otherwise pick OpenVINO or ONNX Runtime, and tests that count or hook torch's
-    forward would see another engine on some CPU kinds only. tests/test_engines.py asks
+    forward would see another engine on some CPU kinds only. tests/backbones/test_engines.py asks
     for the engines by name, and restores auto's order where it tests it."""
     from featx.backbones import engines
     monkeypatch.setattr(engines, "AUTO_ORDER", ())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 
 import numpy as np
@@ -20,34 +19,11 @@ from featx.artifacts import (
 )
 from featx.cli import main
 from featx.heads import build_head, list_heads, load_head
-
-
-class _Payload:
-    """Unpickling this creates the file ``marker``: what a 60-byte attacker's pickle does."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
-def malicious_pickle(marker) -> bytes:
-    """A pickle whose payload, if it ever ran, would create ``marker``."""
-    return pickle.dumps(_Payload(marker), protocol=2)
+from tests.builders import assert_one_line_error, malicious_pickle
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def refused_in_one_line(result, *needles):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output, result.output
-    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for n in needles:
-        assert n in errors[0], errors[0]
 
 
 @pytest.fixture
@@ -100,10 +76,10 @@ def test_pickle_payload_as_head_model_never_runs(head_experiment, heads_copy, tm
     model = result.with_suffix(".skops")
     model.write_bytes(malicious_pickle(marker))
     for r in (_predict(head_experiment, result, tmp_path), _export(result, tmp_path)):
-        refused_in_one_line(r, "sha256", "replaced")
+        assert_one_line_error(r, "sha256", "replaced")
     _set_artifacts(result, model_sha256=file_sha256(model))
     for r in (_predict(head_experiment, result, tmp_path), _export(result, tmp_path)):
-        refused_in_one_line(r, str(model), "not a skops file")
+        assert_one_line_error(r, str(model), "not a skops file")
     with pytest.raises(ArtifactError, match="not a skops file"):
         load_head(model)
     with pytest.raises(ArtifactError, match="not a skops file"):
@@ -113,7 +89,7 @@ def test_pickle_payload_as_head_model_never_runs(head_experiment, heads_copy, tm
     old.write_bytes(malicious_pickle(marker))
     _set_artifacts(result, model=old.name, model_sha256=file_sha256(old))
     for r in (_predict(head_experiment, result, tmp_path), _export(result, tmp_path)):
-        refused_in_one_line(r, old.name, "re-run fit-heads")
+        assert_one_line_error(r, old.name, "re-run fit-heads")
     with pytest.raises(ArtifactError, match="re-run fit-heads"):
         load_head(old)
     assert not marker.exists()
@@ -137,16 +113,16 @@ def test_swapped_head_model_is_refused_by_its_sha256(head_experiment, heads_copy
     file of trusted types, refused by predict and export because its sha256 differs."""
     result = heads_copy / "penultimate__logistic.json"
     shutil.copy(heads_copy / "penultimate__knn.skops", result.with_suffix(".skops"))
-    refused_in_one_line(_predict(head_experiment, result, tmp_path), "sha256", "replaced",
+    assert_one_line_error(_predict(head_experiment, result, tmp_path), "sha256", "replaced",
                         "penultimate__logistic.skops")
-    refused_in_one_line(_export(result, tmp_path), "sha256", "replaced")
+    assert_one_line_error(_export(result, tmp_path), "sha256", "replaced")
     with pytest.raises(ArtifactError, match="sha256"):
         load_head(result)
     # a result that records no sha256 (an older featx) is refused too
     record = json.loads(result.read_text())
     del record["artifacts"]["model_sha256"]
     result.write_text(json.dumps(record))
-    refused_in_one_line(_predict(head_experiment, result, tmp_path), "records no sha256")
+    assert_one_line_error(_predict(head_experiment, result, tmp_path), "records no sha256")
 
 
 def test_artifact_names_outside_the_results_folder_are_refused(head_experiment, heads_copy,
@@ -161,14 +137,14 @@ def test_artifact_names_outside_the_results_folder_are_refused(head_experiment, 
     for name in ("../outside.skops", str(outside)):
         _set_artifacts(result, model=name, model_sha256=sha)
         for r in (_predict(head_experiment, result, tmp_path), _export(result, tmp_path)):
-            refused_in_one_line(r, "not a file name in the result's own folder")
+            assert_one_line_error(r, "not a file name in the result's own folder")
         with pytest.raises(ArtifactError, match="own folder"):
             load_head(result)
     link = heads_copy / "linked.skops"
     link.symlink_to(outside)
     _set_artifacts(result, model=link.name, model_sha256=sha)
     for r in (_predict(head_experiment, result, tmp_path), _export(result, tmp_path)):
-        refused_in_one_line(r, "is a link")
+        assert_one_line_error(r, "is a link")
     # the genuine name again: predict works, so the refusals above were about the names
     _set_artifacts(result, model=genuine.name, model_sha256=sha)
     r = _predict(head_experiment, result, tmp_path)

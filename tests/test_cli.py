@@ -9,19 +9,11 @@ import pytest
 import torch
 
 from featx.runtime import resolve_precision
+from tests.builders import assert_one_line_error
 from tests.builders import invoke_cli as run
 
 EXTRACT = ["extract", "--model", "resnet18", "--weights", "none", "--image-size", "32",
            "--workers", "0", "--no-progress"]
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for n in needles:
-        assert n in errors[0], errors[0]
 
 
 def test_every_command_has_help():

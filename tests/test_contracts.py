@@ -25,7 +25,7 @@ from featx.heads import build_head, class_scores
 from featx.metrics import classification_metrics
 from featx.report import load_results, rank_results
 from featx.results import make_result, read_result, write_json
-from tests.test_heads import blob_splits, write_cache
+from tests.builders import blob_splits, write_cache
 
 
 # -- a cache's recorded transform is part of its inputs -----------------------------------

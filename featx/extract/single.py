@@ -40,7 +40,6 @@ from featx.cache import (
 )
 from featx.config import ExtractConfig, check_settings
 from featx.data import DataError, DatasetSpec
-from featx.data.images import TransformSpec
 from featx.distributed import is_main_process
 from featx.errors import ParameterError
 from featx.extract.fill import ExtractResult, fill_cache

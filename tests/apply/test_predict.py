@@ -16,17 +16,8 @@ from featx.artifacts import file_sha256
 from featx.cache import Cache
 from featx.heads import class_scores, load_head
 from featx.results import read_result
+from tests.builders import assert_one_line_error, malicious_pickle
 from tests.builders import invoke_cli as run
-from tests.test_artifacts import malicious_pickle
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output, result.output
-    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for n in needles:
-        assert n in errors[0], errors[0]
 
 
 def test_streaming_csv_manifest_of_test_split_reproduces_cached_head(head_experiment,
@@ -98,16 +89,16 @@ def test_refuses_replaced_weights_file_and_keeps_earlier_predictions(head_experi
             torch.manual_seed(1)
             torch.save(models.resnet18().state_dict(), ex.weights)
         r = run(*args)
-        one_line_error(r, "weights differ", "sha256")
+        assert_one_line_error(r, "weights differ", "sha256")
         # the same refusal for export, and for a --weights file that is not the recorded one
-        one_line_error(run("export", ex.results[("pool2", "logistic")], "--out",
+        assert_one_line_error(run("export", ex.results[("pool2", "logistic")], "--out",
                            tmp_path / "m.pt2"), "weights differ")
     finally:
         ex.weights.write_bytes(original)
     assert out.read_bytes() == before and not (tmp_path / "m.pt2").exists()
     other = tmp_path / "other.pth"
     torch.save(models.resnet18().state_dict(), other)
-    one_line_error(run(*args, "--weights", other), "weights differ")
+    assert_one_line_error(run(*args, "--weights", other), "weights differ")
 
 
 def test_refuses_missing_head_file_and_wrong_result_kind(head_experiment, tmp_path):
@@ -117,11 +108,11 @@ def test_refuses_missing_head_file_and_wrong_result_kind(head_experiment, tmp_pa
     moved = tmp_path / "moved.skops"
     shutil.move(model_file, moved)
     try:
-        one_line_error(run("predict", "--head", result, "--data", ex.data, "--out",
+        assert_one_line_error(run("predict", "--head", result, "--data", ex.data, "--out",
                            tmp_path / "p.csv"), "missing", "re-run fit-heads")
     finally:
         shutil.move(moved, model_file)
-    one_line_error(run("predict", "--finetuned", result, "--data", ex.data),
+    assert_one_line_error(run("predict", "--finetuned", result, "--data", ex.data),
                    "is a head result", "--head")
     # a result whose model is not the one its pipeline was fitted for
     other = tmp_path / "other.json"
@@ -129,7 +120,7 @@ def test_refuses_missing_head_file_and_wrong_result_kind(head_experiment, tmp_pa
     record["model"] = record["provenance"]["model"] = "mobilenet_v2"
     other.write_text(json.dumps(record))
     shutil.copy(model_file, tmp_path / model_file.name)
-    one_line_error(run("predict", "--head", other, "--data", ex.data, "--out",
+    assert_one_line_error(run("predict", "--head", other, "--data", ex.data, "--out",
                        tmp_path / "p.csv"), "mobilenet_v2", "512", "1280")
     assert not (tmp_path / "p.csv").exists()
 
@@ -176,13 +167,13 @@ def test_finetuned_run_predicts_with_its_best_checkpoint(head_experiment, tmp_pa
     # a best.pt from another epoch is not the checkpoint the result scored
     ckpt = torch.load(res.run_dir / "best.pt", weights_only=True)
     torch.save({**ckpt, "epoch": ckpt["epoch"] + 1}, res.run_dir / "best.pt")
-    one_line_error(run("predict", "--finetuned", res.result_path, "--data", manifest,
+    assert_one_line_error(run("predict", "--finetuned", res.result_path, "--data", manifest,
                        "--out", out), "sha256", "best.pt")
     # ... and with its sha256 recorded as well (the folder's writer edited the JSON too)
     record = json.loads(res.result_path.read_text())
     record["artifacts"]["model_sha256"] = file_sha256(res.run_dir / "best.pt")
     res.result_path.write_text(json.dumps(record))
-    one_line_error(run("predict", "--finetuned", res.result_path, "--data", manifest,
+    assert_one_line_error(run("predict", "--finetuned", res.result_path, "--data", manifest,
                        "--out", out), "not the checkpoint")
     # a pickle whose payload would create a file, as best.pt with its sha256 recorded:
     # weights_only refuses it and the payload never runs

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from featx.report import REPORT_COLUMNS, write_report
-from featx.report.html import PER_GROUP_COLUMNS, column_header, html_columns
+from featx.report.html import PER_GROUP_COLUMNS, html_columns
 from featx.results import METRIC_COLUMNS
 from tests.builders import TILES
 from tests.builders import dataset_record as _dataset

@@ -23,7 +23,7 @@ from featx.extract.sharded import _plan
 from tests.builders import CROSS_ATOL, CROSS_RTOL, write_digits
 from tests.builders import h5_datasets as _datasets
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from featx.config import ExtractConfig
 from featx.data import load_dataset
 from featx.extract import extract
 from tests.builders import write_digits
-from tests.test_cli import assert_one_line_error
+from tests.builders import assert_one_line_error
 
 ENGINES = ("onnxruntime", "openvino")
 # The engines' own kernels (other conv algorithms, other summation orders, fused ops) round

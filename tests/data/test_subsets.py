@@ -14,7 +14,7 @@ from featx.config import HeadsConfig
 from featx.data.subsets import TrainSubset, draw_train_subset, train_subsets
 from featx.errors import ParameterError
 from featx.heads import fit_heads
-from tests.builders import write_cache, write_digits
+from tests.builders import write_cache
 
 EXTRACT = ["extract", "--model", "mobilenet_v2", "--weights", "none", "--image-size", "32",
            "--precision", "fp32", "--workers", "0", "--no-progress"]

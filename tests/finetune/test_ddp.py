@@ -26,7 +26,7 @@ from featx.data import load_dataset
 from featx.finetune import data_from_spec, finetune
 from tests.builders import write_digits
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_TEST = 9
 
 # Runs featx's CLI like `-m featx`, recording which rank writes which file, and optionally

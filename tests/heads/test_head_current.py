@@ -10,7 +10,7 @@ from featx.compare import _heads_config, _heads_up_to_date
 from featx.config import CompareConfig
 from featx.head_current import current_head_result, head_request
 from featx.heads import fit_heads
-from tests.test_heads import blob_splits, write_cache
+from tests.builders import blob_splits, write_cache
 
 REUSED = "result(s) are current"
 

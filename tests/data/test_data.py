@@ -343,7 +343,7 @@ def test_data_and_cache_import_without_torch():
     import sys
     from pathlib import Path
 
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     script = ("import sys\nimport featx.cache, featx.data\n"
               "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")

@@ -401,7 +401,7 @@ def test_killing_fit_heads_kills_its_workers_and_writes_nothing_after(tmp_path):
     path = write_cache(tmp_path / "slow.h5", blob_splits(d=128, n=(4000, 400, 100),
                                                           pools=(1, 2, 4)))
     out = tmp_path / "r"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     log = open(tmp_path / "log.txt", "w")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from featx.cli import main; main()", "fit-heads", str(path),
