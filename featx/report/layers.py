@@ -29,8 +29,10 @@ def _layer(feature: str) -> str:
 
 
 def layer_lines(members: Sequence[dict], metric: str = METRIC) -> dict[str, dict]:
-    """``{"head / model": {"depth": [layer, ...], "points": {layer: (value, feature)}}}`` for
-    the head results of ``members`` (report rows) whose cache recorded layers.
+    """``{"head / model": {"depth": [layer, ...], "points": {layer: (value, feature)},
+    "intervals": {layer: (lo, hi)}}}`` for the head results of ``members`` (report rows)
+    whose cache recorded layers; ``intervals`` holds the chosen feature's 95% bootstrap
+    interval where the row has one (``featx.report.paired`` fills ``{metric}_lo/_hi``).
 
     ``depth`` is that cache's layers in forward order, then ``last4`` when read, then the last
     map; each point is the head's best ``metric`` over the features of that layer.
@@ -47,13 +49,18 @@ def layer_lines(members: Sequence[dict], metric: str = METRIC) -> dict[str, dict
         depth = [name for name in layers if name != LAST4] + \
             ([LAST4] if LAST4 in layers else []) + [LAST_MAP]
         key = f"{res.get('head') or r.get('method')} / {r['model']}"
-        line = lines.setdefault(key, {"depth": depth, "points": {}})
+        line = lines.setdefault(key, {"depth": depth, "points": {}, "intervals": {}})
         layer = _layer(feature)
         if layer not in line["depth"]:
             continue
         best = line["points"].get(layer)
         if best is None or value > best[0]:
             line["points"][layer] = (float(value), feature)
+            lo, hi = r.get(f"{metric}_lo"), r.get(f"{metric}_hi")
+            if lo is not None and hi is not None:
+                line["intervals"][layer] = (float(lo), float(hi))
+            else:
+                line["intervals"].pop(layer, None)
     return {k: v for k, v in lines.items() if v["points"]}
 
 
@@ -97,11 +104,16 @@ def plot_layer_scores(members: Sequence[dict], path: str | Path, *,
         pts = [(line["depth"].index(layer), v) for layer, (v, _) in line["points"].items()]
         pts.sort()
         (drawn,) = ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", label=key)
+        bars = [(line["depth"].index(layer), lo, hi)
+                for layer, (lo, hi) in line["intervals"].items()]
+        if bars:  # each layer's 95% interval, as a vertical bar in the line's colour
+            ax.vlines([x for x, _, _ in bars], [lo for _, lo, _ in bars],
+                      [hi for _, _, hi in bars], color=drawn.get_color(), alpha=0.45, lw=3)
         layer, _, value = best[key]
         ax.plot([line["depth"].index(layer)], [value], marker="*", markersize=13,
                 color=drawn.get_color())
     ax.set_xticks(range(len(depth)), depth, rotation=45, ha="right", fontsize="small")
-    ax.set_xlabel("layer (forward order); * = the head's best layer")
+    ax.set_xlabel("layer (forward order); * = the head's best layer; bars: 95% intervals")
     ax.set_ylabel("test balanced accuracy (best feature of the layer)")
     if title:
         ax.set_title(title)

@@ -58,3 +58,21 @@ def test_best_layer_is_the_highest_point_and_the_shallower_on_a_tie():
                                   "g / m": (LAST_MAP, "penultimate", 0.6)}
     # results of a cache without layers draw nothing
     assert layer_lines([{**rows[0], "result": {"head": "h", "provenance": {}}}]) == {}
+
+
+def test_each_layer_point_carries_the_interval_of_its_chosen_feature():
+    """The layer-wise plot draws a layer's 95% interval: that of the feature whose point it
+    draws (the layer's best), and none where the row has no interval (results without
+    per-image outputs)."""
+    def row(feature, value, lo=None, hi=None):
+        r = {"kind": "head", "feature": feature, "model": "m", "test_balanced_accuracy": value,
+             "result": {"head": "h", "provenance": {"layers": ["a"]}}}
+        if lo is not None:
+            r.update(test_balanced_accuracy_lo=lo, test_balanced_accuracy_hi=hi)
+        return r
+    lines = layer_lines([row("a.pool1", 0.7, 0.6, 0.8), row("a.pool2", 0.9, 0.85, 0.95),
+                         row("pool2", 0.8)])
+    assert lines["h / m"]["intervals"] == {"a": (0.85, 0.95)}
+    # a better feature without an interval replaces the point and drops the old interval
+    lines = layer_lines([row("a.pool2", 0.9, 0.85, 0.95), row("a.pool1", 0.95)])
+    assert lines["h / m"]["intervals"] == {}
