@@ -30,7 +30,7 @@ from typing import Sequence
 from featx.files import atomic_write
 from featx.report.ranking import COMPARABLE_RULE, RANK_RULE, WALL_TIME_RULE
 from featx.report import write as _write
-from featx.report.write import _group_title, _groups
+from featx.report.tables import group_title, ranked_groups
 from featx.results import METRIC_COLUMNS
 
 __all__ = ["PER_GROUP_COLUMNS", "column_header", "html_columns", "write_html"]
@@ -263,18 +263,18 @@ def write_html(path: str | Path, ranked: Sequence[dict], *, markdown: str,
     """
     path = Path(path)
     out = path.parent
-    groups = _groups(ranked)
+    groups = ranked_groups(ranked)
     parts = ["<h1>featx report</h1>", *_preface(markdown)]
     for members in groups:
         if members[0]["comparable"]:
-            parts.append(_section(_group_title(members), members,
+            parts.append(_section(group_title(members), members,
                                   plots.get(members[0]["group"], []), out))
     others = [g for g in groups if not g[0]["comparable"]]
     if others:
         parts.append("<h2>Not comparable</h2><p>These results were scored on another split "
                      "than the main group of their dataset, so they are ranked only among "
                      "themselves.</p>")
-        parts += [_section(_group_title(m), m, [], out, level=3) for m in others]
+        parts += [_section(group_title(m), m, [], out, level=3) for m in others]
     if curves:
         parts.append(f'<h2>Fine-tuning curves</h2><div class="plots">{_figures(curves)}</div>')
     if problems:

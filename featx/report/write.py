@@ -30,7 +30,7 @@ from featx.report.ranking import (
     rank_results,
     run_folder,
 )
-from featx.report.paired import APPROX_BEST, PAIRED_COLUMNS, GroupStats, analyse_group
+from featx.report.paired import PAIRED_COLUMNS, GroupStats, analyse_group
 from featx.report.efficiency import (
     EFFICIENCY_COLUMNS,
     EFFICIENCY_RULE,
@@ -39,6 +39,8 @@ from featx.report.efficiency import (
     write_efficiency,
 )
 from featx.report.repeats import REPEAT_COLUMNS, REPEATS_RULE, annotate_repeats, repeats_markdown
+from featx.report.tables import (best_mark, fmt_value, format_table, group_title, md_table,
+                                 ranked_groups)
 from featx.results import METRIC_COLUMNS
 
 __all__ = ["REPORT_COLUMNS", "format_table", "write_report"]
@@ -52,97 +54,6 @@ REPORT_COLUMNS = (["group", "comparable", "reason", "dataset", "rank", "best", "
                      "test_fingerprint", "source"] + REPEAT_COLUMNS + EFFICIENCY_COLUMNS)
 
 _FAMILIES = {"head": "frozen heads", "finetune": "fine-tuning"}
-
-
-# --- text ------------------------------------------------------------------------------------
-
-def _f(value: float | None, fmt: str = ".4f") -> str:
-    return "–" if value is None else format(value, fmt)
-
-
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
-
-
-_TABLE_HEAD = (["rank", "model", "method", "kind"] + [c.header for c in METRIC_COLUMNS]
-               + ["p (Holm)", "wall s", "best"])
-# right-aligned: rank, the metrics, p, wall s
-_NUMERIC = {0, *range(4, 4 + len(METRIC_COLUMNS) + 2)}
-
-
-def _metric_cell(r: dict, c) -> str:
-    """``0.897 [0.873, 0.920]`` with an interval (3 decimals: the interval says the 4th means
-    nothing), else the value in the column's format."""
-    value = r.get(c.name)
-    lo, hi = (r.get(c.lo_name), r.get(c.hi_name)) if c.interval else (None, None)
-    if value is None or lo is None or hi is None:
-        return _f(value, c.fmt)
-    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def _p(value: float | None) -> str:
-    if value is None:
-        return "–"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def _mark(r: dict) -> str:
-    if r["best"]:
-        return r["best"]
-    return APPROX_BEST if r.get("approx_best") else ""
-
-
-def _cells(r: dict) -> list[str]:
-    return ([str(r["rank"]), r["model"], r["method"], r["kind"]]
-            + [_metric_cell(r, c) for c in METRIC_COLUMNS]
-            + [_p(r.get("p_holm")), _seconds(r["wall_s"]), _mark(r)])
-
-
-def _groups(ranked: Sequence[dict]) -> list[list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for r in ranked:
-        groups.setdefault(r["group"], []).append(r)
-    return list(groups.values())
-
-
-def _group_title(members: list[dict]) -> str:
-    r = members[0]
-    parts = [f"split {r['split_fingerprint'][:8]}", f"test set {r['test_fingerprint'][:8]}"]
-    if isinstance(r["n_test"], int):
-        parts.append(f"{r['n_test']} test images")
-    if r["classes"]:
-        parts.append(f"{len(r['classes'])} classes: {', '.join(map(str, r['classes']))}")
-    head = r["group"] if r["comparable"] else f"{r['group']}: NOT COMPARABLE, {r['reason']}"
-    return f"{head} ({'; '.join(parts)})"
-
-
-def format_table(ranked: Sequence[dict]) -> str:
-    """Aligned text, one block per group, rows as ordered by :func:`rank_results`."""
-    blocks = []
-    for members in _groups(ranked):
-        lines = [_TABLE_HEAD] + [_cells(r) for r in members]
-        widths = [max(len(line[i]) for line in lines) for i in range(len(_TABLE_HEAD))]
-        text = ["  ".join(c.rjust(w) if i in _NUMERIC else c.ljust(w)
-                          for i, (c, w) in enumerate(zip(line, widths))).rstrip()
-                for line in lines]
-        blocks.append("\n".join([_group_title(members)] + text))
-    return "\n\n".join(blocks)
-
-
-def _md_table(members: list[dict]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
-    lines = ["| " + " | ".join(_TABLE_HEAD) + " |",
-             "|" + "|".join("---:" if i in _NUMERIC else "---"
-                            for i in range(len(_TABLE_HEAD))) + "|"]
-    for r in members:
-        cells = [esc(c) for c in _cells(r)]
-        if cells[-1]:
-            cells[-1] = f"**{cells[-1]}**"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -229,7 +140,7 @@ def _stat_plots(members: list[dict], stats: GroupStats, out: Path, suffix: str,
     key = "test_balanced_accuracy"
     rows = [{"label": f"{r['model']} {r['method']}"[:60], "value": r[key],
              "lo": r.get(f"{key}_lo"), "hi": r.get(f"{key}_hi"),
-             "group": _FAMILIES.get(r["kind"], r["kind"]), "mark": _mark(r)}
+             "group": _FAMILIES.get(r["kind"], r["kind"]), "mark": best_mark(r)}
             for r in members if r[key] is not None]
     if rows:
         written.append(plot_forest(rows, out / f"forest{suffix}.png",
@@ -297,7 +208,7 @@ def _plots_for_group(members: list[dict], out: Path, suffix: str,
         written.append(plot_confusion_matrix(
             cm, best["classes"], out / f"confusion_{mark.replace(' ', '_')}{suffix}.png",
             title=f"{mark}: {best['model']} {best['method']}\n"
-                  f"balanced accuracy {_f(best['test_balanced_accuracy'])}"))
+                  f"balanced accuracy {fmt_value(best['test_balanced_accuracy'])}"))
     return written
 
 
@@ -322,7 +233,7 @@ def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]
               curves: list[Path], out: Path, problems: list[tuple[str, str]],
               notes: list[str], verdicts: list[str], sections: Sequence[str] = ()) -> str:
     from featx import __version__
-    groups = _groups(ranked)
+    groups = ranked_groups(ranked)
     kinds = Counter(r["kind"] for r in ranked)
     lines = ["# featx report", "",
              f"{len(ranked)} result(s) under `{results_dir}`: "
@@ -338,7 +249,7 @@ def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]
     for members in groups:
         if not members[0]["comparable"]:
             continue
-        lines += [f"## {_group_title(members)}", "", _md_table(members), ""]
+        lines += [f"## {group_title(members)}", "", md_table(members), ""]
         lines += [f"![{p.stem}]({rel(p)})" for p in plots.get(members[0]["group"], [])]
         lines.append("")
         from featx.report.layers import layer_markdown
@@ -349,7 +260,7 @@ def _markdown(results_dir: Path, ranked: list[dict], plots: dict[str, list[Path]
                   "These results were scored on another split than the main group of their "
                   "dataset, so they are ranked only among themselves.", ""]
         for members in others:
-            lines += [f"### {_group_title(members)}", "", _md_table(members), ""]
+            lines += [f"### {group_title(members)}", "", md_table(members), ""]
     lines += list(sections)  # repeats, label efficiency (featx.report.repeats / efficiency)
     if curves:
         lines += ["## Fine-tuning curves", ""]
@@ -388,7 +299,7 @@ def _statistics(ranked: list[dict], n_boot: int, notes: list[str],
     """Intervals and paired tests per group (rows updated in place); the verdicts of the
     comparable groups. Rows without stored outputs are named in one note."""
     stats, verdicts, missing = {}, [], []
-    groups = _groups(ranked)
+    groups = ranked_groups(ranked)
     for members in groups:
         if n_boot <= 0:
             continue
@@ -452,7 +363,7 @@ def write_report(results_dir: str | Path, out: str | Path | None = None, *,
     repeats = annotate_repeats(ranked)
     notes: list[str] = []
     stats, verdicts = _statistics(ranked, config.bootstrap, notes, problems)
-    main_groups = [g for g in _groups(ranked) if g[0]["comparable"]]
+    main_groups = [g for g in ranked_groups(ranked) if g[0]["comparable"]]
     plots: dict[str, list[Path]] = {}
     for members in main_groups:
         suffix = "" if len(main_groups) == 1 else f"_{_slug(members[0]['group'])}"
