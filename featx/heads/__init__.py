@@ -42,7 +42,8 @@ from featx.heads.registry import (
                                   parse_heads,
                                   register_head,
 )
-from featx.heads.run import HeadsRun, fit_heads, load_head, open_cache, resolve_features
+from featx.heads.plan import open_cache, resolve_features
+from featx.heads.run import HeadsRun, fit_heads, load_head
 from featx.heads.selection import SELECTION_METRIC, select_and_fit  # noqa: F401
 from featx.heads.summary import format_pool_matrix, format_summary
 from featx.heads.task import SUMMARY_COLUMNS  # noqa: F401
