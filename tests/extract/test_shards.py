@@ -99,7 +99,8 @@ def test_two_ranks_write_the_single_process_cache_and_compare_reports_once(setup
     # rank 0 joins only when every shard is finished, so shard 1 was done by rank 1;
     # the status line is printed once, by rank 0
     assert r.stderr.count("extract resnet18: written") == 1
-    assert r.stdout.count("logistic @ penultimate") == 1  # one report, from rank 0
+    # one report, from rank 0: one table header (the verdict line names the head too)
+    assert r.stdout.count("rank  model") == 1 and "logistic @ penultimate" in r.stdout
     heads = sorted(p.name for p in (tmp / "two_results").rglob("*__logistic.json"))
     # pool1 is resnet18's penultimate: fitted once
     assert heads == ["penultimate__logistic.json", "pool2__logistic.json"]
