@@ -144,6 +144,12 @@ def test_cut_with_split_from_records_the_cut_and_its_cost(digits_dir, tmp_path):
     assert cut["dataset"] == whole["dataset"]  # the very split the cache's heads score
     assert cut["settings"]["total_params"] < whole["settings"]["total_params"]
     assert 0 < cut["settings"]["forward_flops"] < whole["settings"]["forward_flops"]
+    # predict rebuilds the cut network from the result and scores as finetune scored
+    from featx.apply import load_predictor
+    from featx.results import finetune_result_path
+    run_dir = next((tmp_path / "results").glob("*-at-layer3-*"))
+    predictor = load_predictor(finetune_result_path(run_dir), device="cpu")
+    assert predictor.network.cut == "layer3"
 
 
 def test_the_cut_is_part_of_the_run_identity(digits_dir, tmp_path):
