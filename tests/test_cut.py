@@ -150,6 +150,10 @@ def test_cut_with_split_from_records_the_cut_and_its_cost(digits_dir, tmp_path):
     run_dir = next((tmp_path / "results").glob("*-at-layer3-*"))
     predictor = load_predictor(finetune_result_path(run_dir), device="cpu")
     assert predictor.network.cut == "layer3"
+    # export checks its program against the eager (cut) network before writing it
+    from featx.apply import export_result
+    out, info = export_result(finetune_result_path(run_dir), tmp_path / "cut.pt2")
+    assert out.is_file() and info["classes"] == cut["dataset"]["classes"]
 
 
 def test_the_cut_is_part_of_the_run_identity(digits_dir, tmp_path):

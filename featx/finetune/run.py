@@ -515,16 +515,14 @@ def _result_record(data: FinetuneData, cfg: FinetuneConfig, model: FinetuneModel
         feature = layer_feature(cfg.cut, feature_name(cfg.pool))
     else:
         feature = PENULTIMATE if cfg.pool == 1 else feature_name(cfg.pool)
-    result = make_result(kind="finetune", method=method,
+    return make_result(kind="finetune", method=method,
                        dataset={k: v for k, v in data.info.items() if k != "train_subset"},
                        model=cfg.model, metrics=metrics, timings=timings,
                        settings=settings, selection=selection,
                        feature=feature, head="linear", provenance=provenance, artifacts=artifacts,
                        repeat=repeat_record(experiment, split_seed=data.info.get("split_seed"),
                                             seed=cfg.seed),
-                       train_subset=subset)
-    result["cut"] = cfg.cut  # the stage the network was truncated after, None: whole
-    return result
+                       train_subset=subset, cut=cfg.cut)
 
 
 def forward_cost(model: nn.Module, crop: int, device: torch.device) -> dict:
