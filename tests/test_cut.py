@@ -170,3 +170,24 @@ def test_the_cut_is_part_of_the_run_identity(digits_dir, tmp_path):
     with pytest.raises(ParameterError, match="cut: checkpoint 'layer2', now 'layer3'"):
         load_resume(res.run_dir / "last.pt", _cfg(tmp_path, epochs=1, cut="layer3",
                                                   resume=True), data)
+
+
+def test_two_ranks_train_the_cut_network_as_one_process(tmp_path):
+    # the controlled setting of tests/test_ddp.py (frozen trunk, fp32, no augmentation, the
+    # same global batch), with the network cut after layer2: torchrun's 2 gloo ranks
+    # compute what one process computes, up to float rounding
+    from tests.test_ddp import SETTINGS, _cli_args, _load as load, _result, _torchrun, \
+        _write_manifest
+    manifest = _write_manifest(tmp_path / "digits")
+    single = finetune(data_from_spec(load_dataset(manifest), workers=0),
+                      FinetuneConfig(**SETTINGS, batch_size=12, cut="layer2",
+                                     out_dir=tmp_path / "single", progress=False))
+    result = _result(_torchrun(tmp_path, _cli_args(manifest, tmp_path / "out", 6)
+                               + ["--cut", "layer2"]))
+    assert result["cut"] == "layer2" and result["settings"]["world_size"] == 2
+    assert result["metrics"]["confusion_matrix"] == single.result["metrics"]["confusion_matrix"]
+    (run_dir,) = (tmp_path / "out").iterdir()
+    assert "-at-layer2-" in run_dir.name  # (batch sizes differ, and so the hashes)
+    wd, ws = load(run_dir / "best.pt")["model"], load(single.run_dir / "best.pt")["model"]
+    for key in ("head.weight", "head.bias"):
+        torch.testing.assert_close(wd[key], ws[key], rtol=1e-5, atol=1e-6)
