@@ -191,3 +191,25 @@ def test_two_ranks_train_the_cut_network_as_one_process(tmp_path):
     wd, ws = load(run_dir / "best.pt")["model"], load(single.run_dir / "best.pt")["model"]
     for key in ("head.weight", "head.bias"):
         torch.testing.assert_close(wd[key], ws[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_of_a_cut_run_ends_like_an_uninterrupted_one(digits_dir, tmp_path):
+    data = data_from_spec(load_dataset(digits_dir), workers=0)
+    kw = dict(epochs=2, image_size=16, optimizer="sgd", lr=0.05, cut="layer3", freeze="layer1")
+    full = finetune(data, _cfg(tmp_path / "full", **kw))
+
+    def stop_after_1(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data, _cfg(tmp_path / "part", **kw), on_epoch_end=stop_after_1)
+    resumed = finetune(data, _cfg(tmp_path / "part", resume=True, **kw))
+    assert resumed.resumed and resumed.run_dir.name == full.run_dir.name
+    # one process, the same ops: the tolerance of tests/test_finetune.py's resume test
+    for r0, r1 in zip(full.history, resumed.history, strict=True):
+        assert r1["val_loss"] == pytest.approx(r0["val_loss"], rel=1e-5, abs=1e-6)
+    wa, wb = _load(full.run_dir / "best.pt")["model"], _load(resumed.run_dir / "best.pt")["model"]
+    assert not any(k.startswith("backbone.layer4.") for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
