@@ -593,8 +593,8 @@ def finetune(model, data_path, split_fractions, split_seed, split_from, show_sta
 
 def _echo_cut_stages(model: str, stages: list[str]) -> None:
     """The ``--cut`` part of ``finetune --list-stages``: each stage with its output shape."""
-    from featx.backbones import get_backbone, is_timm, list_layers
-    if not stages or is_timm(model):
+    from featx.backbones import get_backbone, list_layers
+    if not stages:
         click.echo(f"\n--cut: not available for {model}")
         return
     size = get_backbone(model).default_image_size

@@ -104,7 +104,8 @@ def test_head_reads_the_cut_layers_channels(name, pool):
      "layer4"),
     (["--cut", "layer2", "--freeze", "layer3"], "is cut away by --cut layer2; use none, "
      "backbone, conv1, bn1, layer1, layer2"),
-    (["--model", "timm:resnet18", "--cut", "layer1"], "not available for timm models"),
+    (["--model", "timm:resnet18", "--cut", "layer9"], "is not a stage of timm:resnet18; use "
+     "act1, layer1, layer2, layer3, layer4"),
 ])
 def test_bad_cut_gives_one_line(digits_dir, tmp_path, args, expected):
     base = ["finetune", "--model", "resnet18", "--weights", "none", "--image-size", "32",
@@ -213,3 +214,30 @@ def test_resume_of_a_cut_run_ends_like_an_uninterrupted_one(digits_dir, tmp_path
     assert not any(k.startswith("backbone.layer4.") for k in wa)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, cut, freeze, gone", [
+    ("timm:resnet18", "layer2", "layer1", ("layer3.", "layer4.", "fc.")),
+    ("timm:vit_tiny_patch16_224", "blocks.2", "stem", ("blocks.3.", "blocks.11.", "head.")),
+])
+def test_timm_models_are_cut_by_timms_own_pruning(name, cut, freeze, gone):
+    from featx.backbones import list_layers
+    from featx.backbones.layers import LayerFeatures, layer_plan
+    from featx.backbones import FeatureModel, get_backbone
+    whole = build_model(name, "none", 3, image_size=32)
+    model = build_model(name, "none", 3, image_size=32, cut=cut, freeze=freeze)
+    names = [n for n, _ in model.backbone.named_parameters()]
+    assert not [n for n in names if n.startswith(gone)]
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in whole.parameters())
+    channels = {layer: shape[0] for layer, shape, _ in list_layers(name)}[cut]
+    assert model.head.in_features == channels
+    frozen = {n for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    assert frozen and len(frozen) < len(names)
+    # the cut output is what extract stores for that layer (pool1), from the whole network
+    x = torch.randn(2, 3, 32, 32)
+    plan = layer_plan(name, (cut,), (1,), 32)
+    ref = LayerFeatures(FeatureModel(get_backbone(name), whole.backbone.eval()), plan)(x)
+    with torch.no_grad():
+        got = model.eval().pool_layer(model.spatial_map(x)).flatten(1)
+    torch.testing.assert_close(got, ref[f"{cut}.pool1"], rtol=1e-5, atol=1e-5)
+    assert model(x).shape == (2, 3)

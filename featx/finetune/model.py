@@ -39,18 +39,22 @@ def check_cut(name: str, cut: str | None) -> None:
     """Raise :class:`~featx.errors.ParameterError` when model ``name`` cannot be cut at ``cut``."""
     if cut is None:
         return
-    if is_timm(name):
-        raise ParameterError("cut", cut, f"is not available for timm models yet ({name}); cut "
-                             f"a torchvision model, or fine-tune {name} whole.", sep=" ")
     stages = cut_stages(name)
+    if not stages:
+        raise ParameterError("cut", cut, f"is not available for {name}: timm gives no "
+                             f"feature_info stages for it; fine-tune it whole.", sep=" ")
     if cut not in stages:
-        listed = ", ".join(stages) if stages else "none"
-        raise ParameterError("cut", cut, f"is not a stage of {name}; use {listed} (`featx "
-                             f"finetune --model {name} --list-stages`).", sep=" ")
+        raise ParameterError("cut", cut, f"is not a stage of {name}; use {', '.join(stages)} "
+                             f"(`featx finetune --model {name} --list-stages`).", sep=" ")
 
 
-def truncate(backbone: nn.Module, cut: str) -> nn.Module:
+def truncate(backbone: nn.Module, cut: str, spec: BackboneSpec | None = None) -> nn.Module:
     """``backbone`` up to and including module ``cut``, and nothing after it.
+
+    timm models (``spec`` a ``timm:`` entry): timm's own ``prune_intermediate_layers`` drops
+    the blocks after the cut and the head, in place (the final norm stays: the cut output is
+    read as ``forward_intermediates(norm=True)``, the very feature ``extract --layers``
+    stores), and the model itself is returned.
 
     torchvision's ``create_feature_extractor`` traces the model and keeps only the graph
     nodes the output ``cut`` depends on; the ``GraphModule`` it returns copies only the
@@ -59,6 +63,10 @@ def truncate(backbone: nn.Module, cut: str) -> nn.Module:
     Parameter names stay the model's own (``layer1.0.conv1.weight``), so freezing by stage
     and checkpoints read as for the whole model. Output: ``{"map": (B, C, h, w)}``.
     """
+    if spec is not None and is_timm(spec.name):
+        backbone.prune_intermediate_layers(indices=[spec.layer_stages.index(cut)],
+                                           prune_norm=False, prune_head=True)
+        return backbone
     from torchvision.models.feature_extraction import create_feature_extractor
     return create_feature_extractor(backbone, return_nodes={cut: _CUT_NODE})
 
@@ -98,7 +106,8 @@ class FinetuneModel(nn.Module):
             check_cut(spec.name, cut)
             # channels do not depend on the image size: the model's own size's probe serves
             channels = {name: shape[0] for name, shape, _ in list_layers(spec.name)}[cut]
-            self.backbone = truncate(backbone, cut)
+            self.backbone = truncate(backbone, cut, spec)
+            self._cut_index = spec.layer_stages.index(cut)
             self.pool_layer = nn.AdaptiveAvgPool2d(pool)
             in_features = channels * pool * pool
         self.head = nn.Linear(in_features, num_classes)
@@ -106,14 +115,19 @@ class FinetuneModel(nn.Module):
         self._frozen_params: frozenset[str] = frozenset()
 
     def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, h, w)``: the map the head's pooling reads (the cut layer's, or the last)."""
+        """``(B, C, h, w)``: the map the head's pooling reads (the cut layer's, or the last;
+        a ViT's patch tokens on their grid)."""
         if self.cut is not None:
+            if is_timm(self.spec.name):
+                return self.backbone.forward_intermediates(
+                    x, indices=[self._cut_index], norm=True, output_fmt="NCHW",
+                    intermediates_only=True)[0]
             return self.backbone(x)[_CUT_NODE]
         return self.spec.spatial(self.backbone, self.spec.features(self.backbone, x), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cut is not None:
-            return self.head(torch.flatten(self.pool_layer(self.backbone(x)[_CUT_NODE]), 1))
+            return self.head(torch.flatten(self.pool_layer(self.spatial_map(x)), 1))
         fmap = self.spec.features(self.backbone, x)
         if self.pool_layer is None:
             z = self.spec.head(self.backbone, fmap)
@@ -137,7 +151,9 @@ class FinetuneModel(nn.Module):
         elif what in stages:
             self.frozen = stages[:stages.index(what) + 1]
             if self.cut is not None:  # the stages after the cut are gone
-                kept = {n for n, _ in self.backbone.named_modules()}
+                kept = {s for s in stages
+                        if self.spec.stage_parameter_names(self.backbone, s)} \
+                    if is_timm(self.spec.name) else {n for n, _ in self.backbone.named_modules()}
                 if what not in kept:
                     usable = ["none", "backbone", *(s for s in stages if s in kept)]
                     raise ParameterError("freeze", what, f"is cut away by --cut {self.cut}; "
