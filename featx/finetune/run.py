@@ -46,7 +46,7 @@ import torch.nn as nn
 import featx
 from featx import distributed
 from featx.artifacts import file_sha256, sha256_key
-from featx.backbones import ResolvedWeights, pool_notes, resolve_run
+from featx.backbones import ResolvedWeights, is_timm, pool_notes, resolve_run
 from featx.config import FinetuneConfig, check_settings
 from featx.data import DataError
 from featx.data.subsets import TrainSubset
@@ -332,10 +332,12 @@ def _distribute(run: _Run) -> None:
     run.net = run.model
     if run.env.distributed:
         # pool > 1 bypasses the model's own head (e.g. VGG's classifier Linears): DDP must
-        # then not wait for their gradients (a cut network has none: they are dropped)
+        # then not wait for their gradients (a cut torchvision network has none: they are
+        # dropped; timm's pruning keeps the final norm, which a ViT's cut may not use)
         run.net = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-            find_unused_parameters=run.cfg.pool > 1 and run.cfg.cut is None)
+            find_unused_parameters=(run.cfg.pool > 1 and run.cfg.cut is None)
+            or (run.cfg.cut is not None and is_timm(run.cfg.model)))
 
 
 def _epoch(run: _Run, epoch: int, on_epoch_end: Callable[[int, dict], None] | None) -> None:
