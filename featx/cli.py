@@ -502,8 +502,10 @@ def fit_heads(caches, jobs, out, **settings):
               "(instead of --data), so heads and fine-tuning score the same images.")
 @model_options
 @_option(FinetuneConfig, "freeze", metavar="none|backbone|STAGE")
+@_option(FinetuneConfig, "cut", metavar="STAGE")
 @click.option("--list-stages", "show_stages", is_flag=True,
-              help="Print the values --freeze accepts for --model, then exit.")
+              help="Print the values --freeze accepts for --model, then the stages --cut "
+              "accepts with their output shapes, then exit.")
 @_option(FinetuneConfig, "epochs")
 @_option(FinetuneConfig, "batch_size")
 @_option(FinetuneConfig, "optimizer")
@@ -553,6 +555,7 @@ def finetune(model, data_path, split_fractions, split_seed, split_from, show_sta
         check_config,
         data_from_cache,
         data_from_spec,
+        cut_stages,
         list_stages,
         repeat_sources,
         subset_data,
@@ -561,6 +564,7 @@ def finetune(model, data_path, split_fractions, split_seed, split_from, show_sta
     if show_stages:
         for name in list_stages(model):
             click.echo(name)
+        _echo_cut_stages(model, cut_stages(model))
         return
     cfg = _config_from_options(FinetuneConfig, model=model)
     check_config(cfg)  # bad settings fail before any image is read
@@ -585,6 +589,19 @@ def finetune(model, data_path, split_fractions, split_seed, split_from, show_sta
     if last is not None and env.is_main and (len(sources) > 1 or len(subsets) > 1):
         click.echo(f"{len(sources) * len(subsets)} fine-tuning runs under {cfg.out_dir}",
                    err=True)
+
+
+def _echo_cut_stages(model: str, stages: list[str]) -> None:
+    """The ``--cut`` part of ``finetune --list-stages``: each stage with its output shape."""
+    from featx.backbones import get_backbone, list_layers
+    if not stages:
+        click.echo(f"\n--cut: not available for {model}")
+        return
+    size = get_backbone(model).default_image_size
+    shapes = {name: shape for name, shape, _ in list_layers(model, size)}
+    click.echo(f"\n--cut accepts (output C x h x w at {size} px):")
+    for name in stages:
+        click.echo(f"{name}  {'x'.join(map(str, shapes[name]))}")
 
 
 def _finetune_one(source, from_cache, allow_missing, split_fractions, cfg, subset, env,

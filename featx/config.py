@@ -219,7 +219,9 @@ class FinetuneConfig:
     ``freeze``: ``"none"``, ``"backbone"`` (only the new head trains) or a stage name of the
     model (frozen up to and including it, see :func:`list_stages`). ``pool``: the head reads
     ``AdaptiveAvgPool2d(pool)`` of the last spatial map (``C·pool·pool`` inputs); ``1`` uses the
-    model's own penultimate. ``early_stop``: patience in epochs on the val loss, ``0`` = off.
+    model's own penultimate. ``cut``: a stage (``spec.layer_stages``) after which the network
+    is truncated, the head then reads ``AdaptiveAvgPool2d(pool)`` of that stage's output
+    (``None``: the whole network). ``early_stop``: patience in epochs on the val loss, ``0`` = off.
     ``lr`` is the head's learning rate; the backbone gets ``lr * backbone_lr_mult``.
     ``batch_size`` is per process under torchrun. ``workers=None``: one DataLoader worker
     per CPU core (at most :data:`DEFAULT_MAX_WORKERS`; under torchrun the node's cores shared among its processes).
@@ -250,6 +252,9 @@ class FinetuneConfig:
     augment: bool = _opt(True, "Random resized crop + flip on the train split.")
     pool: int = _opt(1, "Head on AdaptiveAvgPool2d(N) of the last spatial map (C*N*N inputs); "
                      "1 = the model's own penultimate.", min=1, max=64)
+    cut: str | None = _opt(None, "Fine-tune the network truncated after this stage (its later "
+                           "stages dropped), the head on AdaptiveAvgPool2d(--pool) of its "
+                           "output; --list-stages shows the stages.")
     early_stop: int = _opt(0, "Stop when the val loss has not improved for N epochs (0 = off).",
                            min=0, problem="give a patience in epochs (at least 1), or 0 to "
                            "train all epochs.")

@@ -22,7 +22,7 @@ __all__ = ["PARAMETERS", "DiskFullError", "FeatxError", "Note", "ParameterError"
 # maps each to its flag (featx/cli.py, _FLAGS), and tests/test_params.py checks that each one
 # still has a flag.
 PARAMETERS = frozenset({
-    "allow_missing", "backbone_lr_mult", "backend", "bootstrap", "batch_size", "class_weight", "cv",
+    "allow_missing", "backbone_lr_mult", "backend", "bootstrap", "batch_size", "class_weight", "cut", "cv",
     "data_path", "device", "draws", "early_stop", "engine", "epochs", "features", "finetune", "focal_gamma",
     "freeze", "heads", "image_size", "jobs", "layers", "loss", "lr", "map_store", "memory_limit_mb", "optimizer",
     "pca", "pool", "pools", "precision", "repeats", "resume", "scheduler", "seed", "select",

@@ -213,14 +213,16 @@ def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: d
                 timings: dict, settings: dict | None = None, selection: dict | None = None,
                 feature: str | None = None, head: str | None = None,
                 provenance: dict | None = None, artifacts: dict | None = None,
-                repeat: dict | None = None, train_subset: dict | None = None) -> dict:
+                repeat: dict | None = None, train_subset: dict | None = None,
+                cut: str | None = None) -> dict:
     """One result record, the same schema for heads (``kind="head"``) and fine-tuning.
 
     ``dataset`` must hold ``name``, ``classes``, ``split_fingerprint`` (all splits' file lists)
     and ``test_fingerprint`` (the test list), which ``report`` uses to decide comparability.
     ``timings`` are wall seconds (``fit_s``, ``predict_s``, ``total_s``, ...). ``repeat``
     (:func:`repeat_record`) says which experiment this is one repeat of; ``train_subset``
-    (:func:`featx.data.subsets.subset_record`) the labelled subset it was trained on.
+    (:func:`featx.data.subsets.subset_record`) the labelled subset it was trained on;
+    ``cut`` the stage a fine-tuned network was truncated after (``finetune --cut``).
     """
     from featx import __version__
     for key in ("name", "classes", "split_fingerprint", "test_fingerprint"):
@@ -244,6 +246,7 @@ def make_result(*, kind: str, method: str, dataset: dict, model: str, metrics: d
         "artifacts": artifacts or {},
         "repeat": repeat,              # None: not known (the report then skips it)
         "train_subset": train_subset,  # None: trained on all of train
+        "cut": cut,                    # None: the whole network (and every head result)
     }
 
 

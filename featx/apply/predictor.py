@@ -232,7 +232,7 @@ def _finetune_predictor(path: Path, result: dict, *, device: torch.device,
     # the architecture only: every weight comes from the checkpoint
     backbone = build_backbone(result["model"], "none", image_size=transform.crop)
     network = FinetuneModel(get_backbone(result["model"]), backbone, len(classes),
-                            pool=int(cfg.get("pool", 1)))
+                            pool=int(cfg.get("pool", 1)), cut=cfg.get("cut"))
     try:
         network.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

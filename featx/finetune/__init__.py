@@ -14,11 +14,18 @@ from featx.finetune.data import (
     repeat_sources,
     subset_data,
 )
-from featx.finetune.model import FinetuneModel, FocalLoss, build_model, list_stages, make_loss
+from featx.finetune.model import (
+    FinetuneModel,
+    FocalLoss,
+    build_model,
+    cut_stages,
+    list_stages,
+    make_loss,
+)
 from featx.finetune.run import FinetuneResult, check_config, finetune, run_dir_name
 from featx.finetune.training import evaluate, load_data, train_one_epoch
 
 __all__ = ["FinetuneConfig", "FinetuneData", "FinetuneModel", "FinetuneResult", "FocalLoss",
-           "build_model", "check_config", "data_from_cache", "data_from_spec", "evaluate",
+           "build_model", "check_config", "cut_stages", "data_from_cache", "data_from_spec", "evaluate",
            "finetune", "list_stages", "load_data", "make_loss", "repeat_sources",
            "run_dir_name", "subset_data", "train_one_epoch"]

@@ -9,18 +9,66 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from featx.backbones import BackboneSpec, ResolvedWeights, build_backbone, get_backbone
+from featx.backbones import (BackboneSpec, ResolvedWeights, build_backbone, get_backbone, is_timm,
+                             list_layers)
 from featx.config import FinetuneConfig
 from featx.errors import ParameterError
 
 if TYPE_CHECKING:
     from featx.config import FinetuneConfig
 
-__all__ = ["FinetuneModel", "FocalLoss", "build_model", "list_stages", "make_loss"]
+__all__ = ["FinetuneModel", "FocalLoss", "build_model", "check_cut", "cut_stages",
+           "list_stages", "make_loss", "truncate"]
+
+# the name the truncated network's one output node gets
+_CUT_NODE = "map"
+
 
 def list_stages(name: str) -> list[str]:
     """The values ``--freeze`` accepts for model ``name``: none, backbone, then its stages."""
     return ["none", "backbone", *get_backbone(name).stages]
+
+
+def cut_stages(name: str) -> list[str]:
+    """The values ``--cut`` accepts for model ``name``: its stage outputs
+    (``spec.layer_stages``, the modules ``extract --layers stages`` reads), in forward order."""
+    return list(get_backbone(name).layer_stages)
+
+
+def check_cut(name: str, cut: str | None) -> None:
+    """Raise :class:`~featx.errors.ParameterError` when model ``name`` cannot be cut at ``cut``."""
+    if cut is None:
+        return
+    stages = cut_stages(name)
+    if not stages:
+        raise ParameterError("cut", cut, f"is not available for {name}: timm gives no "
+                             f"feature_info stages for it; fine-tune it whole.", sep=" ")
+    if cut not in stages:
+        raise ParameterError("cut", cut, f"is not a stage of {name}; use {', '.join(stages)} "
+                             f"(`featx finetune --model {name} --list-stages`).", sep=" ")
+
+
+def truncate(backbone: nn.Module, cut: str, spec: BackboneSpec | None = None) -> nn.Module:
+    """``backbone`` up to and including module ``cut``, and nothing after it.
+
+    timm models (``spec`` a ``timm:`` entry): timm's own ``prune_intermediate_layers`` drops
+    the blocks after the cut and the head, in place (the final norm stays: the cut output is
+    read as ``forward_intermediates(norm=True)``, the very feature ``extract --layers``
+    stores), and the model itself is returned.
+
+    torchvision's ``create_feature_extractor`` traces the model and keeps only the graph
+    nodes the output ``cut`` depends on; the ``GraphModule`` it returns copies only the
+    submodules those nodes call, so the later stages and the old classifier are gone (their
+    parameters and their compute: the cost of the truncated network is its real cost).
+    Parameter names stay the model's own (``layer1.0.conv1.weight``), so freezing by stage
+    and checkpoints read as for the whole model. Output: ``{"map": (B, C, h, w)}``.
+    """
+    if spec is not None and is_timm(spec.name):
+        backbone.prune_intermediate_layers(indices=[spec.layer_stages.index(cut)],
+                                           prune_norm=False, prune_head=True)
+        return backbone
+    from torchvision.models.feature_extraction import create_feature_extractor
+    return create_feature_extractor(backbone, return_nodes={cut: _CUT_NODE})
 
 
 class FinetuneModel(nn.Module):
@@ -33,23 +81,53 @@ class FinetuneModel(nn.Module):
     ``spatial_channels·N·N`` inputs. The old classifier becomes ``Identity`` (timm:
     ``reset_classifier(0)``).
 
+    ``cut=LAYER`` (a stage, :func:`cut_stages`): the backbone is truncated (:func:`truncate`) after
+    that module, and the head reads ``AdaptiveAvgPool2d(pool)`` of its output, flattened,
+    ``C_cut·pool·pool`` inputs. Cut at a model's last map with ``pool=1`` and a global-average
+    head (ResNet: ``layer4``) it is the whole model's fine-tuning: the same parameters under
+    the same names, the same forward.
+
     Input ``(B, 3, H, W)`` normalised images; output logits ``(B, num_classes)``.
     """
 
     def __init__(self, spec: BackboneSpec, backbone: nn.Module, num_classes: int, *,
-                 pool: int = 1):
+                 pool: int = 1, cut: str | None = None):
         super().__init__()
         self.spec = spec
         self.pool = pool
+        self.cut = cut
         spec.drop_classifier(backbone)
-        self.backbone = backbone
-        self.pool_layer = nn.AdaptiveAvgPool2d(pool) if pool > 1 else None
-        in_features = spec.penultimate_dim if pool == 1 else spec.spatial_channels * pool * pool
+        if cut is None:
+            self.backbone = backbone
+            self.pool_layer = nn.AdaptiveAvgPool2d(pool) if pool > 1 else None
+            in_features = (spec.penultimate_dim if pool == 1
+                           else spec.spatial_channels * pool * pool)
+        else:
+            check_cut(spec.name, cut)
+            # channels do not depend on the image size: the model's own size's probe serves
+            channels = {name: shape[0] for name, shape, _ in list_layers(spec.name)}[cut]
+            self.backbone = truncate(backbone, cut, spec)
+            self._cut_index = spec.layer_stages.index(cut)
+            self.pool_layer = nn.AdaptiveAvgPool2d(pool)
+            in_features = channels * pool * pool
         self.head = nn.Linear(in_features, num_classes)
         self.frozen: tuple[str, ...] = ()
         self._frozen_params: frozenset[str] = frozenset()
 
+    def spatial_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)``: the map the head's pooling reads (the cut layer's, or the last;
+        a ViT's patch tokens on their grid)."""
+        if self.cut is not None:
+            if is_timm(self.spec.name):
+                return self.backbone.forward_intermediates(
+                    x, indices=[self._cut_index], norm=True, output_fmt="NCHW",
+                    intermediates_only=True)[0]
+            return self.backbone(x)[_CUT_NODE]
+        return self.spec.spatial(self.backbone, self.spec.features(self.backbone, x), x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cut is not None:
+            return self.head(torch.flatten(self.pool_layer(self.spatial_map(x)), 1))
         fmap = self.spec.features(self.backbone, x)
         if self.pool_layer is None:
             z = self.spec.head(self.backbone, fmap)
@@ -72,6 +150,15 @@ class FinetuneModel(nn.Module):
             self.frozen = ("",)
         elif what in stages:
             self.frozen = stages[:stages.index(what) + 1]
+            if self.cut is not None:  # the stages after the cut are gone
+                kept = {s for s in stages
+                        if self.spec.stage_parameter_names(self.backbone, s)} \
+                    if is_timm(self.spec.name) else {n for n, _ in self.backbone.named_modules()}
+                if what not in kept:
+                    usable = ["none", "backbone", *(s for s in stages if s in kept)]
+                    raise ParameterError("freeze", what, f"is cut away by --cut {self.cut}; "
+                                         f"use {', '.join(usable)}.", sep=" ")
+                self.frozen = tuple(s for s in self.frozen if s in kept)
         else:
             raise ParameterError("freeze", what, f"is not a stage of {self.spec.name}; use "
                                  f"{', '.join(list_stages(self.spec.name))} (see `featx "
@@ -95,17 +182,19 @@ class FinetuneModel(nn.Module):
 
 
 def build_model(name: str, weights: ResolvedWeights | str, num_classes: int, *, pool: int = 1,
-                freeze: str = "none", seed: int = 0,
-                image_size: int | None = None) -> FinetuneModel:
-    """Build ``name`` with ``weights``, put a new head for ``num_classes`` on it, freeze.
+                freeze: str = "none", seed: int = 0, image_size: int | None = None,
+                cut: str | None = None) -> FinetuneModel:
+    """Build ``name`` with ``weights``, cut it after ``cut`` (``None``: whole), put a new head
+    for ``num_classes`` on it, freeze.
 
     The new head is initialised from ``seed``, whatever the global RNG state.
     """
     spec = get_backbone(name)
+    check_cut(name, cut)  # before the weights are loaded
     backbone = build_backbone(name, weights, seed=seed, image_size=image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = FinetuneModel(spec, backbone, num_classes, pool=pool)
+        model = FinetuneModel(spec, backbone, num_classes, pool=pool, cut=cut)
     return model.freeze(freeze)
 
 

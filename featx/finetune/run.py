@@ -46,7 +46,7 @@ import torch.nn as nn
 import featx
 from featx import distributed
 from featx.artifacts import file_sha256, sha256_key
-from featx.backbones import ResolvedWeights, pool_notes, resolve_run
+from featx.backbones import ResolvedWeights, is_timm, pool_notes, resolve_run
 from featx.config import FinetuneConfig, check_settings
 from featx.data import DataError
 from featx.data.subsets import TrainSubset
@@ -65,6 +65,7 @@ from featx.finetune.data import FinetuneData
 from featx.finetune.model import (
     FinetuneModel,
     build_model,
+    check_cut,
     list_stages,
     make_loss,
     make_optimizer,
@@ -117,6 +118,17 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ParameterError("freeze", cfg.freeze, f"is not a stage of {cfg.model}; use "
                              f"{', '.join(stages)} (`featx finetune --model {cfg.model} "
                              f"--list-stages`).", sep=" ")
+    check_cut(cfg.model, cfg.cut)
+
+
+def _identity(cfg: FinetuneConfig) -> dict:
+    """The settings that make a run what it is (its folder's hash, what resume compares).
+    ``cut`` only when set: a run of the whole network keeps the folder it had before
+    ``--cut`` existed."""
+    key = {k: v for k, v in config_dict(cfg).items() if k not in RUN_INDEPENDENT}
+    if key.get("cut") is None:
+        key.pop("cut", None)
+    return key
 
 
 def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
@@ -133,19 +145,21 @@ def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
 
 
 def run_dir_name(data: FinetuneData, cfg: FinetuneConfig, weights: ResolvedWeights) -> str:
-    """``{dataset}_{model}_finetune_{weights}-{freeze}-{loss}-pool{n}-{hash}``.
+    """``{dataset}_{model}_finetune_{weights}-{freeze}-{loss}-pool{n}[-at-{cut}]-{hash}``.
 
     The hash covers every setting that changes the outcome, the weights and the split, so
     the same command always finds the same folder (for ``--resume``) and different settings
     never share one.
     """
-    key = {k: v for k, v in config_dict(cfg).items() if k not in RUN_INDEPENDENT}
+    key = _identity(cfg)
     key.update(weights_sha256=weights.sha256, split=data.info["split_fingerprint"])
     subset = data.info.get("train_subset")
     tag = ""
     if subset is not None:  # a labelled train subset (label efficiency): its own folder
         key["train_subset"] = subset["train_fingerprint"]
         tag = "-" + TrainSubset(subset["shots"], subset["fraction"], subset["draw"]).tag
+    if cfg.cut is not None:
+        tag = f"-at-{cfg.cut}{tag}"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in data.name)
     return (f"{safe}_{cfg.model.replace(':', '-')}_finetune_{weights.tag}-{cfg.freeze}-{cfg.loss}-pool{cfg.pool}"
@@ -214,6 +228,7 @@ class _Run:
     scaler: torch.amp.GradScaler = field(init=False)
     generator: torch.Generator = field(init=False)
     loaders: dict = field(init=False)
+    cost: dict = field(init=False)
 
     def say(self, message: str) -> None:
         self.notes.append(message)
@@ -258,15 +273,17 @@ def _build(run: _Run) -> None:
     schedule, gradient scaler, and the loaders."""
     cfg, data, device, crop = run.cfg, run.data, run.device, run.transform.crop
     model = build_model(cfg.model, run.weights, len(data.classes), pool=cfg.pool,
-                        freeze=cfg.freeze, seed=cfg.seed, image_size=crop).to(device)
+                        freeze=cfg.freeze, seed=cfg.seed, image_size=crop,
+                        cut=cfg.cut).to(device)
     if device.type == "cuda" and model.spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.pool > 1:  # one 1-image probe for the map size, in eval mode: BatchNorm untouched
         with torch.inference_mode():
             probe = torch.zeros(1, 3, crop, crop, device=device)
-            hw = tuple(model.eval().spec.features(model.backbone, probe).shape[-2:])
+            hw = tuple(model.eval().spatial_map(probe).shape[-2:])
         for note in pool_notes(hw, crop, (cfg.pool,), cfg.model):
             run.say(note)
+    run.cost = forward_cost(model, crop, device)
     counts = np.bincount([lab for _, lab in data.splits["train"]], minlength=len(data.classes))
     run.model = model
     run.criterion = make_loss(cfg.loss, class_counts=counts, gamma=cfg.focal_gamma).to(device)
@@ -315,10 +332,12 @@ def _distribute(run: _Run) -> None:
     run.net = run.model
     if run.env.distributed:
         # pool > 1 bypasses the model's own head (e.g. VGG's classifier Linears): DDP must
-        # then not wait for their gradients
+        # then not wait for their gradients (a cut torchvision network has none: they are
+        # dropped; timm's pruning keeps the final norm, which a ViT's cut may not use)
         run.net = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-            find_unused_parameters=run.cfg.pool > 1)
+            find_unused_parameters=(run.cfg.pool > 1 and run.cfg.cut is None)
+            or (run.cfg.cut is not None and is_timm(run.cfg.model)))
 
 
 def _epoch(run: _Run, epoch: int, on_epoch_end: Callable[[int, dict], None] | None) -> None:
@@ -446,7 +465,7 @@ def _record(run: _Run, scored: str, te: dict) -> FinetuneResult:
             "global_batch_size": cfg.batch_size * env.world_size,
             "distributed_backend": env.backend}
     result = _result_record(run.data, cfg, run.model, run.weights, metrics, timings, selection,
-                            used)
+                            {**used, **run.cost})
     result_path = finetune_result_path(run.run_dir)
     if env.is_main:
         from featx.plots import plot_training_curves
@@ -483,23 +502,41 @@ def _result_record(data: FinetuneData, cfg: FinetuneConfig, model: FinetuneModel
                  "curves": "curves.png"}
     if data.cache is not None:
         artifacts["cache"] = str(data.cache)
-    from featx.features import PENULTIMATE, feature_name
-    method = f"finetune freeze={cfg.freeze} loss={cfg.loss} pool={cfg.pool}"
+    from featx.features import PENULTIMATE, feature_name, layer_feature
+    at = "" if cfg.cut is None else f" @ {cfg.cut}"
+    method = f"finetune{at} freeze={cfg.freeze} loss={cfg.loss} pool={cfg.pool}"
     subset = data.info.get("train_subset")
     # the same experiment on another split or seed: every setting but those and the run's
-    experiment = {k: v for k, v in config_dict(cfg).items()
-                  if k not in RUN_INDEPENDENT and k != "seed"}
+    experiment = {k: v for k, v in _identity(cfg).items() if k != "seed"}
     # random init (weights none) is seeded: its hash changes with the seed, not the experiment
     experiment.update(kind="finetune", method=method,
                       weights_sha256=weights.sha256 if weights.kind != "none" else "none",
                       train_subset=None if subset is None else
                       {k: subset[k] for k in ("shots", "fraction", "draw")})
+    if cfg.cut is not None:
+        feature = layer_feature(cfg.cut, feature_name(cfg.pool))
+    else:
+        feature = PENULTIMATE if cfg.pool == 1 else feature_name(cfg.pool)
     return make_result(kind="finetune", method=method,
                        dataset={k: v for k, v in data.info.items() if k != "train_subset"},
                        model=cfg.model, metrics=metrics, timings=timings,
                        settings=settings, selection=selection,
-                       feature=PENULTIMATE if cfg.pool == 1 else feature_name(cfg.pool),
-                       head="linear", provenance=provenance, artifacts=artifacts,
+                       feature=feature, head="linear", provenance=provenance, artifacts=artifacts,
                        repeat=repeat_record(experiment, split_seed=data.info.get("split_seed"),
                                             seed=cfg.seed),
-                       train_subset=subset)
+                       train_subset=subset, cut=cfg.cut)
+
+
+def forward_cost(model: nn.Module, crop: int, device: torch.device) -> dict:
+    """``{"total_params", "forward_flops"}`` of ``model``: all its parameters, and the FLOPs
+    of one ``crop`` px image's forward as torch's ``FlopCounterMode`` counts them (matrix
+    multiplies and convolutions, 2 per multiply-add), so a cut network's row shows what it
+    costs against the whole one's."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was = model.training
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model.eval()(torch.zeros(1, 3, crop, crop, device=device))
+    model.train(was)
+    return {"total_params": sum(p.numel() for p in model.parameters()),
+            "forward_flops": int(counter.get_total_flops())}

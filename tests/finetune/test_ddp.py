@@ -239,3 +239,22 @@ def test_cuda_under_torchrun_without_a_gpu_for_this_rank_is_one_line(monkeypatch
         "Error: --device cuda: no CUDA device is available here; use --device cpu (gloo) or "
         "run where GPUs are.")
     assert not torch.distributed.is_initialized()
+
+
+def test_two_ranks_train_the_cut_network_as_one_process(tmp_path):
+    # the controlled setting of this file's other tests (frozen trunk, fp32, no augmentation, the
+    # same global batch), with the network cut after layer2: torchrun's 2 gloo ranks
+    # compute what one process computes, up to float rounding
+    manifest = _write_manifest(tmp_path / "digits")
+    single = finetune(data_from_spec(load_dataset(manifest), workers=0),
+                      FinetuneConfig(**SETTINGS, batch_size=12, cut="layer2",
+                                     out_dir=tmp_path / "single", progress=False))
+    result = _result(_torchrun(tmp_path, _cli_args(manifest, tmp_path / "out", 6)
+                               + ["--cut", "layer2"]))
+    assert result["cut"] == "layer2" and result["settings"]["world_size"] == 2
+    assert result["metrics"]["confusion_matrix"] == single.result["metrics"]["confusion_matrix"]
+    (run_dir,) = (tmp_path / "out").iterdir()
+    assert "-at-layer2-" in run_dir.name  # (batch sizes differ, and so the hashes)
+    wd, ws = _load(run_dir / "best.pt")["model"], _load(single.run_dir / "best.pt")["model"]
+    for key in ("head.weight", "head.bias"):
+        torch.testing.assert_close(wd[key], ws[key], rtol=1e-5, atol=1e-6)
