@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,7 +51,6 @@ from featx.data import DataError
 from featx.data.subsets import TrainSubset
 from featx.errors import ParameterError
 from featx.finetune.checkpoints import (
-    RUN_INDEPENDENT,
     config_dict,
     load_resume,
     rng_state,
@@ -71,6 +69,7 @@ from featx.finetune.model import (
     make_optimizer,
     make_scheduler,
 )
+from featx.finetune.result import forward_cost, result_record, run_identity
 from featx.finetune.training import (
     evaluate,
     join_eval_stats,
@@ -81,8 +80,6 @@ from featx.finetune.training import (
 from featx.results import (
     finetune_result_path,
     image_outputs_path,
-    make_result,
-    repeat_record,
     write_image_outputs,
     write_json,
 )
@@ -121,16 +118,6 @@ def check_config(cfg: FinetuneConfig) -> None:
     check_cut(cfg.model, cfg.cut)
 
 
-def _identity(cfg: FinetuneConfig) -> dict:
-    """The settings that make a run what it is (its folder's hash, what resume compares).
-    ``cut`` only when set: a run of the whole network keeps the folder it had before
-    ``--cut`` existed."""
-    key = {k: v for k, v in config_dict(cfg).items() if k not in RUN_INDEPENDENT}
-    if key.get("cut") is None:
-        key.pop("cut", None)
-    return key
-
-
 def _check_data(data: FinetuneData, cfg: FinetuneConfig) -> None:
     train = data.splits.get("train", [])
     if not train:
@@ -151,7 +138,7 @@ def run_dir_name(data: FinetuneData, cfg: FinetuneConfig, weights: ResolvedWeigh
     the same command always finds the same folder (for ``--resume``) and different settings
     never share one.
     """
-    key = _identity(cfg)
+    key = run_identity(cfg)
     key.update(weights_sha256=weights.sha256, split=data.info["split_fingerprint"])
     subset = data.info.get("train_subset")
     tag = ""
@@ -464,7 +451,7 @@ def _record(run: _Run, scored: str, te: dict) -> FinetuneResult:
             "transform": run.transform.to_dict(), "world_size": env.world_size,
             "global_batch_size": cfg.batch_size * env.world_size,
             "distributed_backend": env.backend}
-    result = _result_record(run.data, cfg, run.model, run.weights, metrics, timings, selection,
+    result = result_record(run.data, cfg, run.model, run.weights, metrics, timings, selection,
                             {**used, **run.cost})
     result_path = finetune_result_path(run.run_dir)
     if env.is_main:
@@ -484,59 +471,3 @@ def _record(run: _Run, scored: str, te: dict) -> FinetuneResult:
     distributed.barrier()
     return FinetuneResult(run.run_dir, result_path, result, history, best["epoch"],
                           run.stopped, run.resumed, run.notes)
-
-
-def _result_record(data: FinetuneData, cfg: FinetuneConfig, model: FinetuneModel,
-                   weights: ResolvedWeights, metrics: dict, timings: dict, selection: dict,
-                   used: dict) -> dict:
-    """The run as one record of the shared result schema (artifacts relative to its folder)."""
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    settings = {**config_dict(cfg), **used, "split_source": data.source,
-                "trainable_params": n_train, "frozen_params": n_all - n_train}
-    provenance = {"featx_version": featx.__version__, "torch_version": torch.__version__,
-                  "host": socket.gethostname(), "weights_kind": weights.kind,
-                  "weights_source": weights.source, "weights_sha256": weights.sha256,
-                  "skipped_files": len(data.skipped)}
-    artifacts = {"model": "best.pt", "last": "last.pt", "history": "history.csv",
-                 "curves": "curves.png"}
-    if data.cache is not None:
-        artifacts["cache"] = str(data.cache)
-    from featx.features import PENULTIMATE, feature_name, layer_feature
-    at = "" if cfg.cut is None else f" @ {cfg.cut}"
-    method = f"finetune{at} freeze={cfg.freeze} loss={cfg.loss} pool={cfg.pool}"
-    subset = data.info.get("train_subset")
-    # the same experiment on another split or seed: every setting but those and the run's
-    experiment = {k: v for k, v in _identity(cfg).items() if k != "seed"}
-    # random init (weights none) is seeded: its hash changes with the seed, not the experiment
-    experiment.update(kind="finetune", method=method,
-                      weights_sha256=weights.sha256 if weights.kind != "none" else "none",
-                      train_subset=None if subset is None else
-                      {k: subset[k] for k in ("shots", "fraction", "draw")})
-    if cfg.cut is not None:
-        feature = layer_feature(cfg.cut, feature_name(cfg.pool))
-    else:
-        feature = PENULTIMATE if cfg.pool == 1 else feature_name(cfg.pool)
-    return make_result(kind="finetune", method=method,
-                       dataset={k: v for k, v in data.info.items() if k != "train_subset"},
-                       model=cfg.model, metrics=metrics, timings=timings,
-                       settings=settings, selection=selection,
-                       feature=feature, head="linear", provenance=provenance, artifacts=artifacts,
-                       repeat=repeat_record(experiment, split_seed=data.info.get("split_seed"),
-                                            seed=cfg.seed),
-                       train_subset=subset, cut=cfg.cut)
-
-
-def forward_cost(model: nn.Module, crop: int, device: torch.device) -> dict:
-    """``{"total_params", "forward_flops"}`` of ``model``: all its parameters, and the FLOPs
-    of one ``crop`` px image's forward as torch's ``FlopCounterMode`` counts them (matrix
-    multiplies and convolutions, 2 per multiply-add), so a cut network's row shows what it
-    costs against the whole one's."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was = model.training
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model.eval()(torch.zeros(1, 3, crop, crop, device=device))
-    model.train(was)
-    return {"total_params": sum(p.numel() for p in model.parameters()),
-            "forward_flops": int(counter.get_total_flops())}
