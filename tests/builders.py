@@ -223,3 +223,21 @@ class _Payload:
 def malicious_pickle(marker) -> bytes:
     """A pickle whose payload, if it ever ran, would create ``marker``."""
     return pickle.dumps(_Payload(marker), protocol=2)
+
+
+# --- fine-tuning -------------------------------------------------------------------------------
+
+def small_finetune_config(out, **kw):
+    """The fine-tuning tests' small run (resnet18, random init, 32 px, 2 epochs, adam), with
+    ``kw`` replacing any field."""
+    from featx.config import FinetuneConfig
+    base = dict(model="resnet18", weights="none", image_size=32, epochs=2, batch_size=16,
+                optimizer="adam", lr=1e-3, workers=0, out_dir=out, progress=False)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def load_checkpoint(path) -> dict:
+    """A featx checkpoint (best.pt / last.pt) as featx reads it: tensors only."""
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)

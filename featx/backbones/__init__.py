@@ -14,7 +14,7 @@ from featx.backbones.build import (FeatureModel, RunSetup, backbone_provenance,
                                    backbone_transform, build_backbone, pool_notes, resolve_run)
 from featx.backbones.engines import (EngineError, engine_version, exported_model,
                                      installed_engines, resolve_engine)
-from featx.backbones.frozen import (FrozenModel, compile_model, engine_serves, feature_dims,
+from featx.backbones.frozen import (FrozenModel, check_engine_serves, compile_model, feature_dims,
                                     forward_batch,
                                     frozen_model, prepare_for_inference)
 from featx.backbones.layers import (LayerFeatures, LayerPlan, layer_notes, layer_plan,
@@ -34,7 +34,7 @@ __all__ = ["BF16_MAX_ERROR", "BackboneSpec", "EngineError", "FeatureModel", "Fro
            "LayerFeatures", "LayerPlan", "layer_notes", "layer_plan", "list_layers", "parse_layers",
            "ResolvedWeights", "RunSetup", "TimmSpec", "UnknownModelError", "WeightsError",
            "backbone_provenance", "backbone_transform", "bf16_keeps_features", "build_backbone",
-           "build_timm_model", "check_state_dict", "compile_model", "engine_serves",
+           "build_timm_model", "check_state_dict", "check_engine_serves", "compile_model",
            "describe_weights_availability", "engine_version", "exported_model",
            "feature_dims", "forward_batch", "frozen_model", "get_backbone",
            "hub_checkpoint_path", "import_weights", "installed_engines", "is_timm",

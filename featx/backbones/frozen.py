@@ -26,7 +26,7 @@ from featx.data.images import TransformSpec
 from featx.features import PENULTIMATE, pool_of
 from featx.runtime import autocast
 
-__all__ = ["FrozenModel", "compile_model", "engine_serves", "feature_dims", "forward_batch",
+__all__ = ["FrozenModel", "check_engine_serves", "compile_model", "feature_dims", "forward_batch",
            "frozen_model", "prepare_for_inference"]
 
 
@@ -110,10 +110,7 @@ def frozen_model(model: str, ready: RunSetup, *, layers=(), pools=(1,), keep_map
     fm = prepare_for_inference(FeatureModel(get_backbone(model), net.to(ready.device)).eval(),
                                keep=plan.layers)
     if ready.engine != "torch":
-        if not engine_serves(plan):
-            # the exported graph gives the last map and the penultimate only
-            raise EngineError(f"--engine {ready.engine} extracts the penultimate and the last "
-                              f"map's pools only: use --engine torch for --layers / --keep-map.")
+        check_engine_serves(ready.engine, layers, keep_map)
         if compile_batch:
             notes.append(f"note: --compile is torch's; {ready.engine} runs its own optimised "
                          f"graph.")
@@ -127,10 +124,12 @@ def frozen_model(model: str, ready: RunSetup, *, layers=(), pools=(1,), keep_map
                        plan, module)
 
 
-def engine_serves(plan: LayerPlan) -> bool:
-    """Whether an exported graph (last map, penultimate) gives every feature of ``plan``."""
-    return not plan.layers and not plan.last4 and all(
-        kind == PENULTIMATE or kind.startswith("pool") for _, kind in plan.sources.values())
+def check_engine_serves(engine: str, layers=(), keep_map: bool = False) -> None:
+    """Refuse, in one line, ``layers`` or ``keep_map`` in an exported-graph ``engine``: its graph
+    gives the last map and the penultimate only (``auto`` picks torch for them)."""
+    if engine not in ("torch", "auto") and (tuple(layers) or keep_map):
+        raise EngineError(f"--engine {engine} extracts the penultimate and the last map's pools "
+                          f"only: use --engine torch (or auto) for --layers / --keep-map.")
 
 
 class _EngineFeatures:

@@ -22,6 +22,7 @@ import featx
 from featx.backbones import (
     RunSetup,
     backbone_provenance,
+    check_engine_serves,
     frozen_model,
     get_backbone,
     layer_notes,
@@ -136,6 +137,7 @@ def _extract(data: DatasetSpec, cfg: ExtractConfig, held: contextlib.ExitStack) 
     _check_settings(cfg)
     # an exported graph gives the last map and the penultimate only: intermediate layers and
     # kept maps run in torch (asked for by name, another engine is refused by frozen_model)
+    check_engine_serves(cfg.engine, cfg.layers, cfg.keep_map)  # before any file is touched
     engine = "torch" if cfg.engine == "auto" and (cfg.layers or cfg.keep_map) else cfg.engine
     ready = resolve_run(cfg.model, cfg.weights, device=cfg.device, precision=cfg.precision,
                         image_size=cfg.image_size, seed=cfg.seed, engine=engine)

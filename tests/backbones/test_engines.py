@@ -232,3 +232,16 @@ def test_predict_runs_the_backbone_in_the_engine(head_experiment, tmp_path):
     assert runs["onnxruntime"].n_images == runs["torch"].n_images > 0
     # probabilities of a logistic head on features within TOL: within 1e-4 of each other
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [("--layers", "stages"), ("--keep-map",)])
+def test_layers_or_kept_maps_in_an_exported_graph_engine_are_one_line_and_write_nothing(
+        extra, digits_dir, tmp_path, cli):
+    """An exported graph gives the last map and the penultimate only: --layers / --keep-map
+    with an engine named explicitly are refused before any file is written (auto runs them in
+    torch, tests/backbones/test_layers.py)."""
+    r = cli("extract", "--model", "resnet18", "--weights", "none", "--image-size", "32",
+            "--workers", "0", "--no-progress", "--data", digits_dir, "--out", tmp_path / "c",
+            "--engine", "openvino", "--pool", "1", *extra)
+    assert_one_line_error(r, "--engine openvino extracts the penultimate", "--engine torch")
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())

@@ -13,21 +13,12 @@ from click.testing import CliRunner
 
 from featx.backbones import build_backbone
 from featx.cli import main
-from featx.config import ExtractConfig, FinetuneConfig
+from featx.config import ExtractConfig
 from featx.data import load_dataset
 from featx.extract import extract
 from featx.finetune import build_model, cut_stages, data_from_spec, finetune, run_dir_name
-
-
-def _cfg(out, **kw) -> FinetuneConfig:
-    base = dict(model="resnet18", weights="none", image_size=32, epochs=2, batch_size=16,
-                optimizer="adam", lr=1e-3, workers=0, out_dir=out, progress=False)
-    base.update(kw)
-    return FinetuneConfig(**base)
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+from tests.builders import small_finetune_config as _cfg
+from tests.builders import load_checkpoint as _load
 
 
 def test_cut_at_the_last_stage_is_todays_finetuning(digits_dir, tmp_path):
@@ -171,8 +162,6 @@ def test_the_cut_is_part_of_the_run_identity(digits_dir, tmp_path):
     with pytest.raises(ParameterError, match="cut: checkpoint 'layer2', now 'layer3'"):
         load_resume(res.run_dir / "last.pt", _cfg(tmp_path, epochs=1, cut="layer3",
                                                   resume=True), data)
-
-
 
 
 def test_resume_of_a_cut_run_ends_like_an_uninterrupted_one(digits_dir, tmp_path):

@@ -24,6 +24,7 @@ from featx import distributed
 from featx.config import FinetuneConfig
 from featx.data import load_dataset
 from featx.finetune import data_from_spec, finetune
+from tests.builders import load_checkpoint as _load
 from tests.builders import write_digits
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,10 +100,6 @@ def _torchrun(tmp: Path, args: list[str], **env) -> subprocess.CompletedProcess:
            "--nproc-per-node", "2", str(entry), *args]
     return subprocess.run(cmd, cwd=tmp, env=environ, capture_output=True, text=True,
                           timeout=240)
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")

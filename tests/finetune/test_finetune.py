@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import featx.finetune.run as ft
 from featx.cache import Cache
 from featx.cli import main
-from featx.config import ExtractConfig, FinetuneConfig
+from featx.config import ExtractConfig
 from featx.data import load_dataset
 from featx.extract import extract
 from featx.finetune import (
@@ -31,23 +31,14 @@ from featx.finetune import (
 from featx.metrics import classification_metrics
 from featx.results import make_result
 from tests.builders import write_digits
+from tests.builders import small_finetune_config as _cfg
+from tests.builders import load_checkpoint as _load
 
 CLASSES = ["digit0", "digit1", "digit2"]
 
 
-def _cfg(out, **kw) -> FinetuneConfig:
-    base = dict(model="resnet18", weights="none", image_size=32, epochs=2, batch_size=16,
-                optimizer="adam", lr=1e-3, workers=0, out_dir=out, progress=False)
-    base.update(kw)
-    return FinetuneConfig(**base)
-
-
 def _data(root):
     return data_from_spec(load_dataset(root), workers=0)
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -26,6 +26,7 @@ from featx.config import FinetuneConfig
 from featx.data import load_dataset
 from featx.finetune import build_model, data_from_spec, finetune
 from tests.builders import write_digits
+from tests.builders import load_checkpoint as _load
 
 N_CLASSES = 3
 
@@ -77,10 +78,6 @@ def _weighted_ce(logits: torch.Tensor, y: np.ndarray, counts: np.ndarray) -> flo
 def _focal(logits: torch.Tensor, y: np.ndarray, gamma: float) -> float:
     p = F.softmax(logits, 1).numpy()[np.arange(len(y)), y]
     return float(np.mean(-((1 - p) ** gamma) * np.log(p)))
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
