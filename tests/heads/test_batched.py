@@ -122,6 +122,49 @@ def test_ridge_closed_form_with_class_weights_equals_sklearn():
     np.testing.assert_allclose(b[0], clf.intercept_, atol=1e-3 * max(1, scale), rtol=0)
 
 
+@pytest.mark.parametrize("loss", ["multinomial", "binary", "squared_hinge"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_hand_written_gradients_equal_autograd_of_the_same_objective(loss, weighted):
+    """The L-BFGS objective's gradients are written out by hand (for speed); autograd of the
+    same loss, written the plain way, is the independent reference."""
+    import torch
+    from featx.heads.batched import _objective
+    g = torch.Generator().manual_seed(0)
+    n, d, r, K = 50, 7, 5, 3
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    V = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0]
+    k = 1 if loss == "binary" else K
+    if loss == "multinomial":
+        Y = torch.randint(K, (n,), generator=g)
+    else:
+        Y = torch.where(torch.rand(n, k, generator=g) < 0.4, 1.0, -1.0).double()
+    sw = (torch.rand(n, generator=g, dtype=torch.float64) + 0.5) if weighted \
+        else torch.ones(n, dtype=torch.float64)
+    if loss == "squared_hinge":
+        sw = sw[:, None].expand(n, k) * (1 + (Y > 0))     # per-subproblem weights (n, K')
+    total = sw.sum(0)
+    reg = torch.tensor(0.7, dtype=torch.float64)
+    scale = torch.rand(r, generator=g, dtype=torch.float64) + 0.3
+    U = torch.randn(r, k, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(k, generator=g, dtype=torch.float64, requires_grad=True)
+    f, dU, db = _objective(loss, X, V, Y, sw, total, reg, scale, U.detach(), b.detach())
+    Z = X @ V @ (U * scale[:, None]) + b
+    W2 = ((U * scale[:, None]) ** 2).sum()
+    if loss == "multinomial":
+        ref = (sw * torch.nn.functional.cross_entropy(Z, Y, reduction="none")).sum() / total \
+            + reg * W2 / total
+    elif loss == "binary":
+        ref = (sw * torch.log1p(torch.exp(-Y * Z))[:, 0]).sum() / total + reg * W2 / total
+    else:
+        per_class = ((sw * torch.clamp(1 - Y * Z, min=0) ** 2).sum(0)
+                     + reg * (((U * scale[:, None]) ** 2).sum(0) + b ** 2)) / total
+        ref = per_class.sum()
+    ref.backward()
+    np.testing.assert_allclose(float(f), float(ref), rtol=1e-10)
+    np.testing.assert_allclose(dU.numpy(), U.grad.numpy(), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(db.numpy(), b.grad.numpy(), rtol=1e-8, atol=1e-12)
+
+
 def test_torch_heads_are_saved_as_sklearn_pipelines_that_predict_the_result(tmp_path):
     (Xtr, ytr), (Xv, yv), (Xte, yte) = _synthetic(n=(300, 100, 150), d=32, classes=3)
     splits = {"train": ({"penultimate": Xtr}, ytr), "val": ({"penultimate": Xv}, yv),
