@@ -160,7 +160,7 @@ def test_hand_written_gradients_equal_autograd_of_the_same_objective(loss, weigh
                      + reg * (((U * scale[:, None]) ** 2).sum(0) + b ** 2)) / total
         ref = per_class.sum()
     ref.backward()
-    np.testing.assert_allclose(float(f), float(ref), rtol=1e-10)
+    np.testing.assert_allclose(float(f), float(ref.detach()), rtol=1e-10)
     np.testing.assert_allclose(dU.numpy(), U.grad.numpy(), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(db.numpy(), b.grad.numpy(), rtol=1e-8, atol=1e-12)
 
