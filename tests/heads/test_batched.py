@@ -122,6 +122,31 @@ def test_ridge_closed_form_with_class_weights_equals_sklearn():
     np.testing.assert_allclose(b[0], clf.intercept_, atol=1e-3 * max(1, scale), rtol=0)
 
 
+def test_fitted_scaler_equals_sklearns_standard_scaler():
+    """The batched path's scaler (moments in row blocks) is sklearn's: the same mean,
+    variance, constant-column rule and transform, on columns with large offsets."""
+    from sklearn.preprocessing import StandardScaler
+    from featx.heads.batched import fitted_scaler
+    rng = np.random.default_rng(4)
+    X = (rng.normal(size=(2500, 30)) * rng.uniform(0.01, 5, 30)
+         + rng.uniform(-3, 1e4, 30)).astype(np.float32)
+    X[:, 3] = 7.0                                  # constant: scale 1, as sklearn sets it
+    X[:, 4] = X[0, 4] + np.float32(1e-3) * (np.arange(2500) % 2)   # tiny but real spread
+    ref, got = StandardScaler().fit(X), fitted_scaler(X, block=700)
+    np.testing.assert_allclose(got.mean_, ref.mean_, rtol=1e-12)
+    np.testing.assert_allclose(got.var_, ref.var_, rtol=1e-9, atol=1e-18)
+    np.testing.assert_array_equal(got.scale_ == 1.0, ref.scale_ == 1.0)
+    np.testing.assert_allclose(got.scale_, ref.scale_, rtol=1e-9)
+    assert got.n_samples_seen_ == ref.n_samples_seen_ and got.n_features_in_ == 30
+    np.testing.assert_allclose(got.transform(X), ref.transform(X), rtol=1e-5, atol=1e-5)
+    # float64 rows: a column whose spread is rounding noise next to its mean is constant
+    X64 = rng.normal(size=(2500, 3))
+    X64[:, 1] = 1e8 + 1e-9 * rng.normal(size=2500)
+    ref, got = StandardScaler().fit(X64), fitted_scaler(X64, block=700)
+    assert ref.scale_[1] == 1.0
+    np.testing.assert_array_equal(got.scale_ == 1.0, ref.scale_ == 1.0)
+
+
 @pytest.mark.parametrize("loss", ["multinomial", "binary", "squared_hinge"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_hand_written_gradients_equal_autograd_of_the_same_objective(loss, weighted):
