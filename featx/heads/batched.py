@@ -39,13 +39,18 @@ from sklearn.utils.class_weight import compute_class_weight
 from featx.errors import FeatxError
 from featx.heads.registry import get_head
 
-__all__ = ["BATCHED_HEADS", "TORCH_MIN_CELLS", "fit_grid", "resolve_solver",
+__all__ = ["BATCHED_HEADS", "CPU_TORCH_MIN_CELLS", "TORCH_MIN_CELLS", "fit_grid", "resolve_solver",
            "select_and_fit_batched"]
 
 BATCHED_HEADS = ("linear", "logistic", "svm")
-# solver "auto" considers torch from this many fit cells (rows x features) on: below it,
-# sklearn fits a head in about a second or less, and it is the reference
+# solver "auto" on CUDA considers torch from this many fit cells (rows x features) on: below
+# it, sklearn fits a head in about a second or less, and it is the reference
 TORCH_MIN_CELLS = 5_000_000
+# ... and on the CPU, per head, where torch measured faster than sklearn with the grid over
+# both cores (BENCHMARKS.md, "Heads at scale", 2 cores, AVX-512): svm (liblinear) loses from
+# a few million cells on (> 17x at 3,500 x 2,048); linear won 1.3x at 17M cells and lost at
+# 7M; logistic broke even at 29M (1.05x) and won 6.8x at 143M
+CPU_TORCH_MIN_CELLS = {"linear": 15_000_000, "logistic": 50_000_000, "svm": TORCH_MIN_CELLS}
 LBFGS_MAX_ITER = 300          # sklearn's LogisticRegression here: max_iter=1000
 # on the largest gradient entry of the mean-scaled, preconditioned objective: sklearn's lbfgs
 # stops at 1e-4 on its own (also mean-scaled) objective
@@ -59,23 +64,20 @@ def resolve_solver(solver: str, head: str, n_fit: int, n_features: int, *,
                    cuda: bool | None = None) -> str:
     """``"torch"`` or ``"sklearn"``: what fits ``head`` on ``n_fit`` x ``n_features`` rows.
 
-    ``"auto"``: torch where CUDA is present (``cuda``; default: asks torch) and the fit has
-    :data:`TORCH_MIN_CELLS` cells or more, else sklearn. On 2 shared CPU cores the batched
-    trainer measured slower than sklearn (BENCHMARKS.md, "Heads at scale": the L-BFGS grid
-    runs until its weakest-regularised point converges), so the CPU default stays on the
-    reference. Heads outside :data:`BATCHED_HEADS` always use sklearn (``"torch"`` asks for
-    it where it exists).
+    ``"auto"``: torch where the fit has at least :data:`TORCH_MIN_CELLS` cells with CUDA
+    present (``cuda``; default: asks torch), or at least the head's
+    :data:`CPU_TORCH_MIN_CELLS` on the CPU, else sklearn, the reference. Heads outside
+    :data:`BATCHED_HEADS` always use sklearn (``"torch"`` asks for it where it exists).
     """
     if head not in BATCHED_HEADS:
         return "sklearn"
     if solver != "auto":
         return solver
-    if n_fit * n_features < TORCH_MIN_CELLS:
-        return "sklearn"
     if cuda is None:
         import torch
         cuda = torch.cuda.is_available()
-    return "torch" if cuda else "sklearn"
+    floor = TORCH_MIN_CELLS if cuda else CPU_TORCH_MIN_CELLS[head]
+    return "torch" if n_fit * n_features >= floor else "sklearn"
 
 
 def _device():

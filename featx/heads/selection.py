@@ -73,8 +73,9 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
         Grid points (and folds) fitted in parallel.
     solver : {"sklearn", "torch", "auto"}, default "sklearn"
         ``"torch"``: linear, logistic and svm fit their whole grid in one pass
-        (:func:`featx.heads.batched.select_and_fit_batched`); ``"auto"``: torch from
-        :data:`~featx.heads.batched.TORCH_MIN_CELLS` fit cells on. Other heads: sklearn.
+        (:func:`featx.heads.batched.select_and_fit_batched`); ``"auto"``: torch from the
+        device's measured size on (:func:`featx.heads.batched.resolve_solver`). Other
+        heads: sklearn.
 
     Returns
     -------

@@ -17,7 +17,7 @@ from benchmarks.synthetic import realistic_features
 from featx.data import load_dataset
 from featx.heads import fit_heads, load_head
 from featx.config import HeadsConfig
-from featx.heads.batched import TORCH_MIN_CELLS, fit_grid, resolve_solver
+from featx.heads.batched import CPU_TORCH_MIN_CELLS, TORCH_MIN_CELLS, fit_grid, resolve_solver
 from featx.heads.registry import get_head
 from featx.heads.selection import select_and_fit
 from tests.builders import write_cache, write_digits
@@ -207,12 +207,17 @@ def test_torch_heads_are_saved_as_sklearn_pipelines_that_predict_the_result(tmp_
         assert np.mean(pred == yte) == pytest.approx(res["metrics"]["accuracy"], abs=1e-12)
 
 
-def test_auto_solver_takes_torch_only_on_cuda_for_large_linear_family_fits():
-    big, small = TORCH_MIN_CELLS // 100, TORCH_MIN_CELLS // 100 - 1
+def test_auto_solver_takes_torch_from_each_devices_measured_size():
     for head in LINEAR_FAMILY:
-        assert resolve_solver("auto", head, big, 100, cuda=True) == "torch"
-        assert resolve_solver("auto", head, big, 100, cuda=False) == "sklearn"
-        assert resolve_solver("auto", head, small, 100, cuda=True) == "sklearn"
+        cpu = CPU_TORCH_MIN_CELLS[head]
+        assert resolve_solver("auto", head, TORCH_MIN_CELLS // 100, 100, cuda=True) == "torch"
+        assert resolve_solver("auto", head, TORCH_MIN_CELLS // 100 - 1, 100,
+                              cuda=True) == "sklearn"
+        assert resolve_solver("auto", head, cpu // 100, 100, cuda=False) == "torch"
+        assert resolve_solver("auto", head, cpu // 100 - 1, 100, cuda=False) == "sklearn"
+    # on the CPU, 20,000 x 2,048 (41M cells) is torch's for ridge and the svm, not logistic
+    assert [resolve_solver("auto", h, 20_000, 2048, cuda=False) for h in LINEAR_FAMILY] \
+        == ["torch", "sklearn", "torch"]
     assert resolve_solver("auto", "mlp", 10 ** 9, 100, cuda=True) == "sklearn"
     assert resolve_solver("torch", "knn", 10, 10) == "sklearn"
     assert resolve_solver("torch", "logistic", 10, 10) == "torch"
