@@ -47,7 +47,8 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
                    X_val: np.ndarray | None = None, y_val: np.ndarray | None = None, *,
                    select: str = "val", cv: int = 5, standardize: bool = True,
                    class_weight: str | None = None, seed: int = 0, n_jobs: int = 1,
-                   solver: str = "sklearn") -> tuple[Pipeline, dict, dict]:
+                   solver: str = "sklearn", params: dict | None = None
+                   ) -> tuple[Pipeline, dict, dict]:
     """Choose ``head``'s hyperparameters, then refit the chosen pipeline on train.
 
     Parameters
@@ -76,6 +77,9 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
         (:func:`featx.heads.batched.select_and_fit_batched`); ``"auto"``: torch from the
         device's measured size on (:func:`featx.heads.batched.resolve_solver`). Other
         heads: sklearn.
+    params : dict, optional
+        Estimator parameters held fixed over the grid (recorded as ``selection["fixed"]``);
+        the batched trainer takes none.
 
     Returns
     -------
@@ -91,11 +95,13 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
     check_setting(HeadsConfig, "select", select)
     check_setting(HeadsConfig, "solver", solver)
     n_rows = len(y_train) if select == "val" else len(y_train) - -(-len(y_train) // cv)
-    if resolve_solver(solver, head, n_rows, X_train.shape[1]) == "torch":
+    fixed = dict(params or {})
+    if not fixed and resolve_solver(solver, head, n_rows, X_train.shape[1]) == "torch":
         return select_and_fit_batched(head, X_train, y_train, X_val, y_val, select=select,
                                       cv=cv, standardize=standardize,
                                       class_weight=class_weight, seed=seed)
-    pipe = build_head(head, standardize=standardize, class_weight=class_weight, seed=seed)
+    pipe = build_head(head, standardize=standardize, class_weight=class_weight, seed=seed,
+                      params=fixed)
     if select == "val":
         if X_val is None or y_val is None or len(y_val) == 0:
             raise FeatxError("select='val' needs val rows (X_val, y_val); use select='cv'.")
@@ -130,6 +136,8 @@ def select_and_fit(head: str, X_train: np.ndarray, y_train: np.ndarray,
     selection = {"on": select, "metric": SELECTION_METRIC, "chosen": grid[best]["params"],
                  "score": grid[best]["score"], "grid": grid, "refit": "train",
                  "solver": "sklearn"}
+    if fixed:
+        selection["fixed"] = fixed
     if select == "cv":
         selection["folds"] = cv
     return model, selection, {"select_s": select_s, "fit_s": fit_s}

@@ -20,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from featx.cache import Cache
 from featx.data.subsets import TrainSubset
 from featx.head_current import head_request
-from featx.heads.outofcore import MemoryPlan, fit_streaming, row_blocks
+from featx.heads.outofcore import MemoryPlan, fit_streaming, row_blocks, wide_inputs
 from featx.heads.registry import STREAM_GRID, get_head
 from featx.heads.selection import (
     SELECTION_METRIC,
@@ -165,11 +165,18 @@ def _fit_in_memory(task: HeadTask, has_val: bool, X_train: np.ndarray | None,
     # components again would whiten them, giving the noise directions the weight of the
     # signal (the mlp fell to chance on 48 train rows in benchmarks/heads_scale.py)
     standardize = cfg.standardize and plan.reason != "wide"
+    rescale, fixed = wide_inputs(task.head, X_train) if plan.reason == "wide" else (None, {})
+    X_fit, X_sel = X_train, X_val
+    if rescale is not None:
+        X_fit = rescale.transform(X_train)
+        X_sel = rescale.transform(X_val) if X_val is not None else None
     model, selection, tm = select_and_fit(
-        task.head, X_train, y_train, X_val, y_val, select=task.select_on,
+        task.head, X_fit, y_train, X_sel, y_val, select=task.select_on,
         cv=cfg.cv, standardize=standardize, class_weight=cfg.class_weight, seed=cfg.seed,
-        n_jobs=task.inner_jobs, solver=cfg.solver)
-    del X_train
+        n_jobs=task.inner_jobs, solver=cfg.solver, params=fixed)
+    del X_train, X_fit
+    if rescale is not None:  # the model takes the components as the reducer gives them
+        model = Pipeline([("rescale", rescale), *model.steps])
     # the saved model takes raw features: in pca mode, the reducer's steps come first
     saved = Pipeline(task.reducer.steps + model.steps) if plan.mode == "pca" else model
     return _Fitted(model, saved, selection, tm, test_blocks,
