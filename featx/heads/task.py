@@ -20,7 +20,8 @@ from sklearn.pipeline import Pipeline
 from featx.cache import Cache
 from featx.data.subsets import TrainSubset
 from featx.head_current import head_request
-from featx.heads.outofcore import MemoryPlan, fit_streaming, row_blocks, wide_inputs
+from featx.heads.outofcore import (WIDE_RESCALED_HEADS, MemoryPlan, fit_streaming, row_blocks,
+                                   wide_inputs)
 from featx.heads.registry import STREAM_GRID, get_head
 from featx.heads.selection import (
     SELECTION_METRIC,
@@ -266,6 +267,9 @@ def task_request(task: HeadTask) -> dict:
                        grid=STREAM_GRID if streamed else get_head(task.head).grid)
     if task.subset is not None:
         req["train_subset"] = task.subset.to_dict()
+    if task.plan.reason == "wide" and task.head in WIDE_RESCALED_HEADS:
+        # what the wide path feeds the mlp (wide_inputs): results from before it are refitted
+        req["wide_inputs"] = "isotropic"
     return req
 
 

@@ -95,3 +95,19 @@ def test_wide_mlp_gets_isotropic_components_and_learns_like_the_linear_head(tmp_
     assert np.mean(gaps) <= 0.05, gaps
     for scale in scales:
         assert len(scale) == 79 and np.all(scale == scale[0]) and scale[0] > 1
+
+
+def test_a_wide_mlp_result_from_before_the_isotropic_inputs_is_fitted_again(tmp_path):
+    import json
+    splits = _wide_splits(0)
+    cache = write_cache(tmp_path / "wide.h5", splits)
+    cfg = HeadsConfig(heads=("linear", "mlp"), out_dir=tmp_path / "o", jobs=1, bootstrap=0)
+    first = fit_heads([cache], cfg)
+    assert any("2 of 2 result(s) are current" in n for n in fit_heads([cache], cfg).notes)
+    mlp_json = first.json_paths[[r["head"] for r in first.results].index("mlp")]
+    old = json.loads(mlp_json.read_text())
+    old["settings"]["request"].pop("wide_inputs", None)  # as the first wide default wrote it
+    mlp_json.write_text(json.dumps(old))
+    again = fit_heads([cache], cfg)
+    assert any("1 of 2 result(s) are current" in n for n in again.notes), again.notes
+    assert json.loads(mlp_json.read_text())["settings"]["request"]["wide_inputs"] == "isotropic"
