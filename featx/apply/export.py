@@ -194,6 +194,13 @@ def _module_for(predictor) -> tuple[ExportedClassifier, str]:
     t = predictor.transform
     if predictor.kind == "finetune":
         return (ExportedClassifier(predictor.network, nn.Softmax(1), t.mean, t.std), "prob")
+    from featx.apply.predictor import feature_request
+    if feature_request(predictor.feature)[0]:
+        # the exported program reads the last map or the penultimate, not a hooked layer
+        raise UnsupportedHeadError(
+            f"{predictor.result_path.name} is a head on the intermediate layer feature "
+            f"{predictor.feature!r}: featx predict applies it, export takes heads on "
+            f"penultimate or pool{{n}} (or a finetune --cut run) only.")
     head = head_module(predictor.pipeline, len(predictor.classes))
     pool = pool_of(predictor.feature)
     return (ExportedClassifier(predictor.network, head, t.mean, t.std,

@@ -27,16 +27,18 @@ from featx.backbones import (
     feature_dims,
     frozen_model,
     get_backbone,
+    layer_plan,
     resolve_engine,
     resolve_weights,
 )
 from featx.data.images import TransformSpec
 from featx.errors import FeatxError
-from featx.features import PENULTIMATE, feature_name, pool_of
+from featx.features import CLS, LAST4, PENULTIMATE, feature_name, layer_of, pool_of
 from featx.results import read_result
 from featx.runtime import autocast, resolve_device, resolve_precision
 
-__all__ = ["Predictor", "ResultMismatchError", "feature_width", "load_predictor"]
+__all__ = ["Predictor", "ResultMismatchError", "feature_request", "feature_width",
+           "load_predictor"]
 
 
 class ResultMismatchError(FeatxError):
@@ -46,14 +48,31 @@ class ResultMismatchError(FeatxError):
 
 # --- what runs: a backbone + head, or a fine-tuned network --------------------------------------
 
-def feature_width(name: str, feature: str) -> int:
-    """Width of cached feature ``feature`` (``penultimate`` or ``pool{n}``) for model ``name``."""
+def feature_request(feature: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The ``layers`` and ``pools`` a frozen model needs to compute cached ``feature``:
+    ``penultimate`` -> ``((), ())``, ``pool2`` -> ``((), (2,))``, ``layer3.pool2`` ->
+    ``(("layer3",), (2,))``, ``blocks.7.cls`` -> ``(("blocks.7",), ())``, ``last4`` ->
+    ``(("last4",), ())``."""
     if feature == PENULTIMATE:
-        return feature_dims(name, ())[PENULTIMATE]
-    pool = pool_of(feature)
-    if pool is None:
-        raise FeatxError(f"feature {feature!r}: expected penultimate or pool{{n}}.")
-    return feature_dims(name, (pool,))[feature_name(pool)]
+        return (), ()
+    if feature == LAST4:
+        return (LAST4,), ()
+    layer, kind = layer_of(feature)
+    pool = pool_of(kind)
+    if kind != CLS and pool is None:
+        raise FeatxError(f"feature {feature!r}: expected penultimate, pool{{n}}, "
+                         f"LAYER.pool{{n}}, LAYER.cls or last4.")
+    return ((layer,) if layer else ()), ((pool,) if pool is not None else ())
+
+
+def feature_width(name: str, feature: str, image_size: int | None = None) -> int:
+    """Width of cached feature ``feature`` for model ``name`` (at ``image_size`` pixels,
+    default the model's: an intermediate layer's map size depends on it)."""
+    layers, pools = feature_request(feature)
+    if not layers:
+        dims = feature_dims(name, pools)
+        return dims[PENULTIMATE if not pools else feature_name(pools[0])]
+    return layer_plan(name, layers, pools, image_size).dims[feature]
 
 
 @dataclass
@@ -93,9 +112,10 @@ class Predictor:
             prob = logits.float().softmax(1).cpu().numpy()
             return prob.argmax(1), prob
         from featx.heads import class_scores
-        pool = pool_of(self.feature)
-        pools = (pool,) if pool is not None else ()
-        X = self.frozen.features(images, pools)[self.feature]
+        layers, pools = feature_request(self.feature)
+        # an intermediate layer's feature comes with the plan it was built for (None: its
+        # own pools); the last map's one pool size is asked for as such
+        X = self.frozen.features(images, None if layers else pools)[self.feature]
         pred = np.asarray(self.pipeline.predict(X), dtype=int)
         scores = class_scores(self.pipeline, X, len(self.classes))
         if scores.ndim == 1:  # a binary decision: positive means classes[1]
@@ -178,7 +198,8 @@ def _head_predictor(path: Path, result: dict, *, weights: str | None, device: to
     cache = (result.get("artifacts") or {}).get("cache", "the cache")
     model_path = artifact_file(path, result, missing=f"re-run fit-heads on {cache} to write it")
     pipeline = load_head_model(model_path)
-    width = feature_width(model, feature)
+    layers, pools = feature_request(feature)
+    width = feature_width(model, feature, prov.get("image_size"))
     if getattr(pipeline, "n_features_in_", width) != width:
         raise ResultMismatchError(f"{model_path.name} takes {pipeline.n_features_in_} features, "
                                   f"but {model} {feature} has {width}; it belongs to another "
@@ -191,8 +212,11 @@ def _head_predictor(path: Path, result: dict, *, weights: str | None, device: to
     notes: list[str] = []
     prec = _recorded_precision(prov.get("precision"), precision, device, notes, model)
     # the engine need not be the recorded one: engines agree with torch fp32 within 1e-5
-    ready = RunSetup(device, prec, w, transform, resolve_engine(engine, device, prec))
-    frozen = frozen_model(model, ready, notes=notes)
+    # intermediate layers run in torch (an exported graph gives the last map only): auto
+    # picks it, and an engine named explicitly is refused by frozen_model in one line
+    eng = "torch" if layers and engine == "auto" else resolve_engine(engine, device, prec)
+    ready = RunSetup(device, prec, w, transform, eng)
+    frozen = frozen_model(model, ready, layers=layers, pools=pools or (1,), notes=notes)
     outputs = "prob" if hasattr(pipeline, "predict_proba") else "score"
     return Predictor("head", path, result, model, feature, list(result["dataset"]["classes"]),
                      transform, frozen.network, device, prec, outputs, pipeline, w.source,

@@ -187,3 +187,44 @@ def test_finetuned_run_predicts_with_its_best_checkpoint(head_experiment, tmp_pa
         assert r.exit_code != 0 and "Traceback" not in r.output, r.output
         assert len([ln for ln in r.output.splitlines() if ln.startswith("Error:")]) == 1
         assert not marker.exists()
+
+
+def test_a_head_on_an_intermediate_layer_predicts_what_fit_heads_scored(head_experiment,
+                                                                        tmp_path):
+    """``extract --layers layer2 --pool 2`` then a head on ``layer2.pool2``: predict on the
+    cache's own test images runs that layer (hooked, in torch) and gives the head's
+    predictions and probabilities on the cached rows, hence the reported metrics."""
+    from featx.config import ExtractConfig, HeadsConfig
+    from featx.data import load_dataset
+    from featx.extract import extract
+    from featx.heads import fit_heads
+    ex = head_experiment
+    res = extract(load_dataset(ex.data), ExtractConfig(
+        "resnet18", weights=str(ex.weights), pools=(2,), layers=("layer2",), image_size=32,
+        workers=0, precision="fp32", out_dir=tmp_path / "cache", progress=False))
+    fit = fit_heads([res.path], HeadsConfig(heads=("logistic",), features=("layer2.pool2",),
+                                            out_dir=tmp_path / "results", jobs=1))
+    result_path = fit.json_paths[0]
+    cache = Cache(res.path)
+    items = cache.split_items("test")
+    manifest = tmp_path / "test_manifest.csv"
+    pd.DataFrame({"path": [str(ex.data / p) for p, _ in items],
+                  "label": [cache.classes[y] for _, y in items]}).to_csv(manifest, index=False)
+    out = tmp_path / "pred.csv"
+    run_ = predict(result_path, [manifest], out, batch_size=4, progress=False)
+    df = pd.read_csv(out)
+    X = cache.load("test", "layer2.pool2")
+    pipe = load_head(result_path)
+    assert X.shape[1] == 128 * 4
+    assert df["predicted"].tolist() == [cache.classes[k] for k in pipe.predict(X)]
+    np.testing.assert_allclose(df.iloc[:, 3:].to_numpy(), class_scores(pipe, X, 3), atol=1e-5)
+    assert run_.metrics["confusion_matrix"] == read_result(result_path)["metrics"][
+        "confusion_matrix"]
+    # an exported graph gives the last map only: naming an engine is one line, no file
+    with pytest.raises(Exception) as err:
+        load_predictor(result_path, engine="onnxruntime")
+    assert "layer" in str(err.value) and "\n" not in str(err.value)
+    # nor does featx export take it (yet): one line on the command line, nothing written
+    res_cli = run("export", str(result_path), "--out", str(tmp_path / "h.pt2"))
+    assert res_cli.exit_code != 0 and not (tmp_path / "h.pt2").exists()
+    assert_one_line_error(res_cli, "intermediate layer")
