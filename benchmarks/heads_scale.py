@@ -51,7 +51,9 @@ def _svm_point_seconds(cache: Path, C: float, limit_s: float) -> float | None:
         proc.kill()
         proc.join()
         return None
-    return q.get()
+    if proc.exitcode != 0:  # a crash is not "too slow": say so rather than wait on the queue
+        raise RuntimeError(f"sklearn's svm grid point exited with code {proc.exitcode}")
+    return q.get(timeout=60)
 
 
 def _svm_point_child(cache: str, C: float, q) -> None:

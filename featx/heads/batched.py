@@ -9,7 +9,7 @@ linear evaluations, every grid point is one slice of a single ``(G, d, K)`` weig
   ``(X^T X + alpha I)^-1 X^T Y`` for every alpha is a diagonal rescaling.
 * ``logistic`` (LogisticRegression, multinomial; one sigmoid for 2 classes) and ``svm``
   (LinearSVC: squared hinge, one-vs-rest, liblinear's penalised intercept): full-batch
-  L-BFGS, preconditioned by one rotation of the rows into the Gram matrix's eigenbasis
+  L-BFGS, preconditioned in the Gram matrix's eigenbasis (weights, not a rotated copy of the rows)
   shared by the whole grid, the points solved along the grid with warm starts. (Stepping
   all G points as one stacked objective ran until the weakest-penalised point converged:
   3-4x slower on the CPU, BENCHMARKS.md.)
@@ -239,7 +239,7 @@ def _lbfgs_grid(X, Y, sw, Cs, loss: str, n_out: int):
     scaled by ``1 / sqrt(curvature)`` (the loss's typical curvature times the eigenvalue,
     plus the grid point's penalty), so every grid point's problem is close to the identity
     and L-BFGS needs tens of steps instead of hundreds; ``W = V (scale * U)`` maps back.
-    The rotation is computed once for the grid; the points are solved in grid order, each
+    The basis is computed once for the grid; the points are solved in grid order, each
     warm-started from the one before (a regularisation path, as sklearn's
     ``logistic_regression_path`` does).
     """

@@ -3,6 +3,7 @@ folders, manifests and file lists; unreadable files; refusals; streaming; fine-t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -20,6 +21,15 @@ from tests.builders import assert_one_line_error, malicious_pickle
 from tests.builders import invoke_cli as run
 
 
+def _test_manifest(cache, data, manifest):
+    """Write ``cache``'s test split (images under ``data``) as a CSV manifest at
+    ``manifest``, paths relative to its folder; returns the split's items."""
+    items = cache.split_items("test")
+    pd.DataFrame({"path": [os.path.relpath(data / p, manifest.parent) for p, _ in items],
+                  "label": [cache.classes[y] for _, y in items]}).to_csv(manifest, index=False)
+    return items
+
+
 def test_streaming_csv_manifest_of_test_split_reproduces_cached_head(head_experiment,
                                                                      tmp_path):
     """Predicting the cache's own test images equals the head applied to the cached rows:
@@ -27,10 +37,8 @@ def test_streaming_csv_manifest_of_test_split_reproduces_cached_head(head_experi
     ex = head_experiment
     result_path = ex.results[("pool2", "logistic")]
     cache = Cache(ex.cache)
-    items = cache.split_items("test")
+    items = _test_manifest(cache, ex.data, ex.data / "test_manifest.csv")
     manifest = ex.data / "test_manifest.csv"
-    pd.DataFrame({"path": [p for p, _ in items],
-                  "label": [cache.classes[y] for _, y in items]}).to_csv(manifest, index=False)
 
     out = tmp_path / "pred.csv"
     run_ = predict(result_path, [manifest], out, batch_size=4, progress=False)
@@ -206,10 +214,8 @@ def test_a_head_on_an_intermediate_layer_predicts_what_fit_heads_scored(head_exp
                                             out_dir=tmp_path / "results", jobs=1))
     result_path = fit.json_paths[0]
     cache = Cache(res.path)
-    items = cache.split_items("test")
     manifest = tmp_path / "test_manifest.csv"
-    pd.DataFrame({"path": [str(ex.data / p) for p, _ in items],
-                  "label": [cache.classes[y] for _, y in items]}).to_csv(manifest, index=False)
+    _test_manifest(cache, ex.data, manifest)
     out = tmp_path / "pred.csv"
     run_ = predict(result_path, [manifest], out, batch_size=4, progress=False)
     df = pd.read_csv(out)
